@@ -1,0 +1,388 @@
+"""The relay's whole configuration: msgspec Structs and the one place that validates it.
+
+A config file is TOML. Every section has defaults, so an empty file is a valid config
+(the embedded default ``conf/relay.toml`` spells the defaults out with comments). Unknown
+keys are errors: a typo in a throttle name must not silently fall back to a default.
+
+``load_config(path)`` returns a ``Config`` or raises ``ConfigError`` whose message names the
+file and the dotted key (``conf/relay.toml: inbound.max_recipients: Expected `int`, got
+`str```), which is what ``relay check-config`` and a failed SIGHUP reload print.
+
+Names and defaults follow Postfix where Postfix has an equivalent (``smtpd_recipient_limit``
+-> ``inbound.max_recipients = 1000``, ``message_size_limit`` -> ``inbound.max_message_size``,
+``smtpd_timeout`` -> ``inbound.command_timeout = 300``, ``smtpd_hard_error_limit`` ->
+``inbound.max_errors = 20``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+__all__ = [
+    "AuthUser",
+    "Config",
+    "ConfigError",
+    "InboundConfig",
+    "LogConfig",
+    "OutboundConfig",
+    "RelayPolicyConfig",
+    "Route",
+    "ServerConfig",
+    "SpoolConfig",
+    "Throttle",
+    "decode_config",
+    "load_config",
+    "parse_rate",
+    "parse_size",
+]
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the file and the key."""
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(value: int | str) -> int:
+    """``10485760``, ``"10MiB"``, ``"10M"`` or ``"512KB"`` -> bytes (binary multiples)."""
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("size must not be negative")
+        return value
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ValueError(f"invalid size {value!r} (examples: 10485760, \"10MiB\", \"512KiB\")")
+    unit = (m.group(2) or "").lower()[:1]
+    return int(m.group(1)) * _SIZE_UNITS[unit]
+
+
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d*)\s*(s|sec|m|min|h|hour|d|day)\s*$")
+_RATE_SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hour": 3600, "d": 86400,
+                 "day": 86400}
+
+
+def parse_rate(value: str) -> float:
+    """``"300/min"``, ``"10/s"``, ``"1000/h"``, ``"5/10s"`` -> events per second."""
+    m = _RATE_RE.match(value)
+    if not m:
+        raise ValueError(f"invalid rate {value!r} (examples: \"300/min\", \"10/s\", \"5/10s\")")
+    count = float(m.group(1))
+    period = int(m.group(2) or 1) * _RATE_SECONDS[m.group(3)]
+    if count <= 0:
+        raise ValueError(f"rate {value!r} must be positive")
+    return count / period
+
+
+class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    pass
+
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class ServerConfig(_Base):
+    """Process model and identity."""
+
+    #: Our name in the greeting, EHLO reply and Received headers (Postfix ``myhostname``).
+    hostname: str = ""
+    #: Worker processes; 0 means one per CPU.
+    workers: NonNegInt = 0
+    #: How long SIGTERM waits for open SMTP transactions before workers are killed.
+    shutdown_timeout: Seconds = 30.0
+    #: Restart backoff for a worker that died: doubles from min to max.
+    restart_backoff_min: Seconds = 0.5
+    restart_backoff_max: Seconds = 30.0
+
+    def resolved_hostname(self) -> str:
+        return self.hostname or socket.getfqdn()
+
+    def resolved_workers(self) -> int:
+        return self.workers or (os.cpu_count() or 1)
+
+
+class AuthUser(_Base):
+    """One SMTP AUTH account. ``password`` is ``scrypt$N$r$p$salt_b64$hash_b64`` or, for
+    tests and quick setups only, ``plain$secret``."""
+
+    username: str
+    password: str
+
+
+class InboundConfig(_Base):
+    """The SMTP listener (Postfix smtpd_* equivalents)."""
+
+    listen: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:2525"])
+    #: SIZE advertised and enforced (Postfix message_size_limit).
+    max_message_size: int | str = 10240000
+    #: Recipients per transaction; RFC 5321 requires at least 100 (smtpd_recipient_limit).
+    max_recipients: Annotated[int, msgspec.Meta(ge=100)] = 1000
+    #: Longest text line in DATA/BDAT, CRLF excluded (RFC 5321 4.5.3.1.6 says 1000 with CRLF).
+    max_line_length: Annotated[int, msgspec.Meta(ge=998)] = 998
+    #: Errors (4xx/5xx replies to bad commands) before the session ends with 421.
+    max_errors: PositiveInt = 20
+    #: Simultaneous sessions per worker, and per client IP per worker.
+    max_sessions: PositiveInt = 2000
+    max_sessions_per_client: PositiveInt = 500
+    #: Per-state timeouts (RFC 5321 4.5.3.2): waiting for a command, for DATA/BDAT bytes.
+    command_timeout: Seconds = 300.0
+    data_timeout: Seconds = 180.0
+    #: Minimum DATA/BDAT rate in bytes/s, measured over ``data_rate_window`` seconds; a
+    #: slower client (byte trickling) gets 421 4.4.2.
+    min_data_rate: NonNegInt = 1024
+    data_rate_window: Seconds = 30.0
+    #: PEM files for STARTTLS; STARTTLS is advertised only when both are set.
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: Offer AUTH on a connection without TLS (Postfix smtpd_tls_auth_only = no).
+    allow_plaintext_auth: bool = False
+    auth_users: list[AuthUser] = msgspec.field(default_factory=list)
+
+    def max_message_bytes(self) -> int:
+        return parse_size(self.max_message_size)
+
+
+class RelayPolicyConfig(_Base):
+    """Who may relay (Postfix mynetworks + permit_sasl_authenticated)."""
+
+    allow_networks: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(n, strict=False) for n in self.allow_networks]
+
+
+class SpoolConfig(_Base):
+    """The LMDB queue."""
+
+    path: str = "var/spool"
+    #: LMDB map size: the most the spool may grow to (sparse file; set it large).
+    map_size: int | str = "32GiB"
+    #: Group commit: a commit waits at most this long for more messages to share it.
+    commit_window: Annotated[float, msgspec.Meta(ge=0)] = 0.002
+    #: ... and takes at most this many messages.
+    commit_max_messages: PositiveInt = 512
+
+    def map_size_bytes(self) -> int:
+        return parse_size(self.map_size)
+
+
+class LogConfig(_Base):
+    """Operator-facing logs."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    #: JSON-lines event log (Reception, Delivery, TransientFailure, Bounce, Expiration).
+    #: Relative paths are relative to the working directory. "" disables it.
+    events: str = "var/log/events.jsonl"
+
+
+class Throttle(_Base):
+    """Delivery limits for one destination. Every field is optional so an override names
+    only what it changes; ``OutboundConfig.throttle_for`` merges default <- wildcard <- exact.
+    """
+
+    max_connections: PositiveInt | None = None
+    max_deliveries_per_connection: PositiveInt | None = None
+    max_recipients_per_message: PositiveInt | None = None
+    #: e.g. "300/min"; "" means unlimited.
+    max_message_rate: str | None = None
+    max_connection_rate: str | None = None
+    connect_timeout: Seconds | None = None
+    command_timeout: Seconds | None = None
+    data_timeout: Seconds | None = None
+    idle_timeout: Seconds | None = None
+    retry_interval: Seconds | None = None
+    max_retry_interval: Seconds | None = None
+    max_age: Seconds | None = None
+    tls: Literal["off", "opportunistic", "required"] | None = None
+    #: Share one set of limits among all domains whose primary MX is the same host.
+    mx_rollup: bool | None = None
+
+
+#: The built-in default throttle, which the ``[outbound.default]`` table overrides.
+BUILTIN_THROTTLE = Throttle(
+    max_connections=20,
+    max_deliveries_per_connection=100,
+    max_recipients_per_message=100,
+    max_message_rate="",
+    max_connection_rate="",
+    connect_timeout=30.0,
+    command_timeout=300.0,
+    data_timeout=600.0,
+    idle_timeout=5.0,
+    retry_interval=300.0,
+    max_retry_interval=4000.0,
+    max_age=5 * 86400.0,
+    tls="opportunistic",
+    mx_rollup=False,
+)
+
+
+class Route(_Base):
+    """A static route: mail for ``domain`` (exact, or ``*.example.com`` wildcard) goes to
+    these hosts, tried in order; ``host`` or ``host:port`` or ``[v6]:port``."""
+
+    domain: str
+    hosts: list[str]
+
+
+class OutboundConfig(_Base):
+    """Delivery: routing and throttles."""
+
+    #: DNS servers for MX lookups as "ip" or "ip:port"; empty means /etc/resolv.conf.
+    resolvers: list[str] = msgspec.field(default_factory=list)
+    #: Port used for MX hosts (25 in production; tests point it at loopback sinks).
+    smtp_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 25
+    #: Global smart host ("host[:port]"); static routes still take precedence over it.
+    smart_host: str = ""
+    routes: list[Route] = msgspec.field(default_factory=list)
+    #: Source address for outgoing connections ("" = kernel's choice).
+    source_address: str = ""
+    default: Throttle = msgspec.field(default_factory=Throttle)
+    #: Per-domain overrides: keys are domains, "*.example.com" wildcards, or MX hosts
+    #: when the rolled-up destination is an MX.
+    domains: dict[str, Throttle] = msgspec.field(default_factory=dict)
+
+    def throttle_for(self, destination: str) -> Throttle:
+        """Effective throttle for a destination: builtin <- default <- best wildcard <- exact."""
+        layers = [BUILTIN_THROTTLE, self.default]
+        dest = destination.lower().rstrip(".")
+        wildcard = _best_wildcard(dest, self.domains)
+        if wildcard is not None:
+            layers.append(self.domains[wildcard])
+        if dest in self.domains:
+            layers.append(self.domains[dest])
+        merged: dict[str, object] = {}
+        for layer in layers:
+            for name in layer.__struct_fields__:
+                value = getattr(layer, name)
+                if value is not None:
+                    merged[name] = value
+        return Throttle(**merged)  # type: ignore[arg-type]
+
+
+def _best_wildcard(domain: str, table: dict[str, object]) -> str | None:
+    """The most specific ``*.suffix`` key in ``table`` that matches ``domain``."""
+    labels = domain.split(".")
+    for i in range(1, len(labels)):
+        key = "*." + ".".join(labels[i:])
+        if key in table:
+            return key
+    return "*" if "*" in table else None
+
+
+class Config(_Base):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    inbound: InboundConfig = msgspec.field(default_factory=InboundConfig)
+    relay: RelayPolicyConfig = msgspec.field(default_factory=RelayPolicyConfig)
+    spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    outbound: OutboundConfig = msgspec.field(default_factory=OutboundConfig)
+
+
+def _semantic_checks(cfg: Config) -> None:
+    """Checks that need more than a type: raise ValueError("dotted.key: reason")."""
+
+    def check(key: str, fn, value) -> None:  # type: ignore[no-untyped-def]
+        try:
+            fn(value)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+
+    for i, addr in enumerate(cfg.inbound.listen):
+        check(f"inbound.listen[{i}]", parse_hostport, addr)
+    check("inbound.max_message_size", parse_size, cfg.inbound.max_message_size)
+    check("spool.map_size", parse_size, cfg.spool.map_size)
+    for i, net in enumerate(cfg.relay.allow_networks):
+        check(f"relay.allow_networks[{i}]", lambda n: ipaddress.ip_network(n, strict=False), net)
+    if bool(cfg.inbound.tls_cert) != bool(cfg.inbound.tls_key):
+        raise ValueError("inbound.tls_cert/tls_key: set both or neither")
+    for i, user in enumerate(cfg.inbound.auth_users):
+        if not (user.password.startswith("plain$") or user.password.startswith("scrypt$")):
+            raise ValueError(
+                f"inbound.auth_users[{i}].password: must start with 'scrypt$' or 'plain$'"
+            )
+    throttles = {"outbound.default": cfg.outbound.default}
+    throttles.update({f"outbound.domains.{k!r}": v for k, v in cfg.outbound.domains.items()})
+    for key, t in throttles.items():
+        for field in ("max_message_rate", "max_connection_rate"):
+            value = getattr(t, field)
+            if value:
+                check(f"{key}.{field}", parse_rate, value)
+    for i, route in enumerate(cfg.outbound.routes):
+        for j, host in enumerate(route.hosts):
+            check(f"outbound.routes[{i}].hosts[{j}]", parse_hostport, host)
+    if cfg.outbound.smart_host:
+        check("outbound.smart_host", parse_hostport, cfg.outbound.smart_host)
+    for i, r in enumerate(cfg.outbound.resolvers):
+        check(f"outbound.resolvers[{i}]", parse_hostport, r)
+
+
+def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int | None]:
+    """``"127.0.0.1:2525"``, ``"[::1]:25"``, ``"mx.example.com"`` -> (host, port or default)."""
+    value = value.strip()
+    if not value:
+        raise ValueError("empty address")
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep:
+            raise ValueError(f"invalid address {value!r}: missing ']'")
+        port_s = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"invalid address {value!r}")
+    elif value.count(":") == 1:
+        host, _, port_s = value.partition(":")
+    else:
+        host, port_s = value, ""
+    if not host:
+        raise ValueError(f"invalid address {value!r}: empty host")
+    if not port_s:
+        return host, default_port
+    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ValueError(f"invalid port in {value!r}")
+    return host, int(port_s)
+
+
+_KEY_RE = re.compile(r"^\$\.?")
+_UNKNOWN_RE = re.compile(r"^Object contains unknown field `(.*)`$")
+
+
+def decode_config(data: bytes | str, source: str = "<config>") -> Config:
+    """Decode and validate TOML text; errors name ``source`` and the dotted key."""
+    try:
+        cfg = msgspec.toml.decode(data, type=Config)
+    except msgspec.ValidationError as e:
+        text, _, where = str(e).rpartition(" - at ")
+        if not text:
+            text, where = where, "$"
+        key = _KEY_RE.sub("", where.strip("`"))
+        unknown = _UNKNOWN_RE.match(text)
+        if unknown:
+            key, text = ".".join(filter(None, [key, unknown.group(1)])), "unknown key"
+        raise ConfigError(f"{source}: {key}: {text}" if key else f"{source}: {text}") from None
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    try:
+        _semantic_checks(cfg)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file. Raises ConfigError (never a traceback-worthy error)."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config: {e.strerror}") from None
+    return decode_config(data, str(p))

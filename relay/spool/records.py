@@ -1,0 +1,82 @@
+"""Records stored in the spool: the contract between inbound, spool and outbound.
+
+These are msgspec Structs encoded with msgpack into LMDB values. Fields are only ever
+added with defaults (never renamed or retyped) so a spool written by an older version
+still decodes after an upgrade.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = ["DeliveryJob", "Envelope", "NewMessage", "Recipient"]
+
+
+class Recipient(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One RCPT TO with its DSN parameters (RFC 3461), as the client gave them."""
+
+    #: The forward path without angle brackets; the local part keeps its quoting.
+    address: str
+    #: NOTIFY keywords upper-cased ("NEVER" or a subset of SUCCESS, FAILURE, DELAY);
+    #: None when the client sent no NOTIFY (the DSN default: FAILURE and DELAY).
+    notify: list[str] | None = None
+    #: ORCPT as "addr-type;xtext-decoded address", e.g. "rfc822;bob@example.com".
+    orcpt: str | None = None
+
+    @property
+    def domain(self) -> str:
+        """Routing domain: the part after the last '@', lower-cased, without a trailing dot."""
+        return self.address.rpartition("@")[2].lower().rstrip(".")
+
+
+class Envelope(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Everything about a message except its bytes."""
+
+    queue_id: str
+    #: Reverse path without brackets; "" is the null sender (a bounce: never bounced).
+    sender: str
+    recipients: list[Recipient]
+    #: Unix time the 250 was sent for (arrival).
+    received_at: float
+    #: MAIL FROM parameters.
+    body: str | None = None  # "7BIT" | "8BITMIME" | "BINARYMIME"
+    smtputf8: bool = False
+    declared_size: int | None = None
+    ret: str | None = None  # "FULL" | "HDRS"
+    envid: str | None = None
+    #: Where it came from (for Received, the event log and abuse handling).
+    client_ip: str = ""
+    client_port: int = 0
+    client_helo: str = ""
+    auth_user: str | None = None
+    #: e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"; None for plaintext.
+    tls: str | None = None
+    #: SMTP/ESMTP/ESMTPS/ESMTPA/ESMTPSA (RFC 3848), as written in Received.
+    protocol: str = "ESMTP"
+    #: Set on DSNs the relay generated itself, so they are never bounced again.
+    is_bounce: bool = False
+
+
+class NewMessage(msgspec.Struct, kw_only=True):
+    """What inbound hands the spool's group-commit writer: envelope plus final bytes
+    (Received and Message-ID already added, CRLF line endings, dot-unstuffed)."""
+
+    envelope: Envelope
+    data: bytes
+
+
+class DeliveryJob(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The recipients of one message that share a routing domain: the unit the scheduler
+    hands to outbound. A message with recipients in three domains has three jobs."""
+
+    queue_id: str
+    domain: str
+    #: Indexes into Envelope.recipients still to be delivered for this domain.
+    recipients: list[int]
+    #: Unix time of the next attempt.
+    due: float
+    attempts: int = 0
+    #: Unix time of the first attempt (None before the first).
+    first_attempt: float | None = None
+    #: Last transient error, for `relay queue show` and the event log.
+    last_error: str | None = None
