@@ -80,3 +80,6 @@ class DeliveryJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     first_attempt: float | None = None
     #: Last transient error, for `relay queue show` and the event log.
     last_error: str | None = None
+    #: PID of the worker holding the delivery lease (set by ``Spool.due_jobs``, cleared by
+    #: ``Spool.complete``). While set, ``due`` is the lease expiry, not a retry time.
+    claimed_by: int | None = None

@@ -1,0 +1,93 @@
+"""The durable queue: one LMDB environment shared by all worker processes.
+
+Inbound stores each accepted message with a synced commit before it answers 250
+(``GroupCommitWriter.submit``, many sessions per commit). Outbound claims due delivery
+jobs of its shard (``Spool.due_jobs``), loads the message (``Spool.load``) and records
+the outcome (``Spool.complete``), bounces included, atomically.
+
+Process model
+-------------
+Every worker opens its own ``Spool`` after ``fork()`` (``lock=True``, ``sync=True``,
+``metasync=True``, ``writemap=True``, ``readahead=False``, ``max_dbs=8``, large sparse
+``map_size``) and calls ``reader_check()`` on open to free reader slots of crashed
+workers. LMDB serialises write transactions across processes with a robust mutex, so
+any worker may write at any time. Nothing is shared in memory; a wake-up after commit
+(``on_commit``) is only a hint, the LMDB scheduler index is the truth.
+
+Schema (version ``SCHEMA_VERSION`` = 1), named databases
+--------------------------------------------------------
+Keys are bytes; ``qid`` is the ASCII queue id (18 chars, time-sortable, see
+``relay.spool.queueid``); ``domain`` is the lower-cased routing domain in UTF-8.
+
+``meta``
+    ``b"schema_version"`` -> ASCII integer. Opening a spool with a newer version raises
+    ``SpoolVersionError``; an older one is upgraded in place (none exists yet).
+``msg``
+    ``qid`` -> message bytes exactly as received (Received header added, CRLF, dot-
+    unstuffed). Big values live in LMDB overflow pages.
+``env``
+    ``qid`` -> msgspec msgpack of ``Envelope`` (sender, recipients with DSN
+    parameters, client info).
+``job``
+    ``qid + b"\\0" + domain`` -> msgspec msgpack of ``DeliveryJob``: the indexes of the
+    envelope recipients in that routing domain still to deliver, ``due``, ``attempts``,
+    ``first_attempt``, ``last_error``, ``claimed_by``. One job per (message, domain);
+    the jobs of a message are adjacent (prefix ``qid + b"\\0"``), which is how
+    ``complete`` sees that a message is finished (no job left -> delete ``msg``/``env``).
+``sched``
+    ``u64be(due in ms) + u32be(crc32(domain)) + qid + b"\\0" + domain`` -> ``b""``.
+    The scheduler index, ordered by due time. A worker scans it from the start and
+    keeps keys whose ``crc32 % nshards == shard`` (``shard_of``); the hash is in the key,
+    not the shard number, so a changed worker count needs no migration. Every job has
+    exactly one index entry, derived from its stored ``due`` (the index key of a job is
+    always recomputed from the job record, never trusted from elsewhere).
+
+Leases instead of locks
+-----------------------
+``due_jobs`` claims a job by moving its ``due`` to ``now + lease`` and setting
+``claimed_by`` (pid), in one synced transaction. If the worker dies the job simply
+becomes due again when the lease expires: at-least-once delivery, duplicates only for
+transactions in flight at the crash. ``release_claims`` (optional, start-up) hands the
+claims of dead pids back immediately. ``complete`` removes delivered/failed recipients,
+reschedules deferred ones, stores DSNs in the same transaction, and clears the claim.
+"""
+
+from relay.spool.queueid import QUEUE_ID_LENGTH, new_queue_id, queue_id_time
+from relay.spool.records import DeliveryJob, Envelope, NewMessage, Recipient
+from relay.spool.store import (
+    SCHEMA_VERSION,
+    DuplicateQueueId,
+    MessageNotFound,
+    Spool,
+    SpoolError,
+    SpoolVersionError,
+    shard_hash,
+    shard_of,
+)
+from relay.spool.views import DomainCount, MessageDetail, QueueDomain, QueueEntry, QueueStats
+from relay.spool.writer import GroupCommitWriter, SpoolClosed
+
+__all__ = [
+    "QUEUE_ID_LENGTH",
+    "SCHEMA_VERSION",
+    "DeliveryJob",
+    "DomainCount",
+    "DuplicateQueueId",
+    "Envelope",
+    "GroupCommitWriter",
+    "MessageDetail",
+    "MessageNotFound",
+    "NewMessage",
+    "QueueDomain",
+    "QueueEntry",
+    "QueueStats",
+    "Recipient",
+    "Spool",
+    "SpoolClosed",
+    "SpoolError",
+    "SpoolVersionError",
+    "new_queue_id",
+    "queue_id_time",
+    "shard_hash",
+    "shard_of",
+]

@@ -1,0 +1,677 @@
+"""The LMDB spool: synchronous storage, scheduling and operator views.
+
+Every method here is synchronous and runs one LMDB transaction start to finish in the
+calling thread (py-lmdb: a write transaction belongs to the thread that began it). Trio
+code calls them through ``trio.to_thread.run_sync`` (the group-commit writer does that
+for inbound; ``Spool.acomplete`` etc. for outbound). The schema is described in the
+package docstring (``relay/spool/__init__.py``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import struct
+import time
+import zlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import lmdb
+import msgspec
+
+from relay.spool.queueid import new_queue_id
+from relay.spool.records import DeliveryJob, Envelope, NewMessage
+from relay.spool.views import (
+    DomainCount,
+    MessageDetail,
+    QueueDomain,
+    QueueEntry,
+    QueueStats,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "DuplicateQueueId",
+    "MessageNotFound",
+    "Spool",
+    "SpoolError",
+    "SpoolVersionError",
+    "shard_hash",
+    "shard_of",
+]
+
+#: Bumped when the on-disk layout changes incompatibly. Opening a spool written with a
+#: newer version fails (``SpoolVersionError``) instead of misreading it.
+SCHEMA_VERSION = 1
+
+_DB_META = b"meta"
+_DB_MSG = b"msg"
+_DB_ENV = b"env"
+_DB_JOB = b"job"
+_DB_SCHED = b"sched"
+_META_SCHEMA = b"schema_version"
+
+#: sched key prefix: due time in milliseconds (u64 BE) + crc32 of the domain (u32 BE).
+_SCHED = struct.Struct(">QI")
+_SCHED_LEN = _SCHED.size
+_SEP = b"\x00"
+
+_env_encode = msgspec.msgpack.Encoder().encode
+_env_decode = msgspec.msgpack.Decoder(Envelope).decode
+_job_encoder = msgspec.msgpack.Encoder()
+_job_encode = _job_encoder.encode
+_job_decode = msgspec.msgpack.Decoder(DeliveryJob).decode
+
+
+class _EnvHead(msgspec.Struct):
+    """The few envelope fields the operator views need (decoding skips the rest)."""
+
+    sender: str
+    received_at: float
+    recipients: list[_RcptHead]
+
+
+class _RcptHead(msgspec.Struct):
+    address: str
+
+
+_head_decode = msgspec.msgpack.Decoder(_EnvHead).decode
+
+
+class SpoolError(Exception):
+    """A spool operation failed (the caller answers 451 4.3.0 / retries later)."""
+
+
+class SpoolVersionError(SpoolError):
+    """The spool on disk was written by a newer, incompatible version of the relay."""
+
+
+class DuplicateQueueId(SpoolError):
+    """A queue id that is already stored: the batch was not written."""
+
+
+class MessageNotFound(SpoolError, KeyError):
+    """No such queue id (delivered, bounced or deleted meanwhile)."""
+
+
+def shard_hash(domain: str) -> int:
+    """The stable 32-bit hash of a routing domain (crc32 of its lower-cased UTF-8)."""
+    return zlib.crc32(domain.lower().encode("utf-8", "surrogatepass"))
+
+
+def shard_of(domain: str, nshards: int) -> int:
+    """Which worker (0..nshards-1) delivers ``domain``: ``shard_hash(domain) % nshards``.
+
+    Stable across processes, restarts and Python versions (no ``hash()`` randomisation).
+    """
+    return shard_hash(domain) % nshards
+
+
+def _due_ms(due: float) -> int:
+    return max(0, int(due * 1000.0))
+
+
+def _job_key(qid: bytes, domain: str) -> bytes:
+    return qid + _SEP + domain.encode("utf-8", "surrogatepass")
+
+
+def _sched_key(due: float, h: int, job_key: bytes) -> bytes:
+    return _SCHED.pack(_due_ms(due), h) + job_key
+
+
+# A message made ready for storing: everything encoded, so the commit thread only puts.
+# (qid, data, envelope msgpack, [(job key, job msgpack, sched key)])
+_Prepared = tuple[bytes, bytes, bytes, list[tuple[bytes, bytes, bytes]]]
+
+
+def prepare(msg: NewMessage, now: float | None = None) -> _Prepared:
+    """Validate and encode one message for ``Spool.write_prepared``.
+
+    Raises ValueError for a message the spool must not accept (no recipients, no queue
+    id): such a message would never be delivered nor bounced. Groups the recipients by
+    routing domain into one DeliveryJob each, due ``now``.
+    """
+    env = msg.envelope
+    if not env.queue_id or not env.queue_id.isascii() or _SEP.decode() in env.queue_id:
+        raise ValueError(f"invalid queue id {env.queue_id!r}")
+    if not env.recipients:
+        raise ValueError(f"{env.queue_id}: message without recipients")
+    due = time.time() if now is None else now
+    qid = env.queue_id.encode("ascii")
+    by_domain: dict[str, list[int]] = {}
+    for i, rcpt in enumerate(env.recipients):
+        by_domain.setdefault(rcpt.domain, []).append(i)
+    jobs = []
+    for domain, idxs in by_domain.items():
+        jk = _job_key(qid, domain)
+        job = DeliveryJob(queue_id=env.queue_id, domain=domain, recipients=idxs, due=due)
+        jobs.append((jk, _job_encode(job), _sched_key(due, shard_hash(domain), jk)))
+    return qid, bytes(msg.data), _env_encode(env), jobs
+
+
+class Spool:
+    """The durable queue in one LMDB environment (directory ``path``).
+
+    Open one ``Spool`` per process, after ``fork()``; every worker process opens the same
+    directory and LMDB serialises their write transactions (robust process-shared mutex,
+    so a writer killed mid-transaction does not wedge the others). Commits are synced
+    (``sync=True, metasync=True``): when a write method returns, the data survives
+    ``kill -9`` and power loss. Reads never block writes and vice versa.
+
+    ``map_size`` is the most the spool may grow to; the file is sparse, so set it large.
+    All processes must use the same ``map_size`` (a process whose map is smaller than the
+    file's gets ``MapResizedError``). A full map raises ``lmdb.MapFullError`` from the
+    write (wrapped in ``SpoolError`` by the group-commit writer): inbound answers 452/451.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        map_size: int = 32 * 1024**3,
+        *,
+        writemap: bool = True,
+        max_readers: int = 1024,
+        readonly: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        if not readonly:
+            self.path.mkdir(parents=True, exist_ok=True)
+        self._env = lmdb.open(
+            str(self.path),
+            map_size=map_size,
+            subdir=True,
+            max_dbs=8,
+            max_readers=max_readers,
+            # Durability: a commit returns only after fdatasync of data and meta pages.
+            sync=True,
+            metasync=True,
+            # writemap: fewer copies and mallocs per commit; still durable with sync=True
+            # (LMDB msyncs the map). All processes must agree on it: it is not a knob.
+            writemap=writemap and not readonly,
+            # A big spool is read randomly (message bytes by qid): readahead only evicts.
+            readahead=False,
+            # Several worker processes open the environment: LMDB locking is required.
+            lock=True,
+            readonly=readonly,
+            create=not readonly,
+            mode=0o700,
+        )
+        try:
+            # Reader slots of a crashed worker would otherwise pin old pages forever.
+            self.stale_readers_cleared = self._env.reader_check()
+            if readonly:
+                with self._env.begin() as txn:
+                    self._open_dbs(txn, create=False)
+                    self._check_schema(txn, write=False)
+            else:
+                with self._env.begin(write=True) as txn:
+                    self._open_dbs(txn, create=True)
+                    self._check_schema(txn, write=True)
+        except BaseException:
+            self._env.close()
+            raise
+        self._pid = os.getpid()
+
+    def _open_dbs(self, txn: lmdb.Transaction, create: bool) -> None:
+        env = self._env
+        try:
+            self._meta = env.open_db(_DB_META, txn=txn, create=create)
+            self._msg = env.open_db(_DB_MSG, txn=txn, create=create)
+            self._envdb = env.open_db(_DB_ENV, txn=txn, create=create)
+            self._job = env.open_db(_DB_JOB, txn=txn, create=create)
+            self._sched = env.open_db(_DB_SCHED, txn=txn, create=create)
+        except lmdb.NotFoundError:
+            raise SpoolError(f"{self.path}: not a relay spool (missing databases)") from None
+
+    def _check_schema(self, txn: lmdb.Transaction, write: bool) -> None:
+        raw = txn.get(_META_SCHEMA, db=self._meta)
+        if raw is None:
+            if write:
+                txn.put(_META_SCHEMA, str(SCHEMA_VERSION).encode(), db=self._meta)
+            return
+        try:
+            version = int(bytes(raw))
+        except ValueError:
+            raise SpoolError(f"{self.path}: corrupt schema version {bytes(raw)!r}") from None
+        if version > SCHEMA_VERSION:
+            raise SpoolVersionError(
+                f"{self.path}: spool schema version {version} is newer than this relay "
+                f"supports ({SCHEMA_VERSION}); run the newer relay or move the spool aside"
+            )
+
+    @property
+    def env(self) -> lmdb.Environment:
+        """The LMDB environment (for tests and tools; don't write behind the schema)."""
+        return self._env
+
+    def close(self) -> None:
+        """Close the environment. Idempotent. No transaction may be in progress."""
+        self._env.close()
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    new_queue_id = staticmethod(new_queue_id)
+
+    # ------------------------------------------------------------------ inbound
+
+    def store_batch(self, messages: Sequence[NewMessage]) -> None:
+        """Store messages in ONE synced write transaction: all of them, or none.
+
+        Each gets its bytes, its envelope, one DeliveryJob per routing domain (due now)
+        and the scheduler index entries. Must run start to finish in one thread.
+        Raises ValueError (bad message, nothing written), DuplicateQueueId, lmdb.Error.
+        """
+        now = time.time()
+        self.write_prepared([prepare(m, now) for m in messages])
+
+    def write_prepared(self, prepared: Sequence[_Prepared]) -> None:
+        """``store_batch`` for messages already passed through ``prepare``."""
+        if not prepared:
+            return
+        with self._env.begin(write=True) as txn:
+            self._put_prepared(txn, prepared)
+
+    def _put_prepared(self, txn: lmdb.Transaction, prepared: Sequence[_Prepared]) -> None:
+        msgs = [(p[0], p[1]) for p in prepared]
+        envs = [(p[0], p[2]) for p in prepared]
+        jobs = [(jk, jv) for p in prepared for jk, jv, _ in p[3]]
+        sched = [(sk, b"") for p in prepared for _, _, sk in p[3]]
+        _, added = txn.cursor(self._msg).putmulti(msgs, overwrite=False)
+        if added != len(msgs):
+            dup = [q.decode() for q, _ in msgs if txn.get(q, db=self._msg) is not None]
+            raise DuplicateQueueId(f"queue id already in the spool: {dup[:5]}")
+        txn.cursor(self._envdb).putmulti(envs)
+        txn.cursor(self._job).putmulti(jobs)
+        txn.cursor(self._sched).putmulti(sched)
+
+    # ------------------------------------------------------------------ outbound
+
+    def due_jobs(
+        self, now: float, shard: int, nshards: int, limit: int, lease: float = 600.0
+    ) -> list[DeliveryJob]:
+        """Claim up to ``limit`` jobs of this shard that are due at ``now``, oldest first.
+
+        Claiming moves a job's due time to ``now + lease`` and records our pid in
+        ``claimed_by``, in one synced write transaction, so two workers never get the same
+        job, and a worker that dies mid-delivery loses nothing: its jobs become due
+        again when the lease runs out (only deliveries in flight at the crash can be
+        duplicated). The returned jobs carry attempts, first_attempt, last_error; their
+        ``due`` is the lease expiry. Finish each with ``complete`` before the lease ends
+        (a longer delivery may be claimed again by the scheduler: a duplicate, not loss).
+
+        The scan runs in a read transaction, so a large backlog of other shards' due
+        jobs never holds LMDB's writer lock (which inbound commits wait on); the claim
+        transaction only touches the candidates and skips any that changed meanwhile.
+        """
+        if limit <= 0:
+            return []
+        now_ms = _due_ms(now)
+        cands: list[bytes] = []
+        with self._env.begin(db=self._sched) as txn:
+            for key in txn.cursor().iternext(values=False):
+                due_ms, h = _SCHED.unpack_from(key)
+                if due_ms > now_ms:
+                    break
+                if h % nshards == shard:
+                    cands.append(key)
+                    if len(cands) >= limit:
+                        break
+        if not cands:
+            return []
+        until = now + lease
+        pid = os.getpid()
+        claimed: list[DeliveryJob] = []
+        with self._env.begin(write=True) as txn:
+            for sk in cands:
+                if not txn.delete(sk, db=self._sched):
+                    continue  # claimed, completed or rescheduled since the scan
+                jk = sk[_SCHED_LEN:]
+                raw = txn.get(jk, db=self._job)
+                if raw is None:
+                    continue  # dangling index entry (deleted job): dropped above
+                job = _job_decode(raw)
+                job.due = until
+                job.claimed_by = pid
+                txn.put(jk, _job_encode(job), db=self._job)
+                txn.put(_sched_key(until, _SCHED.unpack_from(sk)[1], jk), b"", db=self._sched)
+                claimed.append(job)
+        return claimed
+
+    def next_due(self, shard: int, nshards: int) -> float | None:
+        """Earliest due time (Unix seconds, ms resolution) of this shard's jobs, or None.
+
+        Includes lease expiries of claimed jobs (they become due then). A value <= now
+        means ``due_jobs`` has work right away.
+        """
+        with self._env.begin(db=self._sched) as txn:
+            for key in txn.cursor().iternext(values=False):
+                due_ms, h = _SCHED.unpack_from(key)
+                if h % nshards == shard:
+                    return due_ms / 1000.0
+        return None
+
+    def load(self, queue_id: str) -> tuple[Envelope, bytes]:
+        """The envelope and bytes of a queued message; MessageNotFound if it is gone."""
+        qid = queue_id.encode("ascii")
+        with self._env.begin() as txn:
+            raw_env = txn.get(qid, db=self._envdb)
+            data = txn.get(qid, db=self._msg)
+        if raw_env is None or data is None:
+            raise MessageNotFound(queue_id)
+        return _env_decode(raw_env), data
+
+    def complete(
+        self,
+        queue_id: str,
+        domain: str,
+        *,
+        delivered: Iterable[int] = (),
+        failed: Iterable[int] = (),
+        deferred: Iterable[int] = (),
+        next_due: float | None = None,
+        attempts: int = 0,
+        error: str | None = None,
+        first_attempt: float | None = None,
+        new_messages: Sequence[NewMessage] = (),
+    ) -> None:
+        """Record the outcome of a delivery attempt of job (queue_id, domain), atomically.
+
+        Recipients (indexes into ``Envelope.recipients``) in ``delivered`` or ``failed``
+        leave the job. If recipients remain, the job is rescheduled at ``next_due``
+        (``None``: now, e.g. recipients not attempted because of a per-message
+        recipient limit) with ``attempts``, ``last_error=error``, ``first_attempt``, and
+        its claim is released. Otherwise the job and its index entry go, and when the
+        message has no job left its bytes and envelope go too. ``deferred`` is what the
+        caller deferred; it is informational (the remaining set is authoritative).
+
+        ``new_messages`` (DSNs) are stored in the SAME transaction, so a bounce and the
+        removal of the recipient it reports are one atomic step: never both, never
+        neither. If the job no longer exists (operator deleted the message meanwhile),
+        only ``new_messages`` are stored.
+        """
+        del deferred
+        prepared = [prepare(m) for m in new_messages]
+        qid = queue_id.encode("ascii")
+        jk = _job_key(qid, domain)
+        done = set(delivered)
+        done.update(failed)
+        with self._env.begin(write=True) as txn:
+            raw = txn.get(jk, db=self._job)
+            if raw is not None:
+                job = _job_decode(raw)
+                h = shard_hash(job.domain)
+                txn.delete(_sched_key(job.due, h, jk), db=self._sched)
+                remaining = [i for i in job.recipients if i not in done]
+                if remaining:
+                    job.recipients = remaining
+                    job.due = time.time() if next_due is None else next_due
+                    job.attempts = attempts
+                    job.last_error = error
+                    job.first_attempt = first_attempt
+                    job.claimed_by = None
+                    txn.put(jk, _job_encode(job), db=self._job)
+                    txn.put(_sched_key(job.due, h, jk), b"", db=self._sched)
+                else:
+                    txn.delete(jk, db=self._job)
+                    if not self._has_jobs(txn, qid):
+                        txn.delete(qid, db=self._msg)
+                        txn.delete(qid, db=self._envdb)
+            if prepared:
+                self._put_prepared(txn, prepared)
+
+    async def acomplete(self, queue_id: str, domain: str, **kwargs: object) -> None:
+        """``complete`` from trio: runs it in a worker thread (not cancellable midway)."""
+        import functools
+
+        import trio
+
+        await trio.to_thread.run_sync(
+            functools.partial(self.complete, queue_id, domain, **kwargs)  # type: ignore[arg-type]
+        )
+
+    def _has_jobs(self, txn: lmdb.Transaction, qid: bytes) -> bool:
+        cur = txn.cursor(self._job)
+        prefix = qid + _SEP
+        return cur.set_range(prefix) and bytes(cur.key()).startswith(prefix)
+
+    def _jobs_of(self, txn: lmdb.Transaction, qid: bytes) -> list[tuple[bytes, DeliveryJob]]:
+        cur = txn.cursor(self._job)
+        prefix = qid + _SEP
+        out = []
+        if cur.set_range(prefix):
+            for k, v in cur.iternext():
+                if not bytes(k).startswith(prefix):
+                    break
+                out.append((bytes(k), _job_decode(v)))
+        return out
+
+    def retry_now(self, queue_id: str | None = None, domain: str | None = None) -> int:
+        """Make matching jobs due now (``relay queue flush``); returns how many.
+
+        None matches everything. Jobs claimed by a live delivery (lease not expired) are
+        left alone: rescheduling them would duplicate a delivery in flight.
+        """
+        now = time.time()
+        dom = domain.lower().rstrip(".") if domain is not None else None
+        count = 0
+        with self._env.begin(write=True) as txn:
+            if queue_id is not None:
+                items = self._jobs_of(txn, queue_id.encode("ascii"))
+            else:
+                items = [(bytes(k), _job_decode(v)) for k, v in txn.cursor(self._job)]
+            for jk, job in items:
+                if dom is not None and job.domain != dom:
+                    continue
+                if job.claimed_by is not None and job.due > now:
+                    continue
+                if job.due <= now:
+                    continue
+                h = shard_hash(job.domain)
+                txn.delete(_sched_key(job.due, h, jk), db=self._sched)
+                job.due = now
+                job.claimed_by = None
+                txn.put(jk, _job_encode(job), db=self._job)
+                txn.put(_sched_key(now, h, jk), b"", db=self._sched)
+                count += 1
+        return count
+
+    def delete(self, queue_id: str) -> bool:
+        """Operator delete: drop the message, its envelope and all its jobs, no DSN.
+
+        Returns False if there was no such message. A delivery in flight finishes and its
+        ``complete`` then finds no job (harmless).
+        """
+        qid = queue_id.encode("ascii")
+        with self._env.begin(write=True) as txn:
+            jobs = self._jobs_of(txn, qid)
+            for jk, job in jobs:
+                txn.delete(_sched_key(job.due, shard_hash(job.domain), jk), db=self._sched)
+                txn.delete(jk, db=self._job)
+            had_msg = txn.delete(qid, db=self._msg)
+            had_env = txn.delete(qid, db=self._envdb)
+        return bool(jobs) or had_msg or had_env
+
+    def release_claims(
+        self, shard: int | None = None, nshards: int = 1, *, only_dead: bool = True
+    ) -> int:
+        """Make claimed jobs due now; returns how many. Optional, for faster restarts.
+
+        The lease already guarantees that a crashed worker's jobs come back (after
+        ``lease`` seconds), so nothing is ever lost without this. A restarted worker
+        may call it to resume its shard immediately: with ``only_dead`` (the default)
+        only claims whose pid is no longer running are released, so claims of a live
+        worker (e.g. one still on the old shard count during a reload) are kept and no
+        delivery in flight gets duplicated. Scans all jobs: start-up only.
+        """
+        now = time.time()
+        count = 0
+        with self._env.begin(write=True) as txn:
+            for k, v in txn.cursor(self._job):
+                job = _job_decode(v)
+                if job.claimed_by is None:
+                    continue
+                h = shard_hash(job.domain)
+                if shard is not None and h % nshards != shard:
+                    continue
+                if only_dead and _pid_alive(job.claimed_by):
+                    continue
+                jk = bytes(k)
+                txn.delete(_sched_key(job.due, h, jk), db=self._sched)
+                job.due = now
+                job.claimed_by = None
+                txn.put(jk, _job_encode(job), db=self._job)
+                txn.put(_sched_key(now, h, jk), b"", db=self._sched)
+                count += 1
+        return count
+
+    # ------------------------------------------------------------------ operator views
+
+    def stats(self, top: int = 10) -> QueueStats:
+        """Queue summary in one read transaction (scans jobs and envelopes: O(queue))."""
+        now = time.time()
+        now_ms = _due_ms(now)
+        jobs = due = deferred = in_flight = recipients = 0
+        per_domain: dict[str, list[int]] = {}
+        with self._env.begin(buffers=True) as txn:
+            for _, v in txn.cursor(self._job):
+                job = _job_decode(v)
+                jobs += 1
+                n = len(job.recipients)
+                recipients += n
+                if job.claimed_by is not None and job.due > now:
+                    in_flight += 1
+                elif _due_ms(job.due) <= now_ms:
+                    due += 1
+                else:
+                    deferred += 1
+                d = per_domain.get(job.domain)
+                if d is None:
+                    per_domain[job.domain] = [1, n]
+                else:
+                    d[0] += 1
+                    d[1] += n
+            messages = 0
+            size = 0
+            for _, v in txn.cursor(self._msg):
+                messages += 1
+                size += len(v)
+            oldest: float | None = None
+            for _, v in txn.cursor(self._envdb):
+                t = _head_decode(v).received_at
+                if oldest is None or t < oldest:
+                    oldest = t
+        best = heapq.nlargest(top, per_domain.items(), key=lambda kv: kv[1][1])
+        return QueueStats(
+            messages=messages,
+            recipients=recipients,
+            jobs=jobs,
+            jobs_due=due,
+            jobs_deferred=deferred,
+            jobs_in_flight=in_flight,
+            bytes=size,
+            oldest_arrival=oldest,
+            top_domains=[DomainCount(domain=d, messages=c[0], recipients=c[1]) for d, c in best],
+            now=now,
+        )
+
+    def list_messages(
+        self, domain: str | None = None, limit: int = 1000, after: str | None = None
+    ) -> list[QueueEntry]:
+        """Queued messages in queue-id (≈ arrival) order, like ``mailq``.
+
+        ``domain`` keeps only messages with pending recipients there (and shows only that
+        domain's job); ``after`` continues a listing after that queue id (paging).
+        """
+        now = time.time()
+        dom = domain.lower().rstrip(".") if domain is not None else None
+        out: list[QueueEntry] = []
+        with self._env.begin(buffers=True) as txn:
+            cur = txn.cursor(self._job)
+            ok = cur.set_range(after.encode("ascii") + b"\x01") if after else cur.first()
+            current: bytes | None = None
+            doms: list[DeliveryJob] = []
+
+            def flush() -> None:
+                if current is None or not doms:
+                    return
+                raw_env = txn.get(current, db=self._envdb)
+                data = txn.get(current, db=self._msg)
+                head = _head_decode(raw_env) if raw_env is not None else None
+                addrs = [r.address for r in head.recipients] if head else []
+                out.append(
+                    QueueEntry(
+                        queue_id=current.decode(),
+                        sender=head.sender if head else "",
+                        arrival=head.received_at if head else 0.0,
+                        size=len(data) if data is not None else 0,
+                        pending=sum(len(j.recipients) for j in doms),
+                        domains=[_queue_domain(j, addrs, now) for j in doms],
+                    )
+                )
+
+            while ok:
+                k = bytes(cur.key())
+                qid = k.partition(_SEP)[0]
+                if qid != current:
+                    flush()
+                    current, doms = qid, []
+                    if len(out) >= limit:
+                        current = None
+                        break
+                job = _job_decode(cur.value())
+                if dom is None or job.domain == dom:
+                    doms.append(job)
+                ok = cur.next()
+            flush()
+        return out[:limit]
+
+    def show(self, queue_id: str) -> MessageDetail | None:
+        """Everything about one message, or None if it is not queued."""
+        qid = queue_id.encode("ascii")
+        with self._env.begin() as txn:
+            raw_env = txn.get(qid, db=self._envdb)
+            data = txn.get(qid, db=self._msg, default=None)
+            if raw_env is None:
+                return None
+            jobs = [j for _, j in self._jobs_of(txn, qid)]
+            size = len(data) if data is not None else 0
+            head = bytes(data[: 64 * 1024]) if data is not None else b""
+        end = head.find(b"\r\n\r\n")
+        if end >= 0:
+            head = head[: end + 2]
+        return MessageDetail(
+            queue_id=queue_id,
+            envelope=_env_decode(raw_env),
+            size=size,
+            jobs=jobs,
+            headers=head.decode("utf-8", "replace"),
+        )
+
+
+def _queue_domain(job: DeliveryJob, addrs: list[str], now: float) -> QueueDomain:
+    return QueueDomain(
+        domain=job.domain,
+        pending=[addrs[i] if i < len(addrs) else f"#{i}" for i in job.recipients],
+        attempts=job.attempts,
+        next_due=job.due,
+        in_flight=job.claimed_by is not None and job.due > now,
+        first_attempt=job.first_attempt,
+        last_error=job.last_error,
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

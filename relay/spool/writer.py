@@ -1,0 +1,189 @@
+"""Group commit: many SMTP sessions share one synced LMDB commit.
+
+A synced commit costs about one fsync whatever it holds, so the writer commits the
+messages of every session that finished DATA at about the same time together:
+
+* ``submit(msg)`` encodes the message (errors go to that caller only), appends it to
+  the open batch and waits for that batch's commit.
+* ``run()`` waits for a non-empty batch, then up to ``commit_window`` seconds more for it
+  to fill (it stops waiting as soon as it holds ``max_batch`` messages), closes it and
+  commits it in ONE ``trio.to_thread.run_sync`` call (begin, puts, synced commit all in
+  that thread, as py-lmdb requires). Submissions arriving meanwhile go into the next
+  batch, so under load batches grow by themselves to whatever arrives during one fsync,
+  and at low load a message waits about ``commit_window`` + one fsync.
+* After the commit, every waiter of the batch wakes at once (one ``trio.Event`` per
+  batch) and ``on_commit(messages)`` runs in the trio thread (e.g. to wake the worker
+  that owns the recipients' shard).
+
+Shutdown: ``await writer.aclose()`` refuses new submissions (``SpoolClosed``), commits
+everything already submitted, and makes ``run`` return; then cancel the nursery as
+usual. If ``run`` is cancelled instead, a commit already in its thread still finishes
+(and its waiters get their answer), and every batch not yet committed fails its
+waiters with ``SpoolClosed``: a session then answers 451, never 250, never hangs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import trio
+
+from relay.spool.records import NewMessage
+from relay.spool.store import Spool, SpoolError, prepare
+
+__all__ = ["GroupCommitWriter", "SpoolClosed"]
+
+log = logging.getLogger(__name__)
+
+
+class SpoolClosed(SpoolError):
+    """The writer is shutting down or stopped: the message was not stored."""
+
+
+class _Batch:
+    __slots__ = ("done", "error", "messages", "prepared")
+
+    def __init__(self) -> None:
+        self.messages: list[NewMessage] = []
+        self.prepared: list = []
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
+class GroupCommitWriter:
+    """Batches ``submit``ted messages into shared synced commits (see module docstring).
+
+    One writer per worker process, running in that process's trio nursery::
+
+        writer = GroupCommitWriter(spool, cfg.spool.commit_window,
+                                   cfg.spool.commit_max_messages, on_commit=wake)
+        await nursery.start(writer.run)
+        ...
+        await writer.submit(NewMessage(envelope=env, data=data))   # then send 250
+        ...
+        await writer.aclose()
+
+    Counters ``commits``, ``messages`` and ``failed_commits`` are for metrics and tests.
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        commit_window: float = 0.002,
+        max_batch: int = 512,
+        on_commit: Callable[[Sequence[NewMessage]], object] | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.spool = spool
+        self.commit_window = commit_window
+        self.max_batch = max_batch
+        self.on_commit = on_commit
+        self._batches: deque[_Batch] = deque()
+        self._pending = trio.Event()  # set when _batches is non-empty
+        self._full = trio.Event()  # set when the head batch holds max_batch messages
+        self._closing = False
+        self._stopped = trio.Event()
+        self.commits = 0
+        self.messages = 0
+        self.failed_commits = 0
+
+    async def submit(self, msg: NewMessage) -> None:
+        """Return once ``msg`` is in a synced, committed transaction.
+
+        Raises ValueError for a message the spool refuses (no recipients, bad queue id),
+        SpoolClosed during shutdown, SpoolError if the commit failed (disk full, map
+        full, I/O error): then the caller answers 451 4.3.0. If the caller is cancelled
+        while waiting, the message may still be committed (and delivered); that is the
+        ordinary SMTP duplicate window (RFC 1047), never a loss.
+        """
+        if self._closing:
+            raise SpoolClosed("spool writer is shutting down")
+        prepared = prepare(msg)
+        batches = self._batches
+        if not batches or len(batches[-1].messages) >= self.max_batch:
+            batches.append(_Batch())
+        batch = batches[-1]
+        batch.messages.append(msg)
+        batch.prepared.append(prepared)
+        self._pending.set()
+        if len(batch.messages) >= self.max_batch or len(batches) > 1:
+            self._full.set()
+        await batch.done.wait()
+        if batch.error is not None:
+            if isinstance(batch.error, SpoolError):
+                raise batch.error
+            raise SpoolError(f"spool commit failed: {batch.error!r}") from batch.error
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The commit loop; returns after ``aclose()`` once everything is committed."""
+        task_status.started()
+        try:
+            while True:
+                if not self._batches:
+                    if self._closing:
+                        return
+                    self._pending = trio.Event()
+                    await self._pending.wait()
+                    continue
+                head = self._batches[0]
+                if (
+                    self.commit_window > 0
+                    and len(head.messages) < self.max_batch
+                    and len(self._batches) == 1
+                    and not self._closing
+                ):
+                    self._full = trio.Event()
+                    with trio.move_on_after(self.commit_window):
+                        await self._full.wait()
+                self._batches.popleft()
+                await self._commit(head)
+        finally:
+            err = SpoolClosed("spool writer stopped before this message was committed")
+            while self._batches:
+                b = self._batches.popleft()
+                b.error = err
+                b.done.set()
+            self._closing = True
+            self._stopped.set()
+
+    async def _commit(self, batch: _Batch) -> None:
+        try:
+            await trio.to_thread.run_sync(self.spool.write_prepared, batch.prepared)
+        except BaseException as e:
+            # A Cancelled cannot reach here mid-commit (the thread is not abandoned), so
+            # any exception is the commit's own failure: nothing was written.
+            batch.error = e
+            self.failed_commits += 1
+            batch.done.set()
+            if isinstance(e, Exception):
+                log.error("spool commit of %d messages failed: %r", len(batch.messages), e)
+                return
+            raise
+        self.commits += 1
+        self.messages += len(batch.messages)
+        batch.done.set()
+        if self.on_commit is not None:
+            try:
+                self.on_commit(batch.messages)
+            except Exception:
+                log.exception("spool on_commit callback failed")
+
+    async def aclose(self) -> None:
+        """Stop accepting, commit what was submitted, wait for ``run`` to return."""
+        self._closing = True
+        self._pending.set()
+        self._full.set()
+        await self._stopped.wait()
+
+    def stats(self) -> dict[str, float]:
+        """Counters for metrics: commits, messages, failed commits, mean batch size."""
+        return {
+            "commits": self.commits,
+            "messages": self.messages,
+            "failed_commits": self.failed_commits,
+            "mean_batch": self.messages / self.commits if self.commits else math.nan,
+        }
