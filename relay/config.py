@@ -134,6 +134,9 @@ class InboundConfig(_Base):
     #: Simultaneous sessions per worker, and per client IP per worker.
     max_sessions: PositiveInt = 2000
     max_sessions_per_client: PositiveInt = 500
+    #: Seconds to wait before the greeting; a client that talks first is refused with 554
+    #: (Postfix postscreen_greet_wait). 0 still refuses what arrived before the greeting.
+    greet_pause: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     #: Per-state timeouts (RFC 5321 4.5.3.2): waiting for a command, for DATA/BDAT bytes.
     command_timeout: Seconds = 300.0
     data_timeout: Seconds = 180.0

@@ -1,0 +1,51 @@
+"""Trace headers the relay adds to every accepted message (bytes in, bytes out).
+
+RFC 5321 4.4 requires a ``Received:`` line at the top of the message; RFC 5322 3.6.4
+wants a ``Message-ID:``, which a relay adds when the client did not (Postfix does the same
+for mail it accepts). Both are prepended so the original bytes stay untouched.
+"""
+
+from __future__ import annotations
+
+import email.utils
+
+__all__ = ["has_message_id", "trace_headers"]
+
+
+def has_message_id(data: bytes) -> bool:
+    """True when the header section (up to the first empty line) has a Message-ID field."""
+    end = data.find(b"\r\n\r\n")
+    head = (data if end < 0 else data[: end + 2]).lower()
+    return head.startswith(b"message-id:") or b"\r\nmessage-id:" in head
+
+
+def trace_headers(
+    *,
+    data: bytes,
+    queue_id: str,
+    hostname: str,
+    helo: str,
+    client_ip: str,
+    protocol: str,
+    tls: str | None,
+    recipients: list[str],
+    now: float,
+) -> bytes:
+    """Header lines (CRLF-terminated) to put in front of ``data``.
+
+    The Received line follows RFC 5321 4.4 and Postfix's layout; ``for <rcpt>`` is only
+    written for a single recipient so a message to many never discloses the others.
+    """
+    date = email.utils.formatdate(now, localtime=False)
+    ip_literal = f"[IPv6:{client_ip}]" if ":" in client_ip else f"[{client_ip}]"
+    lines = [f"Received: from {helo or 'unknown'} ({ip_literal})"]
+    if tls:
+        lines.append(f"\t(using {tls})")
+    lines.append(f"\tby {hostname} (relay) with {protocol} id {queue_id}")
+    if len(recipients) == 1:
+        lines.append(f"\tfor <{recipients[0]}>; {date}")
+    else:
+        lines[-1] += f"; {date}"
+    if not has_message_id(data):
+        lines.append(f"Message-ID: <{queue_id}@{hostname}>")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")

@@ -1,0 +1,366 @@
+"""One inbound SMTP session: the trio driver around the sans-I/O ``ServerConnection``.
+
+The core decides every reply; this module only moves bytes and answers the core's
+decision events (relay policy, AUTH, durable storage, STARTTLS). Replies queued while
+processing one read are written with one ``send_all`` when the input is exhausted, which
+is exactly the RFC 2920 rule (a pipelined group's replies leave together, and nothing is
+held back once the client is waiting).
+
+Timeouts are per state (RFC 5321 4.5.3.2): ``command_timeout`` while waiting for a
+command, ``data_timeout`` while waiting for DATA/BDAT bytes, and a minimum transfer rate
+inside DATA/BDAT so a client cannot hold a session by trickling one byte at a time.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from relay.config import Config
+from relay.events import EventLog, Reception
+from relay.inbound.auth import Authenticator
+from relay.inbound.headers import trace_headers
+from relay.smtp import (
+    NEED_DATA,
+    AuthRequested,
+    ConnectionClosing,
+    HeloReceived,
+    MessageReceived,
+    Phase,
+    RecipientRequested,
+    Reply,
+    ServerConnection,
+    ServerSettings,
+    StartTLSRequested,
+)
+from relay.spool import GroupCommitWriter, NewMessage
+from relay.spool.records import Envelope
+
+__all__ = ["InboundContext", "SessionRegistry", "serve_session"]
+
+log = logging.getLogger("relay.inbound")
+
+RECV_SIZE = 256 * 1024
+TLS_HANDSHAKE_TIMEOUT = 30.0
+
+RELAY_DENIED = "Relay access denied"
+STORE_FAILED = Reply(451, "4.3.0", "Error: queue file write error, try again later")
+
+
+@dataclass
+class InboundContext:
+    """Everything a session needs from its worker; rebuilt on config reload so new
+    sessions see new settings while running ones finish with the old."""
+
+    config: Config
+    settings: ServerSettings
+    writer: GroupCommitWriter
+    new_queue_id: Callable[[], str]
+    events: EventLog
+    authenticator: Authenticator
+    ssl_context: ssl.SSLContext | None
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+    hostname: str
+
+    @classmethod
+    def build(
+        cls,
+        config: Config,
+        *,
+        writer: GroupCommitWriter,
+        new_queue_id: Callable[[], str],
+        events: EventLog,
+        ssl_context: ssl.SSLContext | None,
+    ) -> InboundContext:
+        inbound = config.inbound
+        authenticator = Authenticator(inbound.auth_users)
+        hostname = config.server.resolved_hostname()
+        settings = ServerSettings(
+            hostname=hostname,
+            max_message_size=inbound.max_message_bytes(),
+            max_recipients=inbound.max_recipients,
+            max_line_length=inbound.max_line_length,
+            max_errors=inbound.max_errors,
+            tls_available=ssl_context is not None,
+            allow_plaintext_auth=inbound.allow_plaintext_auth,
+            auth_enabled=authenticator.enabled,
+        )
+        return cls(
+            config=config,
+            settings=settings,
+            writer=writer,
+            new_queue_id=new_queue_id,
+            events=events,
+            authenticator=authenticator,
+            ssl_context=ssl_context,
+            networks=config.relay.networks(),
+            hostname=hostname,
+        )
+
+    def may_relay(self, client_ip: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(client_ip)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.networks)
+
+
+@dataclass
+class SessionRegistry:
+    """Open sessions of a worker, so shutdown can drain them and limits can be enforced."""
+
+    sessions: set[_Session] = field(default_factory=set)
+    per_client: dict[str, int] = field(default_factory=dict)
+    draining: bool = False
+
+    def drain(self) -> None:
+        """Stop every session at its next command boundary (idle ones at once)."""
+        self.draining = True
+        for session in list(self.sessions):
+            session.drain()
+
+
+class _Session:
+    def __init__(self, stream: trio.abc.Stream, ctx: InboundContext, peer: tuple[str, int]):
+        self.stream = stream
+        self.ctx = ctx
+        self.client_ip, self.client_port = peer[0], peer[1]
+        self.conn = ServerConnection(ctx.settings, tls_active=False)
+        self.tls_info: str | None = None
+        self.idle_scope: trio.CancelScope | None = None
+        self.draining = False
+        self._window_start: float | None = None
+        self._window_bytes = 0
+
+    def drain(self) -> None:
+        self.draining = True
+        if self.idle_scope is not None:
+            self.idle_scope.cancel()
+
+    # -- the loop ---------------------------------------------------------------------
+
+    async def run(self, pregreet: bytes) -> None:
+        conn = self.conn
+        if pregreet:
+            conn.receive_data(pregreet)
+        conn.start()
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                await self._flush()
+                if self.draining and not conn.in_transaction:
+                    conn.shutdown()
+                    continue
+                data = await self._receive()
+                if data is None:
+                    continue  # the core queued a timeout/rate 421; loop to send it
+                conn.receive_data(data)
+            elif isinstance(event, RecipientRequested):
+                self._decide_recipient(event)
+            elif isinstance(event, MessageReceived):
+                await self._store(event)
+            elif isinstance(event, AuthRequested):
+                await self._authenticate(event)
+            elif isinstance(event, StartTLSRequested):
+                if not await self._start_tls():
+                    return
+            elif isinstance(event, ConnectionClosing):
+                await self._flush()
+                return
+            elif isinstance(event, HeloReceived):
+                pass
+
+    async def _flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out:
+            await self.stream.send_all(out)
+
+    async def _receive(self) -> bytes | None:
+        """Next bytes from the client (b"" is EOF), or None when the session must end:
+        a timeout or too slow a transfer (the core then holds the 421 to send), or a
+        drain of an idle session.
+
+        Inside DATA/BDAT the transfer rate is checked per ``data_rate_window``: a client
+        must move at least ``min_data_rate * data_rate_window`` bytes in each window.
+        """
+        inbound = self.ctx.config.inbound
+        in_data = self.conn.phase in (Phase.DATA, Phase.BDAT)
+        now = trio.current_time()
+        deadline = now + (inbound.data_timeout if in_data else inbound.command_timeout)
+        check_rate = in_data and inbound.min_data_rate > 0
+        if not check_rate:
+            self._window_start = None
+        elif self._window_start is None:
+            self._window_start, self._window_bytes = now, 0
+        while True:
+            window_end = (
+                self._window_start + inbound.data_rate_window if check_rate else deadline
+            )
+            with trio.move_on_at(min(deadline, window_end)) as scope:
+                self.idle_scope = None if self.conn.in_transaction else scope
+                try:
+                    data = await self.stream.receive_some(RECV_SIZE)
+                finally:
+                    self.idle_scope = None
+            now = trio.current_time()
+            if not scope.cancelled_caught:
+                if check_rate:
+                    self._window_bytes += len(data)
+                    if now >= window_end and not self._rate_ok(now):
+                        return None
+                return data
+            if self.draining:
+                return None
+            if now >= deadline:
+                self.conn.timeout_expired()
+                return None
+            if not self._rate_ok(now):
+                return None
+
+    def _rate_ok(self, now: float) -> bool:
+        """At the end of a rate window: judge it, then start the next one."""
+        inbound = self.ctx.config.inbound
+        if self._window_bytes < inbound.min_data_rate * inbound.data_rate_window:
+            log.info("client %s too slow in DATA: %d bytes in %.0fs", self.client_ip,
+                     self._window_bytes, inbound.data_rate_window)
+            self.conn.data_rate_too_low()
+            return False
+        self._window_start, self._window_bytes = now, 0
+        return True
+
+    # -- decisions --------------------------------------------------------------------
+
+    def _decide_recipient(self, event: RecipientRequested) -> None:
+        if self.conn.authenticated_user is not None or self.ctx.may_relay(self.client_ip):
+            self.conn.accept_recipient()
+        else:
+            self.conn.reject_recipient(Reply(554, "5.7.1", f"<{event.address}>: {RELAY_DENIED}"))
+
+    async def _authenticate(self, event: AuthRequested) -> None:
+        ok = await trio.to_thread.run_sync(
+            self.ctx.authenticator.check, event.username, event.password
+        )
+        if ok:
+            self.conn.auth_succeeded()
+        else:
+            log.warning("AUTH %s failed for %r from %s", event.mechanism, event.username,
+                        self.client_ip)
+            self.conn.auth_failed()
+
+    async def _store(self, event: MessageReceived) -> None:
+        ctx, conn = self.ctx, self.conn
+        queue_id = ctx.new_queue_id()
+        now = time.time()
+        protocol = "ESMTP" if conn.esmtp else "SMTP"
+        if conn.esmtp:
+            protocol += ("S" if self.tls_info else "") + ("A" if conn.authenticated_user else "")
+        addresses = [r.address for r in event.recipients]
+        head = trace_headers(
+            data=event.data, queue_id=queue_id, hostname=ctx.hostname, helo=conn.helo or "",
+            client_ip=self.client_ip, protocol=protocol, tls=self.tls_info,
+            recipients=addresses, now=now,
+        )
+        envelope = Envelope(
+            queue_id=queue_id, sender=event.sender, recipients=list(event.recipients),
+            received_at=now, body=event.body, smtputf8=event.smtputf8,
+            declared_size=event.declared_size, ret=event.ret, envid=event.envid,
+            client_ip=self.client_ip, client_port=self.client_port, client_helo=conn.helo or "",
+            auth_user=conn.authenticated_user, tls=self.tls_info, protocol=protocol,
+        )
+        data = head + event.data
+        started = trio.current_time()
+        try:
+            await ctx.writer.submit(NewMessage(envelope=envelope, data=data))
+        except Exception:
+            log.exception("spool commit failed for %s from %s", queue_id, self.client_ip)
+            conn.message_failed(STORE_FAILED)
+            return
+        conn.message_stored(queue_id)
+        ctx.events.emit(Reception(
+            queue_id=queue_id, time=now, sender=event.sender, recipients=addresses,
+            size=len(data), client_ip=self.client_ip, helo=conn.helo or "",
+            auth_user=conn.authenticated_user, tls=self.tls_info,
+            commit_seconds=round(trio.current_time() - started, 6),
+        ))
+
+    async def _start_tls(self) -> bool:
+        """Handshake after the core's 220; False when the handshake failed (session over)."""
+        assert self.ctx.ssl_context is not None
+        await self._flush()
+        tls_stream = trio.SSLStream(self.stream, self.ctx.ssl_context, server_side=True)
+        try:
+            with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+                await tls_stream.do_handshake()
+        except (trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError) as e:
+            log.info("TLS handshake with %s failed: %s", self.client_ip, e)
+            return False
+        self.stream = tls_stream
+        ssl_object = tls_stream._ssl_object
+        cipher = ssl_object.cipher()
+        self.tls_info = f"{ssl_object.version()} with cipher {cipher[0] if cipher else '?'}"
+        self.conn.tls_established()
+        return True
+
+
+def _peek_pregreet(stream: trio.SocketStream) -> bytes:
+    """Bytes the client sent before our greeting (without consuming them): a client that
+    talks first is not speaking SMTP (or is a spam bot), RFC 5321 3.1."""
+    raw = socket.socket(fileno=stream.socket.fileno())
+    try:
+        return raw.recv(512, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError, ConnectionError):
+        return b""
+    finally:
+        raw.detach()
+
+
+async def serve_session(
+    stream: trio.SocketStream, ctx_ref: Callable[[], InboundContext], registry: SessionRegistry
+) -> None:
+    """Handle one accepted connection to the end; never raises for client misbehaviour."""
+    ctx = ctx_ref()
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:
+        await stream.aclose()
+        return
+    session = _Session(stream, ctx, peer)
+    ip = session.client_ip
+    inbound = ctx.config.inbound
+    try:
+        if registry.draining:
+            return
+        if (
+            len(registry.sessions) >= inbound.max_sessions
+            or registry.per_client.get(ip, 0) >= inbound.max_sessions_per_client
+        ):
+            await stream.send_all(
+                f"421 4.7.0 {ctx.hostname} Error: too many connections\r\n".encode()
+            )
+            return
+        registry.sessions.add(session)
+        registry.per_client[ip] = registry.per_client.get(ip, 0) + 1
+        try:
+            if inbound.greet_pause:
+                await trio.sleep(inbound.greet_pause)
+            await session.run(_peek_pregreet(stream))
+        finally:
+            registry.sessions.discard(session)
+            left = registry.per_client.pop(ip, 1) - 1
+            if left:
+                registry.per_client[ip] = left
+    except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as e:
+        log.debug("session with %s ended: %s", ip, e)
+    finally:
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            await session.stream.aclose()

@@ -1,0 +1,150 @@
+"""One worker process: a single ``trio.run`` that receives mail and delivers its shard.
+
+The supervisor forks N of these. Each one, after the fork, binds the listening sockets
+itself (SO_REUSEPORT), opens its own LMDB environment, and runs three things in one
+nursery: the group-commit writer, the SMTP listener, and the delivery engine for the
+domains whose stable hash falls in its shard. Nothing is shared in memory between
+workers; mail for another worker's shard reaches it through the spool plus a datagram
+wake-up.
+
+Signals (delivered by the supervisor):
+- SIGTERM/SIGINT: stop accepting, let open transactions finish for up to
+  ``server.shutdown_timeout`` (idle sessions get ``421 4.3.2`` at once), flush the
+  writer, stop delivery (in-flight deliveries are covered by the spool's claim lease), exit 0.
+- SIGHUP: re-read the config file. An invalid file is logged with its key and the running
+  config stays. New sessions get the new inbound settings; delivery gets new throttles.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from relay.config import Config, ConfigError, load_config
+from relay.events import EventLog
+from relay.inbound.listener import bind_listeners
+from relay.inbound.session import InboundContext, SessionRegistry, serve_session
+from relay.inbound.tls import server_ssl_context
+from relay.outbound.engine import DeliveryEngine
+from relay.outbound.wakeup import Waker
+from relay.spool import GroupCommitWriter, NewMessage, Spool, new_queue_id, shard_of
+
+__all__ = ["run_worker"]
+
+log = logging.getLogger("relay.worker")
+
+
+class Worker:
+    def __init__(self, config: Config, config_path: str | None, index: int, nworkers: int):
+        self.config = config
+        self.config_path = config_path
+        self.index = index
+        self.nworkers = nworkers
+        self.registry = SessionRegistry()
+        self.accepting = trio.CancelScope()
+
+    async def main(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        Path(cfg.spool.path).mkdir(parents=True, exist_ok=True)
+        spool = Spool(cfg.spool.path, cfg.spool.map_size_bytes())
+        events = EventLog(cfg.log.events)
+        waker = Waker(cfg.spool.path)
+        nworkers = self.nworkers
+
+        def wake_owners(messages: list[NewMessage]) -> None:
+            waker.notify({
+                shard_of(r.domain, nworkers) for m in messages for r in m.envelope.recipients
+            })
+
+        writer = GroupCommitWriter(
+            spool, cfg.spool.commit_window, cfg.spool.commit_max_messages, on_commit=wake_owners
+        )
+        self.ctx = InboundContext.build(
+            cfg, writer=writer, new_queue_id=new_queue_id, events=events,
+            ssl_context=server_ssl_context(cfg.inbound, self.config_path or "config"),
+        )
+        self.engine = DeliveryEngine(
+            cfg, spool, self.index, nworkers, events, self.ctx.hostname, waker=waker
+        )
+        listeners = bind_listeners(cfg.inbound.listen)
+        try:
+            async with trio.open_nursery() as services:
+                await services.start(writer.run)
+                await services.start(self.engine.run)
+                async with trio.open_nursery() as sessions:
+                    await sessions.start(self._accept, listeners, sessions)
+                    services.start_soon(self._signals, services, sessions)
+                    task_status.started()
+                    log.info("worker %d/%d ready (pid %d) on %s", self.index, nworkers,
+                             os.getpid(), ", ".join(cfg.inbound.listen))
+                # Sessions are drained: nothing more will be submitted. Commit what was,
+                # then stop delivery (in-flight jobs are covered by their claim lease).
+                await writer.aclose()
+                services.cancel_scope.cancel()
+        finally:
+            events.close()
+            spool.close()
+        log.info("worker %d stopped", self.index)
+
+    async def _accept(
+        self,
+        listeners: list[trio.SocketListener],
+        sessions: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        ctx_ref: Callable[[], InboundContext] = lambda: self.ctx  # noqa: E731
+        with self.accepting:
+            await trio.serve_listeners(
+                lambda stream: serve_session(stream, ctx_ref, self.registry),
+                listeners,  # type: ignore[arg-type]
+                handler_nursery=sessions,
+                task_status=task_status,
+            )
+
+    async def _signals(self, services: trio.Nursery, sessions: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for signum in sigs:
+                if signum == signal.SIGHUP:
+                    self.reload()
+                    continue
+                log.info("worker %d: shutting down", self.index)
+                self.accepting.cancel()
+                self.registry.drain()
+                sessions.cancel_scope.deadline = (
+                    trio.current_time() + self.config.server.shutdown_timeout
+                )
+                return
+
+    def reload(self) -> None:
+        if not self.config_path:
+            return
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as e:
+            log.error("reload failed, keeping the running config: %s", e)
+            return
+        try:
+            ssl_context = server_ssl_context(new.inbound, self.config_path)
+        except ConfigError as e:
+            log.error("reload failed, keeping the running config: %s", e)
+            return
+        if new.inbound.listen != self.config.inbound.listen or new.spool != self.config.spool:
+            log.warning("reload: inbound.listen and [spool] changes need a restart")
+        self.ctx = InboundContext.build(
+            new, writer=self.ctx.writer, new_queue_id=self.ctx.new_queue_id,
+            events=self.ctx.events, ssl_context=ssl_context,
+        )
+        self.engine.apply_config(new)
+        self.config = new
+        log.info("worker %d: configuration reloaded", self.index)
+
+
+def run_worker(config: Config, config_path: str | None, index: int, nworkers: int) -> None:
+    """Entry point in the forked child: returns when the worker has shut down."""
+    trio.run(Worker(config, config_path, index, nworkers).main)
