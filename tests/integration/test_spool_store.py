@@ -1,0 +1,285 @@
+"""The spool's synchronous API against a real LMDB environment in tmp_path."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+import zlib
+
+import lmdb
+import msgspec
+import pytest
+
+from relay.spool import (
+    SCHEMA_VERSION,
+    DuplicateQueueId,
+    Envelope,
+    MessageNotFound,
+    NewMessage,
+    QueueStats,
+    Recipient,
+    Spool,
+    SpoolVersionError,
+    new_queue_id,
+    shard_hash,
+    shard_of,
+)
+
+MAP = 1 << 30
+
+
+def make_msg(*addrs: str, data: bytes | None = None, qid: str | None = None) -> NewMessage:
+    qid = qid or new_queue_id()
+    env = Envelope(
+        queue_id=qid,
+        sender="sender@example.org",
+        recipients=[Recipient(address=a) for a in addrs],
+        received_at=time.time(),
+    )
+    body = data if data is not None else b"Subject: " + qid.encode() + b"\r\n\r\nhello\r\n"
+    return NewMessage(envelope=env, data=body)
+
+
+@pytest.fixture
+def spool(tmp_path):
+    s = Spool(tmp_path / "spool", MAP)
+    yield s
+    s.close()
+
+
+def test_store_and_load_roundtrip(spool):
+    big = bytes(range(256)) * 40_000  # 10 MB: overflow pages
+    m1 = make_msg("a@x.example", "b@X.example.", "c@y.example")
+    m2 = make_msg("d@z.example", data=big)
+    spool.store_batch([m1, m2])
+    env, data = spool.load(m1.envelope.queue_id)
+    assert env == m1.envelope
+    assert data == m1.data
+    assert spool.load(m2.envelope.queue_id)[1] == big
+    detail = spool.show(m1.envelope.queue_id)
+    assert {j.domain: j.recipients for j in detail.jobs} == {"x.example": [0, 1], "y.example": [2]}
+    assert detail.headers.startswith("Subject: ")
+    with pytest.raises(MessageNotFound):
+        spool.load("NOPE")
+
+
+def test_rejects_bad_messages_atomically(spool):
+    good = make_msg("a@x.example")
+    with pytest.raises(ValueError):
+        spool.store_batch([good, make_msg()])  # no recipients
+    with pytest.raises(MessageNotFound):
+        spool.load(good.envelope.queue_id)
+    spool.store_batch([good])
+    with pytest.raises(DuplicateQueueId):
+        spool.store_batch([make_msg("b@x.example", qid=good.envelope.queue_id)])
+    assert spool.load(good.envelope.queue_id)[1] == good.data
+
+
+def test_schema_version(tmp_path):
+    path = tmp_path / "spool"
+    Spool(path, MAP).close()
+    Spool(path, MAP).close()  # reopen: same version is fine
+    env = lmdb.open(str(path), map_size=MAP, max_dbs=8)
+    meta = env.open_db(b"meta")
+    with env.begin(write=True) as txn:
+        assert txn.get(b"schema_version", db=meta) == str(SCHEMA_VERSION).encode()
+        txn.put(b"schema_version", str(SCHEMA_VERSION + 1).encode(), db=meta)
+    env.close()
+    with pytest.raises(SpoolVersionError, match="newer"):
+        Spool(path, MAP)
+
+
+def test_shard_of_is_stable():
+    assert shard_hash("Example.COM") == zlib.crc32(b"example.com")
+    assert shard_of("example.com", 4) == zlib.crc32(b"example.com") % 4
+    assert all(0 <= shard_of(f"d{i}.example", 3) < 3 for i in range(50))
+
+
+def test_due_jobs_claims_by_shard_and_lease(spool):
+    domains = [f"d{i}.example" for i in range(12)]
+    msgs = [make_msg(f"u@{d}") for d in domains]
+    spool.store_batch(msgs)
+    now = time.time() + 0.01
+    nshards = 3
+    seen = []
+    for shard in range(nshards):
+        nd = spool.next_due(shard, nshards)
+        jobs = spool.due_jobs(now, shard, nshards, limit=100, lease=30)
+        assert all(shard_of(j.domain, nshards) == shard for j in jobs)
+        if jobs:
+            assert nd is not None and nd <= now
+        for j in jobs:
+            assert j.due == pytest.approx(now + 30)
+            assert j.claimed_by is not None
+        seen += [(j.queue_id, j.domain) for j in jobs]
+        # Claimed: not handed out twice before the lease expires...
+        assert spool.due_jobs(now, shard, nshards, 100, lease=30) == []
+        # ... the next due time of the shard is the lease expiry.
+        if jobs:
+            assert spool.next_due(shard, nshards) == pytest.approx(now + 30, abs=0.002)
+    expected = [(m.envelope.queue_id, d) for m, d in zip(msgs, domains, strict=True)]
+    assert sorted(seen) == sorted(expected)
+    # After the lease, a crashed worker's jobs are due again (nothing lost).
+    again = []
+    for shard in range(nshards):
+        again += spool.due_jobs(now + 31, shard, nshards, 100)
+    assert len(again) == len(domains)
+
+
+def test_due_jobs_limit_and_order(spool):
+    early = make_msg("a@one.example")
+    late = make_msg("b@one.example")
+    spool.store_batch([early])
+    spool.store_batch([late])
+    jobs = spool.due_jobs(time.time() + 1, 0, 1, limit=1)
+    assert [j.queue_id for j in jobs] == [early.envelope.queue_id]
+    assert spool.due_jobs(time.time() - 100, 0, 1, limit=10) == []  # nothing due yet then
+
+
+def test_complete_partial_then_full(spool):
+    m = make_msg("a@x.example", "b@x.example", "c@x.example", "d@y.example")
+    qid = m.envelope.queue_id
+    spool.store_batch([m])
+    claimed = spool.due_jobs(time.time() + 1, 0, 1, 10)
+    assert {j.domain for j in claimed} == {"x.example", "y.example"}
+    t0 = time.time()
+    spool.complete(qid, "x.example", delivered=[0], failed=[1], deferred=[2],
+                   next_due=t0 + 100, attempts=1, error="451 4.7.1 later", first_attempt=t0)
+    (j,) = [j for j in spool.show(qid).jobs if j.domain == "x.example"]
+    assert j.recipients == [2] and j.attempts == 1 and j.last_error == "451 4.7.1 later"
+    assert j.claimed_by is None and j.due == t0 + 100 and j.first_attempt == t0
+    assert spool.due_jobs(t0 + 99, 0, 1, 10) == []  # y.example was claimed, x deferred
+    assert [j.domain for j in spool.due_jobs(t0 + 101, 0, 1, 10)] == ["x.example"]
+    spool.complete(qid, "x.example", delivered=[2], next_due=None, attempts=2, error=None,
+                   first_attempt=t0)
+    assert spool.load(qid)  # y.example still pending
+    spool.complete(qid, "y.example", delivered=[3])
+    assert spool.show(qid) is None
+    with pytest.raises(MessageNotFound):
+        spool.load(qid)
+    st = spool.stats()
+    assert (st.messages, st.jobs, st.bytes) == (0, 0, 0)
+    # Index is empty too.
+    with spool.env.begin() as txn:
+        for name in (b"sched", b"job", b"msg", b"env"):
+            assert txn.stat(spool.env.open_db(name, txn=txn))["entries"] == 0
+
+
+def test_complete_stores_bounce_atomically(spool):
+    m = make_msg("a@x.example")
+    spool.store_batch([m])
+    bounce = make_msg("sender@example.org")
+    bounce.envelope.sender = ""
+    bounce.envelope.is_bounce = True
+    spool.complete(m.envelope.queue_id, "x.example", failed=[0], new_messages=[bounce])
+    assert spool.show(m.envelope.queue_id) is None
+    env, _ = spool.load(bounce.envelope.queue_id)
+    assert env.is_bounce and env.sender == ""
+    jobs = spool.due_jobs(time.time() + 1, 0, 1, 10)
+    assert [(j.queue_id, j.domain) for j in jobs] == [(bounce.envelope.queue_id, "example.org")]
+    # A failing bounce (bad message) rolls back the whole completion.
+    m2 = make_msg("a@x.example")
+    spool.store_batch([m2])
+    with pytest.raises(ValueError):
+        spool.complete(m2.envelope.queue_id, "x.example", failed=[0], new_messages=[make_msg()])
+    assert spool.show(m2.envelope.queue_id).jobs[0].recipients == [0]
+
+
+def test_complete_after_operator_delete(spool):
+    m = make_msg("a@x.example")
+    spool.store_batch([m])
+    spool.due_jobs(time.time() + 1, 0, 1, 10)
+    assert spool.delete(m.envelope.queue_id) is True
+    assert spool.delete(m.envelope.queue_id) is False
+    spool.complete(m.envelope.queue_id, "x.example", delivered=[0])  # no error
+    assert spool.stats().jobs == 0
+
+
+def test_retry_now_and_release_claims(spool):
+    a = make_msg("a@x.example", "b@y.example")
+    spool.store_batch([a])
+    qid = a.envelope.queue_id
+    now = time.time()
+    for j in spool.due_jobs(now + 1, 0, 1, 10):
+        spool.complete(qid, j.domain, deferred=j.recipients, next_due=now + 3600, attempts=1,
+                       error="421", first_attempt=now)
+    assert spool.due_jobs(time.time(), 0, 1, 10) == []
+    assert spool.retry_now(qid, "y.example") == 1
+    assert [j.domain for j in spool.due_jobs(time.time(), 0, 1, 10)] == ["y.example"]
+    # y.example is now claimed by us (alive): retry_now and release_claims leave it alone.
+    assert spool.retry_now() == 1  # x.example only
+    assert spool.release_claims() == 0
+    assert spool.release_claims(only_dead=False) == 1
+    assert {j.domain for j in spool.due_jobs(time.time(), 0, 1, 10)} == {"x.example", "y.example"}
+
+
+def _claim_in_child(path: str, conn) -> None:
+    s = Spool(path, MAP)
+    conn.send(len(s.due_jobs(time.time() + 1, 0, 1, 100)))
+    s.close()
+
+
+def test_release_claims_of_dead_worker(tmp_path):
+    path = tmp_path / "spool"
+    with Spool(path, MAP) as s:
+        s.store_batch([make_msg("a@x.example")])
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_claim_in_child, args=(str(path), child))
+    p.start()
+    assert parent.recv() == 1
+    p.join(30)
+    with Spool(path, MAP) as s:
+        assert s.stats().jobs_in_flight == 1
+        assert s.due_jobs(time.time(), 0, 1, 10) == []
+        assert s.release_claims(0, 1) == 1
+        assert len(s.due_jobs(time.time(), 0, 1, 10)) == 1
+
+
+def _store_in_child(path: str, n: int, tag: str) -> None:
+    s = Spool(path, MAP)
+    for i in range(n):
+        s.store_batch([make_msg(f"r{i}@{tag}.example", data=f"{tag}-{i}".encode())])
+    s.close()
+
+
+def test_concurrent_writer_processes(tmp_path):
+    path = str(tmp_path / "spool")
+    Spool(path, MAP).close()
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_store_in_child, args=(path, 50, f"p{k}")) for k in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    with Spool(path, MAP) as s:
+        st = s.stats()
+        assert (st.messages, st.jobs, st.recipients) == (200, 200, 200)
+        entries = s.list_messages(limit=1000)
+        assert len({e.queue_id for e in entries}) == 200
+
+
+def test_operator_views(spool):
+    msgs = [make_msg("a@big.example", "b@big.example", "c@small.example") for _ in range(5)]
+    spool.store_batch(msgs)
+    spool.due_jobs(time.time() + 1, shard_of("small.example", 1), 1, limit=1)
+    st = spool.stats()
+    assert isinstance(st, QueueStats)
+    assert st.messages == 5 and st.jobs == 10 and st.recipients == 15
+    assert st.jobs_in_flight == 1 and st.jobs_due == 9 and st.jobs_deferred == 0
+    assert st.bytes == sum(len(m.data) for m in msgs)
+    assert st.oldest_arrival == min(m.envelope.received_at for m in msgs)
+    assert [d.domain for d in st.top_domains] == ["big.example", "small.example"]
+    assert st.top_domains[0].recipients == 10
+    entries = spool.list_messages()
+    assert [e.queue_id for e in entries] == sorted(m.envelope.queue_id for m in msgs)
+    assert entries[0].pending == 3 and entries[0].sender == "sender@example.org"
+    small = spool.list_messages(domain="SMALL.example", limit=2)
+    assert len(small) == 2 and all(len(e.domains) == 1 for e in small)
+    assert small[0].domains[0].pending == ["c@small.example"]
+    rest = spool.list_messages(after=small[-1].queue_id)
+    assert [e.queue_id for e in rest] == [e.queue_id for e in entries[2:]]
+    # --json is just msgspec.json.encode.
+    assert msgspec.json.decode(msgspec.json.encode(st), type=QueueStats) == st
+    assert b'"queue_id"' in msgspec.json.encode(spool.show(msgs[0].envelope.queue_id))

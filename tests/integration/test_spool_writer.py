@@ -1,0 +1,162 @@
+"""Group commit: shared commits, durability before submit returns, shutdown, failures."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+import trio.testing
+
+from relay.spool import (
+    Envelope,
+    GroupCommitWriter,
+    NewMessage,
+    Recipient,
+    Spool,
+    SpoolClosed,
+    SpoolError,
+    new_queue_id,
+)
+
+MAP = 1 << 30
+
+
+def make_msg(addr: str = "rcpt@example.com", size: int = 2048) -> NewMessage:
+    qid = new_queue_id()
+    env = Envelope(queue_id=qid, sender="s@example.org",
+                   recipients=[Recipient(address=addr)], received_at=time.time())
+    return NewMessage(envelope=env, data=(qid.encode() * (size // len(qid) + 1))[:size])
+
+
+@pytest.fixture
+def spool(tmp_path):
+    s = Spool(tmp_path / "spool", MAP)
+    yield s
+    s.close()
+
+
+async def test_group_commit_shares_commits_and_is_durable_on_return(spool):
+    committed_batches: list[int] = []
+    writer = GroupCommitWriter(spool, commit_window=0.005, max_batch=64,
+                               on_commit=lambda msgs: committed_batches.append(len(msgs)))
+    n = 200
+    msgs = [make_msg() for _ in range(n)]
+    not_visible: list[str] = []
+
+    async def one(m: NewMessage) -> None:
+        await writer.submit(m)
+        # Fresh read transaction right after submit returned: the commit is there.
+        with spool.env.begin() as txn:
+            if txn.get(m.envelope.queue_id.encode(), db=spool._msg) != m.data:
+                not_visible.append(m.envelope.queue_id)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            async with trio.open_nursery() as sessions:
+                for m in msgs:
+                    sessions.start_soon(one, m)
+            await writer.aclose()
+    assert not_visible == []
+    assert writer.messages == n
+    assert sum(committed_batches) == n
+    assert writer.commits == len(committed_batches) < n // 4  # really shared
+    assert max(committed_batches) <= 64
+    for m in msgs:
+        assert spool.load(m.envelope.queue_id)[1] == m.data
+
+
+async def test_single_submitter_latency_is_one_commit(spool):
+    writer = GroupCommitWriter(spool, commit_window=0.0, max_batch=16)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            for _ in range(5):
+                await writer.submit(make_msg())
+            await writer.aclose()
+    assert writer.commits == 5
+
+
+async def test_bad_message_fails_only_its_submitter(spool):
+    writer = GroupCommitWriter(spool, commit_window=0.01, max_batch=16)
+    good = make_msg()
+    bad = make_msg()
+    bad.envelope.recipients = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            with pytest.raises(ValueError):
+                await writer.submit(bad)
+            await writer.submit(good)
+            await writer.aclose()
+    assert spool.load(good.envelope.queue_id)[1] == good.data
+
+
+async def test_commit_failure_raises_in_every_waiter(spool, monkeypatch):
+    writer = GroupCommitWriter(spool, commit_window=0.01, max_batch=16)
+
+    def boom(prepared):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool, "write_prepared", boom)
+    errors: list[BaseException] = []
+
+    async def one() -> None:
+        try:
+            await writer.submit(make_msg())
+        except SpoolError as e:
+            errors.append(e)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            async with trio.open_nursery() as sessions:
+                for _ in range(10):
+                    sessions.start_soon(one)
+            await writer.aclose()
+    assert len(errors) == 10 and writer.failed_commits >= 1
+    assert spool.stats().messages == 0
+
+
+async def test_aclose_flushes_pending_then_refuses(spool):
+    writer = GroupCommitWriter(spool, commit_window=5.0, max_batch=1000)  # long window
+    msgs = [make_msg() for _ in range(20)]
+    done: list[str] = []
+
+    async def one(m: NewMessage) -> None:
+        await writer.submit(m)
+        done.append(m.envelope.queue_id)
+
+    with trio.fail_after(10):  # aclose must cut the 5 s window short
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            async with trio.open_nursery() as sessions:
+                for m in msgs:
+                    sessions.start_soon(one, m)
+                await trio.testing.wait_all_tasks_blocked()
+                await writer.aclose()
+    assert len(done) == 20
+    with pytest.raises(SpoolClosed):
+        await writer.submit(make_msg())
+
+
+async def test_cancelled_writer_fails_waiters_instead_of_hanging(spool):
+    writer = GroupCommitWriter(spool, commit_window=60.0, max_batch=1000)
+    outcome: list[str] = []
+
+    async def one() -> None:
+        try:
+            await writer.submit(make_msg())
+            outcome.append("stored")
+        except SpoolClosed:
+            outcome.append("closed")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as sessions, trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            for _ in range(3):
+                sessions.start_soon(one)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    assert outcome == ["closed"] * 3
