@@ -529,6 +529,43 @@ class Spool:
                 count += 1
         return count
 
+    def verify(self) -> list[str]:
+        """Cross-check the databases in one read transaction; returns the problems found.
+
+        Invariants: every message has an envelope and at least one job; every job's
+        message exists and its recipients index the envelope; every job has exactly the
+        index entry derived from its ``due``, and every index entry has its job. An empty
+        list means consistent. O(queue): for tests, ``relay queue check`` and after crashes.
+        """
+        problems: list[str] = []
+        with self._env.begin() as txn:
+            msgs = {bytes(k) for k in txn.cursor(self._msg).iternext(values=False)}
+            envs = {}
+            for k, v in txn.cursor(self._envdb):
+                envs[bytes(k)] = len(_head_decode(v).recipients)
+            expected_sched = set()
+            with_jobs = set()
+            for k, v in txn.cursor(self._job):
+                jk = bytes(k)
+                qid = jk.partition(_SEP)[0]
+                job = _job_decode(v)
+                with_jobs.add(qid)
+                if qid not in msgs or qid not in envs:
+                    problems.append(f"job {jk!r}: message or envelope missing")
+                elif not job.recipients or max(job.recipients) >= envs[qid]:
+                    problems.append(f"job {jk!r}: bad recipient indexes {job.recipients}")
+                expected_sched.add(_sched_key(job.due, shard_hash(job.domain), jk))
+            sched = {bytes(k) for k in txn.cursor(self._sched).iternext(values=False)}
+        for qid in sorted(msgs ^ set(envs)):
+            problems.append(f"message {qid!r}: bytes and envelope not both present")
+        for qid in sorted(msgs - with_jobs):
+            problems.append(f"message {qid!r}: no delivery job")
+        for sk in sorted(expected_sched - sched):
+            problems.append(f"job {sk[_SCHED_LEN:]!r}: no scheduler entry")
+        for sk in sorted(sched - expected_sched):
+            problems.append(f"scheduler entry {sk!r}: no matching job")
+        return problems
+
     # ------------------------------------------------------------------ operator views
 
     def stats(self, top: int = 10) -> QueueStats:

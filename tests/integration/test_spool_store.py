@@ -183,6 +183,7 @@ def test_complete_stores_bounce_atomically(spool):
     with pytest.raises(ValueError):
         spool.complete(m2.envelope.queue_id, "x.example", failed=[0], new_messages=[make_msg()])
     assert spool.show(m2.envelope.queue_id).jobs[0].recipients == [0]
+    assert spool.verify() == []
 
 
 def test_complete_after_operator_delete(spool):
@@ -193,6 +194,7 @@ def test_complete_after_operator_delete(spool):
     assert spool.delete(m.envelope.queue_id) is False
     spool.complete(m.envelope.queue_id, "x.example", delivered=[0])  # no error
     assert spool.stats().jobs == 0
+    assert spool.verify() == []
 
 
 def test_retry_now_and_release_claims(spool):
@@ -211,6 +213,7 @@ def test_retry_now_and_release_claims(spool):
     assert spool.release_claims() == 0
     assert spool.release_claims(only_dead=False) == 1
     assert {j.domain for j in spool.due_jobs(time.time(), 0, 1, 10)} == {"x.example", "y.example"}
+    assert spool.verify() == []
 
 
 def _claim_in_child(path: str, conn) -> None:
@@ -283,3 +286,16 @@ def test_operator_views(spool):
     # --json is just msgspec.json.encode.
     assert msgspec.json.decode(msgspec.json.encode(st), type=QueueStats) == st
     assert b'"queue_id"' in msgspec.json.encode(spool.show(msgs[0].envelope.queue_id))
+
+
+def test_verify_detects_inconsistency(spool):
+    m = make_msg("a@x.example", "b@y.example")
+    spool.store_batch([m])
+    spool.due_jobs(time.time() + 1, 0, 1, 1)
+    assert spool.verify() == []
+    sched = spool.env.open_db(b"sched")
+    with spool.env.begin(write=True) as txn:
+        key = next(iter(txn.cursor(sched).iternext(values=False)))
+        txn.delete(key, db=sched)
+    problems = spool.verify()
+    assert len(problems) == 1 and "no scheduler entry" in problems[0]
