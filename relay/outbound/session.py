@@ -1,0 +1,434 @@
+"""Trio driver for one outgoing SMTP connection to one MX IP address.
+
+This is the thin I/O shell around ``relay.smtp.client.SmtpClient``: it connects, feeds
+the state machine what it reads, writes what it returns, and bounds every wait with the
+policy's timeouts. The delivery engine owns sessions (pooling, per-connection delivery
+caps, which MX to try); this module owns one conversation.
+
+Contract for the engine:
+
+* ``open_session`` returns a READY session (greeting, EHLO/HELO, STARTTLS per policy
+  done) or raises ``SessionError`` -- never anything else for remote trouble.
+* ``ClientSession.deliver`` runs ONE transaction and returns one ``RecipientOutcome`` per
+  requested recipient, in the order given. It never raises for remote failures: a lost
+  connection or a timeout makes every in-flight recipient transient (``421 4.4.2``)
+  and ``usable`` False. Only cancellation and programming errors propagate.
+* ``aclose`` sends QUIT (bounded wait for the 221) and closes; it is idempotent.
+
+Postfix-like choices (documented because they are policy):
+
+* ``tls="opportunistic"``: STARTTLS when offered, certificates not verified (Postfix
+  ``smtp_tls_security_level = may``). A refused STARTTLS continues in plaintext; a failed
+  handshake reconnects once and delivers in plaintext (Postfix does the same retry).
+* ``tls="required"``: STARTTLS missing or refused, or a failed handshake -> transient
+  ``SessionError`` (4.7.4 / 4.7.5): Postfix defers, it does not bounce. Certificates are
+  verified only with ``verify_certificates=True`` (Postfix ``encrypt`` vs ``verify``).
+* A 5xx greeting is reported with ``permanent=False`` (Postfix ``smtp_skip_5xx_greeting
+  = yes``: try the next MX, defer when none is left); a 5xx to both EHLO and HELO is
+  permanent ("refused to talk to me").
+* RSET after a failed transaction is sent lazily, pipelined in front of the next
+  transaction's MAIL (see ``SmtpClient``), which saves a round trip on bulk sends.
+* ``deliveries`` counts transactions that were sent (MAIL issued), for the engine's
+  deliveries-per-connection cap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import ssl
+import time
+from typing import Literal
+
+import msgspec
+import trio
+
+from relay.smtp.client import Phase, RecipientOutcome, ServerReply, SmtpClient
+from relay.spool.records import Envelope
+
+__all__ = [
+    "ClientSession",
+    "RecipientOutcome",
+    "SessionError",
+    "SessionPolicy",
+    "open_session",
+]
+
+#: Read size per receive; replies are small, one read normally holds a pipelined group's.
+_RECEIVE_SIZE = 65536
+#: QUIT waits at most this long for the 221 (bounded further by command_timeout).
+_QUIT_WAIT = 5.0
+
+
+class SessionPolicy(msgspec.Struct, kw_only=True):
+    """How to talk to one destination (built by the engine from the effective Throttle)."""
+
+    helo_name: str
+    tls: Literal["off", "opportunistic", "required"]
+    connect_timeout: float
+    command_timeout: float
+    data_timeout: float
+    source_address: str = ""
+    #: None -> a cached default client context (verifying only with verify_certificates).
+    ssl_context: ssl.SSLContext | None = None
+    #: With tls="required" and no ssl_context: verify the chain and the MX host name.
+    verify_certificates: bool = False
+
+
+class SessionError(Exception):
+    """The session could not be opened (or used): connect failure, greeting refused,
+    EHLO/HELO refused, TLS required but unavailable, a protocol error.
+
+    ``permanent`` tells the engine whether the failure is final for the recipients
+    (bounce) or worth another attempt (defer / next MX).
+    """
+
+    def __init__(self, code: int, enhanced: str | None, text: str, *,
+                 permanent: bool | None = None) -> None:
+        super().__init__(f"{code} {enhanced} {text}" if enhanced else f"{code} {text}")
+        self.code = code
+        self.enhanced = enhanced
+        self.text = text
+        self.permanent = (500 <= code < 600) if permanent is None else permanent
+
+    @property
+    def reply_line(self) -> str:
+        return str(self)
+
+    @property
+    def kind(self) -> Literal["transient", "permanent"]:
+        return "permanent" if self.permanent else "transient"
+
+
+# --------------------------------------------------------------------------- TLS
+
+_contexts: dict[bool, ssl.SSLContext] = {}
+
+
+def _default_context(verify: bool) -> ssl.SSLContext:
+    """One shared client context per verification mode: building one loads the CA
+    store (milliseconds), far too slow per connection on a bulk sender."""
+    ctx = _contexts.get(verify)
+    if ctx is None:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        if not verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        _contexts[verify] = ctx
+    return ctx
+
+
+def _tls_description(stream: trio.SSLStream[trio.SocketStream]) -> str:
+    cipher = stream.cipher()
+    version = stream.version()
+    return f"{version} {cipher[0]}" if cipher else str(version)
+
+
+# --------------------------------------------------------------------------- session
+
+
+class _Lost(Exception):
+    """Internal: the connection broke or timed out; carries the local reason."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+class ClientSession:
+    """One open SMTP connection in the READY state (see the module docstring)."""
+
+    def __init__(self, stream: trio.abc.Stream, client: SmtpClient, *, ip: str, port: int,
+                 mx_host: str, policy: SessionPolicy) -> None:
+        self._stream = stream
+        self._client = client
+        self.ip = ip
+        self.port = port
+        self.mx_host = mx_host
+        self.policy = policy
+        #: "TLSv1.3 TLS_AES_256_GCM_SHA384" when STARTTLS succeeded, else None.
+        self.tls: str | None = None
+        #: Monotonic time the session last finished something (for the engine's idle cap).
+        self.idle_since = time.monotonic()
+        self._closed = False
+
+    # -- what the engine may look at
+
+    @property
+    def deliveries(self) -> int:
+        """Transactions sent on this connection (for max_deliveries_per_connection)."""
+        return self._client.transactions
+
+    @property
+    def usable(self) -> bool:
+        """False after 421, a lost connection, a timeout, a protocol error, or aclose."""
+        return not self._closed and self._client.usable
+
+    @property
+    def extensions(self) -> dict[str, str]:
+        """The server's EHLO keywords (upper-case) -> parameters."""
+        return self._client.extensions
+
+    @property
+    def dsn(self) -> bool:
+        """The server offers DSN (else NOTIFY=SUCCESS owes a "relayed" notice locally)."""
+        return "DSN" in self._client.extensions
+
+    @property
+    def peer(self) -> str:
+        return f"{self.mx_host}[{self.ip}]:{self.port}"
+
+    @property
+    def last_error(self) -> ServerReply | None:
+        """Why the session stopped being usable (a 421, a local reason), if it did."""
+        return self._client.error
+
+    def __repr__(self) -> str:
+        return f"<ClientSession {self.peer} tls={self.tls!r} deliveries={self.deliveries}>"
+
+    # -- I/O helpers
+
+    async def _send(self, data: bytes, timeout: float) -> None:
+        try:
+            with trio.fail_after(timeout):
+                await self._stream.send_all(data)
+        except trio.TooSlowError:
+            raise _Lost(f"conversation with {self.mx_host}[{self.ip}] timed out while "
+                        f"{self._client.activity}") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            raise _Lost(f"lost connection with {self.mx_host}[{self.ip}] while "
+                        f"{self._client.activity}: {_reason(e)}") from None
+
+    async def _pump(self) -> None:
+        """Read until the client owes no reply, writing whatever it asks to send."""
+        client = self._client
+        policy = self.policy
+        while client.awaiting_reply:
+            timeout = policy.data_timeout if client.awaiting_end_of_data else (
+                policy.command_timeout)
+            try:
+                with trio.fail_after(timeout):
+                    data = await self._stream.receive_some(_RECEIVE_SIZE)
+            except trio.TooSlowError:
+                raise _Lost(f"conversation with {self.mx_host}[{self.ip}] timed out while "
+                            f"{client.activity}") from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                raise _Lost(f"lost connection with {self.mx_host}[{self.ip}] while "
+                            f"{client.activity}: {_reason(e)}") from None
+            if not data:
+                raise _Lost(f"lost connection with {self.mx_host}[{self.ip}] while "
+                            f"{client.activity}")
+            out = client.receive_data(data)
+            if out:
+                # The body after 354 is the only large write: give it the data timeout.
+                await self._send(out, policy.data_timeout if client.awaiting_end_of_data
+                                 else policy.command_timeout)
+
+    async def _converse(self, out: bytes) -> None:
+        """Send ``out`` then pump; a broken connection closes the client (transient)."""
+        try:
+            if out:
+                await self._send(out, self.policy.data_timeout if len(out) > 4096 else (
+                    self.policy.command_timeout))
+            await self._pump()
+        except _Lost as e:
+            self._client.connection_lost(421, "4.4.2", e.text)
+            await self._abort()
+
+    async def _abort(self) -> None:
+        self._closed = True
+        await trio.aclose_forcefully(self._stream)
+
+    # -- the engine's API
+
+    async def deliver(self, envelope: Envelope, recipients: list[int],
+                      data: bytes) -> list[RecipientOutcome]:
+        """ONE transaction for ``recipients`` (indexes into ``envelope.recipients``).
+
+        Per-recipient outcomes come from the RCPT replies; recipients accepted at RCPT
+        get the end-of-data reply; a MAIL or DATA failure applies to all; a lost
+        connection or a timeout makes every unsettled recipient transient and the
+        session unusable. ``data`` is the message as spooled (CRLF, not dot-stuffed).
+        """
+        if not self.usable:
+            why = self._client.error.line if self._client.error else "session closed"
+            return [RecipientOutcome(i, 421, "4.4.2", f"session not usable: {why}")
+                    for i in recipients]
+        client = self._client
+        try:
+            out = client.begin_transaction(envelope, recipients, data)
+            if client.awaiting_reply:
+                await self._converse(out)
+        except BaseException:
+            # Cancelled (or a bug) mid-conversation: the protocol state is unknown.
+            if client.awaiting_reply:
+                client.connection_lost(421, "4.4.2", "delivery cancelled")
+                self._closed = True
+                await trio.aclose_forcefully(self._stream)
+            raise
+        if client.phase in (Phase.CLOSED, Phase.FAILED) and not self._closed:
+            await self._abort()  # 421 or protocol error: the server is (or should be) gone
+        self.idle_since = time.monotonic()
+        return client.take_outcomes()
+
+    async def aclose(self) -> None:
+        """QUIT (waiting at most a few seconds for the 221), then close. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        client = self._client
+        try:
+            out = client.quit()
+            if out:
+                with trio.move_on_after(min(self.policy.command_timeout, _QUIT_WAIT)):
+                    try:
+                        await self._stream.send_all(out)
+                        while client.awaiting_reply:
+                            data = await self._stream.receive_some(_RECEIVE_SIZE)
+                            if not data:
+                                break
+                            client.receive_data(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
+        finally:
+            await _close_quietly(self._stream)
+
+    async def __aenter__(self) -> ClientSession:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+async def _close_quietly(stream: trio.abc.Stream) -> None:
+    """Close without waiting on a dead peer (an SSLStream's close_notify can block)."""
+    with trio.move_on_after(1.0) as scope:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                                 ssl.SSLError):
+            await stream.aclose()
+    if scope.cancelled_caught:
+        await trio.aclose_forcefully(stream)
+
+
+def _reason(e: BaseException) -> str:
+    cause = e.__cause__ or e.__context__ or e
+    if isinstance(cause, OSError) and cause.errno:
+        return os.strerror(cause.errno)
+    return str(cause) or type(cause).__name__
+
+
+# --------------------------------------------------------------------------- open
+
+
+async def open_session(ip: str, port: int, mx_host: str,
+                       policy: SessionPolicy) -> ClientSession:
+    """Connect to ``ip:port`` (the MX ``mx_host``), read the greeting, EHLO (HELO
+    fallback), STARTTLS per ``policy.tls`` (EHLO again after it). Raises SessionError."""
+    try:
+        return await _open(ip, port, mx_host, policy, allow_tls=True)
+    except _TlsHandshakeFailed as e:
+        if policy.tls == "required":
+            raise SessionError(421, "4.7.5", e.text, permanent=False) from None
+        # Opportunistic: like Postfix, try once more without TLS.
+        return await _open(ip, port, mx_host, policy, allow_tls=False)
+
+
+class _TlsHandshakeFailed(Exception):
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+async def _connect(ip: str, port: int, mx_host: str, policy: SessionPolicy) -> trio.SocketStream:
+    where = f"{mx_host}[{ip}]:{port}"
+    try:
+        with trio.fail_after(policy.connect_timeout):
+            return await trio.open_tcp_stream(
+                ip, port, local_address=policy.source_address or None)
+    except trio.TooSlowError:
+        raise SessionError(421, "4.4.1", f"connect to {where}: Connection timed out",
+                           permanent=False) from None
+    except OSError as e:
+        # open_tcp_stream wraps per-attempt errors; report the underlying errno's text.
+        group = e.__cause__ if isinstance(e.__cause__, BaseExceptionGroup) else e
+        errs = [x for x in getattr(group, "exceptions", []) if isinstance(x, OSError)] or [e]
+        err = errs[0]
+        text = os.strerror(err.errno) if err.errno else str(err)
+        if err.errno == errno.ETIMEDOUT:
+            text = "Connection timed out"
+        raise SessionError(421, "4.4.1", f"connect to {where}: {text}",
+                           permanent=False) from None
+
+
+async def _open(ip: str, port: int, mx_host: str, policy: SessionPolicy, *,
+                allow_tls: bool) -> ClientSession:
+    stream: trio.abc.Stream = await _connect(ip, port, mx_host, policy)
+    client = SmtpClient(policy.helo_name)
+    session = ClientSession(stream, client, ip=ip, port=port, mx_host=mx_host, policy=policy)
+    ok = False
+    try:
+        await session._converse(b"")  # greeting, then EHLO (and HELO) inside the pump
+        _check_ready(session, client, "the initial greeting or EHLO/HELO")
+        if policy.tls != "off" and allow_tls:
+            if "STARTTLS" not in client.extensions:
+                if policy.tls == "required":
+                    raise SessionError(
+                        421, "4.7.4",
+                        f"TLS is required, but was not offered by host {session.peer}",
+                        permanent=False)
+            else:
+                await session._converse(client.starttls())
+                if client.phase is Phase.TLS:
+                    ctx = policy.ssl_context or _default_context(policy.verify_certificates)
+                    tls_stream = trio.SSLStream(stream, ctx, server_hostname=mx_host)
+                    try:
+                        with trio.fail_after(policy.command_timeout):
+                            await tls_stream.do_handshake()
+                    except (trio.TooSlowError, trio.BrokenResourceError, OSError) as e:
+                        await trio.aclose_forcefully(stream)
+                        session._closed = True
+                        reason = "timed out" if isinstance(e, trio.TooSlowError) else (
+                            _reason(e))
+                        raise _TlsHandshakeFailed(
+                            f"TLS handshake with {session.peer} failed: {reason}") from None
+                    session._stream = stream = tls_stream
+                    session.tls = _tls_description(tls_stream)
+                    await session._converse(client.tls_established())
+                    _check_ready(session, client, "EHLO after STARTTLS")
+                else:
+                    _check_ready(session, client, "STARTTLS")
+                    if policy.tls == "required":
+                        refused = client.starttls_refused
+                        raise SessionError(
+                            421, "4.7.4",
+                            f"TLS is required, but host {session.peer} refused to start "
+                            f"TLS: {refused.line if refused else ''}".rstrip(),
+                            permanent=False)
+        ok = True
+        session.idle_since = time.monotonic()
+        return session
+    finally:
+        if not ok:
+            await session.aclose()
+
+
+def _check_ready(session: ClientSession, client: SmtpClient, stage: str) -> None:
+    if client.phase is Phase.READY:
+        return
+    err = client.error
+    if err is None:
+        raise SessionError(421, "4.5.0", f"{session.peer}: unexpected state after {stage}",
+                           permanent=False)
+    if client.greeting is None:  # lost or timed out before any greeting
+        raise SessionError(err.code, err.enhanced, err.text, permanent=False)
+    if client.greeting.code != 220:
+        # Refused greeting: Postfix skips 5xx greeters and defers (smtp_skip_5xx_greeting).
+        raise SessionError(err.code, err.enhanced,
+                           f"host {session.peer} refused to talk to me: {err.text}",
+                           permanent=False)
+    if client.phase is Phase.CLOSED or err.enhanced == "4.5.0":
+        # 421, a lost connection or a timeout (the text names the peer), a protocol error
+        raise SessionError(err.code, err.enhanced, err.text, permanent=False)
+    raise SessionError(err.code, err.enhanced,
+                       f"host {session.peer} refused to talk to me: {err.text}")

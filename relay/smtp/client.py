@@ -1,0 +1,710 @@
+"""Sans-I/O SMTP client: the outgoing side of the protocol as a pure state machine.
+
+Why sans-I/O: the delivery path is the relay's hot loop and its hardest protocol code
+(pipelining, per-recipient outcomes, 421 at any point). Keeping it free of sockets, trio
+and clocks makes every branch unit-testable by feeding reply bytes, and lets the trio
+driver (``relay.outbound.session``) stay a thin loop::
+
+    client = SmtpClient("relay.example.net")      # waits for the greeting
+    out = client.receive_data(greeting_bytes)     # -> b"EHLO relay.example.net\\r\\n"
+    ...
+    out = client.begin_transaction(envelope, [0, 1], data)   # one write (PIPELINING)
+    while client.awaiting_reply:
+        out = client.receive_data(await read())   # may return bytes to send (body, RCPT)
+    outcomes = client.take_outcomes()
+
+Contract:
+
+* ``receive_data`` consumes any number of bytes (partial lines, several replies at once)
+  and returns the bytes to write next (``b""`` if nothing). It never raises for bad
+  remote input: a malformed reply puts the client in ``Phase.FAILED`` and fails every
+  in-flight recipient transiently (``4.5.0``), like Postfix's "malformed SMTP response".
+* A 421 reply at any point means the server is closing: the phase becomes
+  ``Phase.CLOSED`` and all recipients without a final outcome get that 421 (transient).
+* ``connection_lost(reply)`` is how the driver reports EOF, a reset or a timeout.
+* With PIPELINING, MAIL + every RCPT + DATA go out in one write (RFC 2920) and replies
+  are matched in order; without it, commands go one at a time.
+* After a transaction that did not reach the end-of-data reply (MAIL failed, every RCPT
+  failed, DATA refused), the server still holds a half-open transaction, so the next
+  ``begin_transaction`` starts with RSET (pipelined in the same write when the server
+  offers PIPELINING: saves a round trip per failed transaction on bulk sends).
+
+Local decisions, documented because an RFC leaves a choice:
+
+* 8-bit content (``BODY=8BITMIME``/``BINARYMIME`` declared) to a server without
+  8BITMIME: if the bytes are in fact ASCII (``bytes.isascii``, C speed) the message is
+  sent without ``BODY=``; otherwise it fails permanently with ``554 5.6.3`` (RFC 6152
+  allows bouncing instead of downgrading; MIME downgrade is not implemented).
+  BINARYMIME is sent as ``BODY=8BITMIME`` over DATA: inbound rejects bare CR/LF, so the
+  content is line-based and survives DATA.
+* SMTPUTF8 is *needed* only when the envelope was received with SMTPUTF8 and an address
+  or a header is really non-ASCII (Postfix's autodetect). Needed and not offered:
+  permanent ``554 5.6.7``. Offered and the envelope had it: the parameter is sent.
+* DSN parameters (RET, ENVID, NOTIFY, ORCPT) are passed only when the server offers DSN;
+  an ORCPT that is not ASCII is dropped (xtext cannot carry it without RFC 6533).
+* A message larger than the server's announced SIZE fails permanently with
+  ``552 5.3.4`` without being sent (SIZE 0 or absent means no limit).
+* A body not ending in CRLF gets CRLF appended before the terminating ``.CRLF``.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections import deque
+from typing import Literal
+
+import msgspec
+
+from relay.spool.records import Envelope
+
+__all__ = [
+    "Phase",
+    "RecipientOutcome",
+    "ServerReply",
+    "SmtpClient",
+    "dot_stuff",
+    "parse_ehlo_extensions",
+    "xtext_encode",
+]
+
+#: Longest reply line accepted (RFC 5321 says 512 with CRLF; real servers exceed it).
+MAX_REPLY_LINE = 8192
+#: Most lines in one multi-line reply (EHLO answers have ~15).
+MAX_REPLY_LINES = 256
+
+_ENHANCED_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: +|$)")
+
+
+class ServerReply(msgspec.Struct, frozen=True):
+    """One complete (possibly multi-line) reply as received from a remote server.
+
+    ``enhanced`` is the RFC 3463 code of the first line when present and consistent with
+    the basic code's class; it is removed from ``lines``. ``text`` joins the lines with
+    a space, which is how the reply is logged and put into DSN Diagnostic-Code fields.
+    """
+
+    code: int
+    enhanced: str | None
+    lines: list[str]
+
+    @property
+    def text(self) -> str:
+        return " ".join(line for line in self.lines if line)
+
+    @property
+    def line(self) -> str:
+        """``"550 5.1.1 No such user"``: the reply as one log/diagnostic line."""
+        if self.enhanced:
+            return f"{self.code} {self.enhanced} {self.text}".rstrip()
+        return f"{self.code} {self.text}".rstrip()
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 300
+
+
+class RecipientOutcome(msgspec.Struct, frozen=True):
+    """What happened to one recipient in one transaction.
+
+    ``index`` points into ``Envelope.recipients``. ``code``/``enhanced``/``text`` are the
+    remote reply that decided it, or a local one (``421 4.4.2 lost connection ...``,
+    ``552 5.3.4 message too big ...``) when the failure never reached the server.
+    """
+
+    index: int
+    code: int
+    enhanced: str | None
+    text: str
+
+    @property
+    def kind(self) -> Literal["delivered", "transient", "permanent"]:
+        if 200 <= self.code < 300:
+            return "delivered"
+        if 500 <= self.code < 600:
+            return "permanent"
+        return "transient"
+
+    @property
+    def reply_line(self) -> str:
+        if self.enhanced:
+            return f"{self.code} {self.enhanced} {self.text}".rstrip()
+        return f"{self.code} {self.text}".rstrip()
+
+
+class Phase(enum.Enum):
+    GREETING = "greeting"  # connected, waiting for 220
+    HELLO = "hello"  # EHLO/HELO sent
+    READY = "ready"  # may start a transaction or STARTTLS or QUIT
+    STARTTLS = "starttls"  # STARTTLS sent, waiting for 220
+    TLS = "tls"  # 220 to STARTTLS received: driver must handshake then tls_established()
+    TRANSACTION = "transaction"
+    QUIT = "quit"  # QUIT sent
+    CLOSED = "closed"  # 421, QUIT answered, or connection lost
+    FAILED = "failed"  # greeting/EHLO/HELO refused or a protocol error
+
+
+def xtext_encode(value: str) -> str:
+    """RFC 3461 xtext: printable ASCII except ``+`` and ``=``; all else as ``+XX``."""
+    out = []
+    for ch in value:
+        o = ord(ch)
+        if 33 <= o <= 126 and ch not in "+=":
+            out.append(ch)
+        else:
+            out.extend(f"+{b:02X}" for b in ch.encode("utf-8"))
+    return "".join(out)
+
+
+def dot_stuff(data: bytes) -> bytes:
+    """The DATA payload for ``data``: dot-stuffed and terminated by ``CRLF . CRLF``.
+
+    Bytes operations only (one ``replace`` plus one join), no per-line Python loop. A
+    body not ending in CRLF gets one appended so the terminator stays on its own line.
+    """
+    stuffed = data.replace(b"\r\n.", b"\r\n..")
+    head = b"." if stuffed[:1] == b"." else b""
+    tail = b".\r\n" if not stuffed or stuffed.endswith(b"\r\n") else b"\r\n.\r\n"
+    return b"".join((head, stuffed, tail))
+
+
+def parse_ehlo_extensions(reply: ServerReply) -> dict[str, str]:
+    """EHLO reply lines after the first -> ``{"SIZE": "10240000", "PIPELINING": ""}``."""
+    ext: dict[str, str] = {}
+    for line in reply.lines[1:]:
+        keyword, _, params = line.strip().partition(" ")
+        if keyword:
+            ext[keyword.upper()] = params.strip()
+    return ext
+
+
+def _headers_of(data: bytes) -> bytes:
+    end = data.find(b"\r\n\r\n")
+    return data if end < 0 else data[:end]
+
+
+class _Transaction:
+    """Bookkeeping of one MAIL transaction."""
+
+    __slots__ = (
+        "accepted",
+        "body",
+        "envelope",
+        "mail_cmd",
+        "mail_ok",
+        "mail_sent",
+        "outcomes",
+        "pending_rcpts",
+        "pipelined",
+        "recipients",
+    )
+
+    def __init__(self, envelope: Envelope, recipients: list[int], pipelined: bool) -> None:
+        self.envelope = envelope
+        self.recipients = recipients
+        self.pipelined = pipelined
+        self.accepted: list[int] = []
+        self.outcomes: dict[int, RecipientOutcome] = {}
+        self.body = b""
+        self.mail_cmd = b""
+        self.mail_sent = False
+        self.pending_rcpts: deque[tuple[int, bytes]] = deque()
+        self.mail_ok = False
+
+    def settle(self, indexes: list[int], code: int, enhanced: str | None, text: str) -> None:
+        for i in indexes:
+            if i not in self.outcomes:
+                self.outcomes[i] = RecipientOutcome(i, code, enhanced, text)
+
+    def settle_rest(self, code: int, enhanced: str | None, text: str) -> None:
+        self.settle(self.recipients, code, enhanced, text)
+
+
+# Expected-reply tags, in the order commands were written.
+_GREETING, _EHLO, _HELO, _STARTTLS, _RSET, _MAIL, _RCPT, _DATA, _DOT, _DOT_DISCARD, _QUIT = (
+    range(11)
+)
+_ACTIVITY = {
+    _GREETING: "receiving the initial server greeting",
+    _EHLO: "receiving the EHLO reply",
+    _HELO: "receiving the HELO reply",
+    _STARTTLS: "receiving the STARTTLS reply",
+    _RSET: "sending RSET",
+    _MAIL: "sending MAIL FROM",
+    _RCPT: "sending RCPT TO",
+    _DATA: "sending DATA command",
+    _DOT: "sending end of data -- message may be sent more than once",
+    _DOT_DISCARD: "sending end of data",
+    _QUIT: "sending QUIT",
+}
+
+
+class SmtpClient:
+    """The state machine of one outgoing SMTP connection (see the module docstring)."""
+
+    def __init__(self, helo_name: str) -> None:
+        if not helo_name or not helo_name.isascii() or any(c in helo_name for c in " \r\n"):
+            raise ValueError(f"invalid HELO name {helo_name!r}")
+        self.helo_name = helo_name
+        self.phase = Phase.GREETING
+        self.greeting: ServerReply | None = None
+        #: The reply (or local reason) that made the session FAILED/CLOSED.
+        self.error: ServerReply | None = None
+        #: The refusal of STARTTLS (non-220), if the server refused it.
+        self.starttls_refused: ServerReply | None = None
+        self.esmtp = False
+        self.extensions: dict[str, str] = {}
+        self.transactions = 0
+        self.tls_active = False
+        self._buf = bytearray()
+        self._lines: list[str] = []
+        self._code = 0
+        self._pending: deque[int] = deque([_GREETING])
+        self._txn: _Transaction | None = None
+        self._needs_rset = False
+        self._done: list[RecipientOutcome] | None = None
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def awaiting_reply(self) -> bool:
+        """True while a reply is owed: the driver must keep reading."""
+        return bool(self._pending) and self.phase not in (Phase.CLOSED, Phase.FAILED)
+
+    @property
+    def usable(self) -> bool:
+        """Whether another transaction may be started on this connection."""
+        return self.phase is Phase.READY
+
+    @property
+    def awaiting_end_of_data(self) -> bool:
+        """The next owed reply is the one to end-of-data (the driver's data_timeout)."""
+        return bool(self._pending) and self._pending[0] in (_DOT, _DOT_DISCARD)
+
+    @property
+    def activity(self) -> str:
+        """What the client is waiting for, for error texts ("while sending RCPT TO")."""
+        if self._pending:
+            return _ACTIVITY[self._pending[0]]
+        return "idle"
+
+    def has(self, extension: str) -> bool:
+        return extension in self.extensions
+
+    @property
+    def size_limit(self) -> int:
+        """The server's SIZE (0 = none announced or unlimited)."""
+        value = self.extensions.get("SIZE", "")
+        return int(value) if value.isdigit() else 0
+
+    # ------------------------------------------------------------------ commands
+
+    def _ehlo(self) -> bytes:
+        self._pending.append(_EHLO)
+        self.phase = Phase.HELLO
+        return b"EHLO " + self.helo_name.encode("ascii") + b"\r\n"
+
+    def starttls(self) -> bytes:
+        """STARTTLS; after the 220 (``phase is Phase.TLS``) the driver does the handshake
+        and calls ``tls_established``. A refusal returns to READY with
+        ``starttls_refused`` set."""
+        self._require(Phase.READY)
+        self.phase = Phase.STARTTLS
+        self._pending.append(_STARTTLS)
+        return b"STARTTLS\r\n"
+
+    def tls_established(self) -> bytes:
+        """The handshake succeeded: forget everything learnt in plaintext (RFC 3207 4.2)
+        and say EHLO again."""
+        self._require(Phase.TLS)
+        self.tls_active = True
+        self.extensions = {}
+        self.esmtp = False
+        return self._ehlo()
+
+    def quit(self) -> bytes:
+        """QUIT, if the connection is still open for commands; else ``b""``."""
+        if self.phase not in (Phase.READY, Phase.TLS):
+            return b""
+        self.phase = Phase.QUIT
+        self._pending.append(_QUIT)
+        return b"QUIT\r\n"
+
+    def _require(self, phase: Phase) -> None:
+        if self.phase is not phase:
+            raise RuntimeError(f"SMTP client is in phase {self.phase.value}, not {phase.value}")
+
+    def begin_transaction(self, envelope: Envelope, recipients: list[int], data: bytes) -> bytes:
+        """Start one transaction for ``recipients`` (indexes into envelope.recipients).
+
+        Returns the bytes to write. When the message cannot be offered to this server at
+        all (SIZE, 8BITMIME, SMTPUTF8) it returns ``b""`` and the outcomes are ready at
+        once (``awaiting_reply`` is False); nothing is sent.
+        """
+        self._require(Phase.READY)
+        if not recipients:
+            raise ValueError("a transaction needs at least one recipient")
+        self._done = None
+        pipelined = "PIPELINING" in self.extensions
+        txn = _Transaction(envelope, list(recipients), pipelined)
+
+        failure = self._preflight(envelope, recipients, data)
+        if failure is not None:
+            code, enhanced, text = failure
+            txn.settle_rest(code, enhanced, text)
+            self._done = [txn.outcomes[i] for i in txn.recipients]
+            return b""
+
+        try:
+            mail = self._mail_command(envelope, data)
+        except ValueError:
+            txn.settle_rest(553, "5.1.7", "bad sender address syntax")
+            self._done = [txn.outcomes[i] for i in txn.recipients]
+            return b""
+        dsn = "DSN" in self.extensions
+        for i in txn.recipients:
+            try:
+                txn.pending_rcpts.append((i, self._rcpt_command(envelope, i, dsn)))
+            except ValueError:
+                txn.settle([i], 553, "5.1.3", "bad recipient address syntax")
+        if not txn.pending_rcpts:
+            self._done = [txn.outcomes[i] for i in txn.recipients]
+            return b""
+        self._txn = txn
+        self.phase = Phase.TRANSACTION
+        self.transactions += 1
+        txn.body = data
+        txn.mail_cmd = mail
+        out: list[bytes] = []
+        if self._needs_rset:
+            self._needs_rset = False
+            self._pending.append(_RSET)
+            out.append(b"RSET\r\n")
+            if not pipelined:
+                return out[0]  # MAIL follows the RSET reply
+        txn.mail_sent = True
+        out.append(mail)
+        self._pending.append(_MAIL)
+        if pipelined:
+            # RFC 2920: the whole group in one write; replies come back in this order.
+            out.extend(cmd for _i, cmd in txn.pending_rcpts)
+            self._pending.extend([_RCPT] * len(txn.pending_rcpts))
+            out.append(b"DATA\r\n")
+            self._pending.append(_DATA)
+        return b"".join(out)
+
+    def _preflight(
+        self, envelope: Envelope, recipients: list[int], data: bytes
+    ) -> tuple[int, str, str] | None:
+        limit = self.size_limit
+        if limit and len(data) > limit:
+            return (552, "5.3.4", f"message size {len(data)} exceeds size limit {limit} of server")
+        if (envelope.body in ("8BITMIME", "BINARYMIME") and "8BITMIME" not in self.extensions
+                and not data.isascii()):
+            return (554, "5.6.3", "message is 8-bit but the server does not support 8BITMIME")
+        if "SMTPUTF8" not in self.extensions and self._needs_smtputf8(envelope, recipients, data):
+            return (554, "5.6.7", "SMTPUTF8 is required, but was not offered by host")
+        return None
+
+    @staticmethod
+    def _needs_smtputf8(envelope: Envelope, recipients: list[int], data: bytes) -> bool:
+        if not envelope.sender.isascii():
+            return True
+        if any(not envelope.recipients[i].address.isascii() for i in recipients):
+            return True
+        return envelope.smtputf8 and not _headers_of(data).isascii()
+
+    def _mail_command(self, envelope: Envelope, data: bytes) -> bytes:
+        params = []
+        if "SIZE" in self.extensions:
+            params.append(f"SIZE={len(data)}")
+        if envelope.body in ("8BITMIME", "BINARYMIME") and "8BITMIME" in self.extensions:
+            params.append("BODY=8BITMIME")
+        if envelope.smtputf8 and "SMTPUTF8" in self.extensions:
+            params.append("SMTPUTF8")
+        if "DSN" in self.extensions:
+            if envelope.ret:
+                params.append(f"RET={envelope.ret}")
+            if envelope.envid:
+                params.append(f"ENVID={xtext_encode(envelope.envid)}")
+        line = f"MAIL FROM:<{envelope.sender}>"
+        if params:
+            line += " " + " ".join(params)
+        return _command(line)
+
+    @staticmethod
+    def _rcpt_command(envelope: Envelope, index: int, dsn: bool) -> bytes:
+        rcpt = envelope.recipients[index]
+        line = f"RCPT TO:<{rcpt.address}>"
+        if dsn:
+            if rcpt.notify:
+                line += " NOTIFY=" + ",".join(rcpt.notify)
+            if rcpt.orcpt and rcpt.orcpt.isascii():
+                addr_type, _, addr = rcpt.orcpt.partition(";")
+                line += f" ORCPT={addr_type};{xtext_encode(addr)}"
+        return _command(line)
+
+    # ------------------------------------------------------------------ results
+
+    def take_outcomes(self) -> list[RecipientOutcome]:
+        """The outcomes of the finished transaction, in the order recipients were given."""
+        if self._done is None:
+            raise RuntimeError("no finished transaction")
+        done, self._done = self._done, None
+        return done
+
+    @property
+    def transaction_done(self) -> bool:
+        return self._done is not None
+
+    def _finish(self, rset: bool) -> None:
+        txn = self._txn
+        assert txn is not None
+        self._txn = None
+        self._needs_rset = rset
+        txn.settle_rest(451, "4.3.0", "internal error: transaction ended without an outcome")
+        self._done = [txn.outcomes[i] for i in txn.recipients]
+        if self.phase is Phase.TRANSACTION:
+            self.phase = Phase.READY
+
+    # ------------------------------------------------------------------ input
+
+    def connection_lost(self, code: int = 421, enhanced: str | None = "4.4.2",
+                        text: str = "lost connection") -> None:
+        """EOF, reset or timeout: every recipient without an outcome gets this (transient)
+        and the client is CLOSED."""
+        self._close(Phase.CLOSED, ServerReply(code, enhanced, [text]))
+
+    def _close(self, phase: Phase, reply: ServerReply) -> None:
+        if self.phase in (Phase.CLOSED, Phase.FAILED):
+            return
+        self.phase = phase
+        self.error = reply
+        self._pending.clear()
+        if self._txn is not None:
+            self._txn.settle_rest(reply.code, reply.enhanced, reply.text)
+            self._finish(False)
+            self.phase = phase
+
+    def _protocol_error(self, why: str) -> None:
+        self._close(Phase.FAILED, ServerReply(421, "4.5.0", [f"protocol error: {why}"]))
+
+    def receive_data(self, data: bytes) -> bytes:
+        """Feed bytes read from the server; returns bytes to write next (maybe ``b""``)."""
+        if self.phase in (Phase.CLOSED, Phase.FAILED):
+            return b""
+        buf = self._buf
+        buf += data
+        out: list[bytes] = []
+        start = 0
+        while self.phase not in (Phase.CLOSED, Phase.FAILED):
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            raw = bytes(buf[start:nl])
+            start = nl + 1
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            reply = self._parse_line(raw)
+            if reply is not None:
+                more = self._on_reply(reply, leftover=len(buf) > start)
+                if more:
+                    out.append(more)
+        del buf[:start]
+        if len(buf) > MAX_REPLY_LINE and self.phase not in (Phase.CLOSED, Phase.FAILED):
+            self._protocol_error("reply line too long")
+        return b"".join(out)
+
+    def _parse_line(self, raw: bytes) -> ServerReply | None:
+        if len(raw) > MAX_REPLY_LINE:
+            self._protocol_error("reply line too long")
+            return None
+        code_s = raw[:3]
+        sep = raw[3:4]
+        if len(code_s) != 3 or not code_s.isdigit() or code_s[:1] not in b"2345" or (
+                sep not in (b" ", b"-", b"")):
+            self._protocol_error(f"malformed SMTP reply {raw[:80]!r}")
+            return None
+        code = int(code_s)
+        if self._lines and code != self._code:
+            self._protocol_error(f"reply code changed inside a multi-line reply: {raw[:80]!r}")
+            return None
+        self._code = code
+        self._lines.append(raw[4:].decode("utf-8", "replace"))
+        if sep == b"-":
+            if len(self._lines) > MAX_REPLY_LINES:
+                self._protocol_error("too many reply lines")
+            return None
+        lines, self._lines = self._lines, []
+        enhanced = None
+        m = _ENHANCED_RE.match(lines[0])
+        if m and int(m.group(1)) == code // 100:
+            enhanced = f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
+            prefix = enhanced + " "
+            lines = [
+                ln[len(prefix):] if ln.startswith(prefix) else (
+                    "" if ln == enhanced else ln)
+                for ln in lines
+            ]
+        return ServerReply(code, enhanced, lines)
+
+    def _on_reply(self, reply: ServerReply, leftover: bool) -> bytes:
+        if not self._pending:
+            if reply.code == 421:
+                self._close(Phase.CLOSED, reply)
+            else:
+                self._protocol_error(f"unexpected reply {reply.line[:80]!r}")
+            return b""
+        tag = self._pending.popleft()
+        if reply.code == 421 and tag != _QUIT:
+            self._close(Phase.CLOSED, reply)
+            return b""
+        handler = self._handlers[tag]
+        return handler(self, reply, leftover)
+
+    # -- handlers: (self, reply, leftover bytes after this reply?) -> bytes to send
+
+    def _on_greeting(self, reply: ServerReply, leftover: bool) -> bytes:
+        self.greeting = reply
+        if reply.code != 220:
+            self._close(Phase.FAILED, reply)
+            return b""
+        return self._ehlo()
+
+    def _on_ehlo(self, reply: ServerReply, leftover: bool) -> bytes:
+        if reply.positive:
+            self.esmtp = True
+            self.extensions = parse_ehlo_extensions(reply)
+            self.phase = Phase.READY
+            return b""
+        if 500 <= reply.code < 600:
+            # RFC 5321 3.2: a server that does not do ESMTP refuses EHLO; try HELO.
+            self._pending.append(_HELO)
+            return b"HELO " + self.helo_name.encode("ascii") + b"\r\n"
+        self._close(Phase.FAILED, reply)
+        return b""
+
+    def _on_helo(self, reply: ServerReply, leftover: bool) -> bytes:
+        if reply.positive:
+            self.esmtp = False
+            self.extensions = {}
+            self.phase = Phase.READY
+        else:
+            self._close(Phase.FAILED, reply)
+        return b""
+
+    def _on_starttls(self, reply: ServerReply, leftover: bool) -> bytes:
+        if reply.code == 220:
+            if leftover:
+                # Plaintext after the 220 would be read as if it came over TLS
+                # (response injection, cf. CVE-2011-0411): refuse the connection.
+                self._protocol_error("data pipelined after the STARTTLS reply")
+                return b""
+            self.phase = Phase.TLS
+        else:
+            self.starttls_refused = reply
+            self.phase = Phase.READY
+        return b""
+
+    def _on_rset(self, reply: ServerReply, leftover: bool) -> bytes:
+        txn = self._txn
+        if txn is not None and not txn.mail_sent:
+            txn.mail_sent = True
+            self._pending.append(_MAIL)
+            return txn.mail_cmd
+        return b""
+
+    def _on_mail(self, reply: ServerReply, leftover: bool) -> bytes:
+        txn = self._txn
+        assert txn is not None
+        if reply.positive:
+            txn.mail_ok = True
+            if not txn.pipelined:
+                return self._next_rcpt(txn)
+            return b""
+        txn.settle_rest(reply.code, reply.enhanced, reply.text)
+        if not txn.pipelined:
+            self._finish(rset=True)
+        return b""
+
+    def _next_rcpt(self, txn: _Transaction) -> bytes:
+        _i, cmd = txn.pending_rcpts[0]
+        self._pending.append(_RCPT)
+        return cmd
+
+    def _on_rcpt(self, reply: ServerReply, leftover: bool) -> bytes:
+        txn = self._txn
+        assert txn is not None
+        index, _cmd = txn.pending_rcpts.popleft()
+        if txn.mail_ok:
+            if reply.positive:
+                txn.accepted.append(index)
+            else:
+                txn.settle([index], reply.code, reply.enhanced, reply.text)
+        if txn.pipelined:
+            return b""
+        if txn.pending_rcpts:
+            return self._next_rcpt(txn)
+        if txn.accepted:
+            self._pending.append(_DATA)
+            return b"DATA\r\n"
+        self._finish(rset=True)
+        return b""
+
+    def _on_data(self, reply: ServerReply, leftover: bool) -> bytes:
+        txn = self._txn
+        assert txn is not None
+        if reply.code == 354:
+            if txn.mail_ok and txn.accepted:
+                self._pending.append(_DOT)
+                body, txn.body = txn.body, b""
+                return dot_stuff(body)
+            # RFC 2920 3.1: DATA accepted although no recipient was: send an empty
+            # message's terminator; the server must not deliver it.
+            self._pending.append(_DOT_DISCARD)
+            return b".\r\n"
+        if reply.code // 100 in (4, 5):
+            if txn.mail_ok:
+                txn.settle(txn.accepted, reply.code, reply.enhanced, reply.text)
+        elif txn.mail_ok and txn.accepted:
+            self._protocol_error(f"unexpected reply to DATA {reply.line[:80]!r}")
+            return b""
+        self._finish(rset=True)
+        return b""
+
+    def _on_dot(self, reply: ServerReply, leftover: bool) -> bytes:
+        txn = self._txn
+        assert txn is not None
+        txn.settle(txn.accepted, reply.code, reply.enhanced, reply.text)
+        self._finish(rset=False)
+        return b""
+
+    def _on_dot_discard(self, reply: ServerReply, leftover: bool) -> bytes:
+        # Everyone already has a RCPT (or MAIL) failure; the server's answer is moot.
+        self._finish(rset=False)
+        return b""
+
+    def _on_quit(self, reply: ServerReply, leftover: bool) -> bytes:
+        self.phase = Phase.CLOSED
+        return b""
+
+    _handlers = {
+        _GREETING: _on_greeting,
+        _EHLO: _on_ehlo,
+        _HELO: _on_helo,
+        _STARTTLS: _on_starttls,
+        _RSET: _on_rset,
+        _MAIL: _on_mail,
+        _RCPT: _on_rcpt,
+        _DATA: _on_data,
+        _DOT: _on_dot,
+        _DOT_DISCARD: _on_dot_discard,
+        _QUIT: _on_quit,
+    }
+
+
+def _command(line: str) -> bytes:
+    """Encode one command line; CR/LF inside it would inject commands, so refuse."""
+    if "\r" in line or "\n" in line:
+        raise ValueError(f"CR/LF in SMTP command {line[:80]!r}")
+    return line.encode("utf-8") + b"\r\n"
