@@ -1,0 +1,719 @@
+"""A fast receiving SMTP server (the "sink") for benchmarks and delivery tests.
+
+Why it exists: the relay's SMTP *client* must be tested and benchmarked against a peer
+that is independent of the relay's own protocol code, fast enough not to be the
+bottleneck, and scriptable (answer 4xx/5xx, drop, stall, greet with 421 for chosen
+recipient domains). This module is that peer: a deliberately small ESMTP server in trio.
+
+Contract (used by other engineers' tests, keep it stable)::
+
+    sink = Sink(behaviours={"tempfail.test": Behaviour.TEMPFAIL}, default=Behaviour.ACCEPT,
+                keep_messages=True)
+    port = await nursery.start(sink.serve, "127.0.0.1", 0)   # returns the bound port
+    sink.stats["a.test"].messages / .recipients / .tempfails / .rejects
+    sink.total_messages, sink.total_recipients
+    sink.max_concurrent_connections, sink.current_connections, sink.connections_opened
+    sink.listeners[(host, port)]  -> ListenerStats (the same three counters per address)
+    sink.arrivals   # [(trio.current_time(), domain, n_recipients)] per accepted message/domain
+    sink.messages   # [(mail_from, [rcpts], data, peer)] if keep_messages
+    await sink.wait_for(lambda s: s.total_messages >= 10, timeout=5)   # TimeoutError
+
+Behaviours apply per recipient domain (``behaviours`` dict, else ``default``); a listener
+can also be given its own ``behaviour`` (e.g. ``GREET_421`` for a busy MX host).
+
+Speed: input is scanned with ``bytes.find``; replies to pipelined commands are batched
+into one send and flushed whenever the input buffer holds no further complete command
+(RFC 2920); message bodies are never split into lines in Python (end of data is found
+with ``find(b"\\r\\n.\\r\\n")`` and dot-unstuffing is one ``replace``, done only when
+messages are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import enum
+import json
+import math
+import os
+import signal
+import socket
+import ssl
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import trio
+
+__all__ = ["Behaviour", "DomainStats", "ListenerStats", "Sink", "main"]
+
+
+class Behaviour(enum.Enum):
+    """What the sink answers for a recipient domain."""
+
+    ACCEPT = "accept"  #: 250 everywhere
+    TEMPFAIL = "tempfail"  #: 451 4.3.0 at RCPT
+    REJECT = "reject"  #: 550 5.1.1 at RCPT
+    TEMPFAIL_DATA = "tempfail_data"  #: 451 4.3.0 at end of data
+    REJECT_DATA = "reject_data"  #: 554 5.6.0 at end of data
+    DROP = "drop"  #: close the connection without a reply at RCPT
+    STALL = "stall"  #: stop answering after RCPT for ``stall_seconds``, then close
+    GREET_421 = "greet_421"  #: 421 greeting (listener/default) or 421 + close at RCPT
+
+
+@dataclass
+class DomainStats:
+    """Counters for one recipient domain. ``messages`` counts accepted transactions that
+    carried at least one recipient of this domain; ``recipients`` the accepted recipients.
+    ``tempfails``/``rejects`` count recipients (RCPT or end-of-data refusals)."""
+
+    messages: int = 0
+    recipients: int = 0
+    tempfails: int = 0
+    rejects: int = 0
+    drops: int = 0
+    stalls: int = 0
+    greet_421: int = 0
+    bytes: int = 0
+    #: connections that named this domain in a RCPT and are still open / the peak of it
+    #: (proves a per-domain ``max_connections`` throttle held).
+    current_connections: int = 0
+    max_concurrent_connections: int = 0
+
+
+@dataclass
+class ListenerStats:
+    """Connection counters for one listening address."""
+
+    current_connections: int = 0
+    max_concurrent_connections: int = 0
+    connections_opened: int = 0
+
+
+_EHLO_KEYWORDS = ("PIPELINING", "8BITMIME", "SMTPUTF8", "CHUNKING", "ENHANCEDSTATUSCODES")
+_MAX_COMMAND = 65536
+
+
+class _Close(Exception):
+    """Internal: end the session (after flushing what is queued)."""
+
+
+@dataclass
+class _Session:
+    peer: str
+    domains_seen: set[str] = field(default_factory=set)
+    mail_from: str | None = None
+    rcpts: list[str] = field(default_factory=list)
+    greeted: bool = False
+    tls: bool = False
+    bdat: bytearray | None = None
+
+
+class Sink:
+    """The receiving SMTP server; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        behaviours: dict[str, Behaviour] | None = None,
+        default: Behaviour = Behaviour.ACCEPT,
+        *,
+        keep_messages: bool = False,
+        delays: dict[str, float] | None = None,
+        stall_seconds: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+        max_message_size: int = 100 * 1024 * 1024,
+        hostname: str = "sink.test",
+        record_arrivals: bool = True,
+    ) -> None:
+        #: recipient domain (lower case) -> behaviour; may be changed while serving.
+        self.behaviours: dict[str, Behaviour] = {
+            k.lower(): v for k, v in (behaviours or {}).items()
+        }
+        self.default = default
+        self.keep_messages = keep_messages
+        #: recipient domain -> seconds to wait before answering end of data.
+        self.delays: dict[str, float] = {k.lower(): v for k, v in (delays or {}).items()}
+        self.stall_seconds = stall_seconds
+        self.ssl_context = ssl_context
+        self.max_message_size = max_message_size
+        self.hostname = hostname
+        self.record_arrivals = record_arrivals
+
+        self.stats: defaultdict[str, DomainStats] = defaultdict(DomainStats)
+        self.total_messages = 0
+        self.total_recipients = 0
+        self.total_bytes = 0
+        self.current_connections = 0
+        self.max_concurrent_connections = 0
+        self.connections_opened = 0
+        self.listeners: dict[tuple[str, int], ListenerStats] = {}
+        self.arrivals: list[tuple[float, str, int]] = []
+        self.messages: list[tuple[str, list[str], bytes, str]] = []
+        self._changed = trio.Event()
+
+    # ------------------------------------------------------------------ public helpers
+
+    def behaviour_for(self, domain: str) -> Behaviour:
+        return self.behaviours.get(domain, self.default)
+
+    def set_behaviour(self, domain: str, behaviour: Behaviour) -> None:
+        """Change the answer for a domain while serving (e.g. let deferred mail drain)."""
+        self.behaviours[domain.lower()] = behaviour
+
+    async def wait_for(self, predicate: Callable[[Sink], bool], timeout: float) -> None:
+        """Wait until ``predicate(self)`` is true; re-evaluated on every state change
+        (message accepted, refusal, connection opened/closed). Raises ``TimeoutError``."""
+        with trio.move_on_after(timeout) as scope:
+            while not predicate(self):
+                event = self._changed
+                await event.wait()
+        if scope.cancelled_caught and not predicate(self):
+            raise TimeoutError(f"sink condition not met within {timeout}s")
+
+    def max_messages_in_window(self, domain: str, seconds: float) -> int:
+        """Most messages of ``domain`` that arrived within any ``seconds``-long window:
+        the proof that a ``max_message_rate`` throttle held."""
+        times = [t for t, d, _ in self.arrivals if d == domain]
+        best = 0
+        j = 0
+        for i, t in enumerate(times):
+            while t - times[j] >= seconds:
+                j += 1
+            best = max(best, i - j + 1)
+        return best
+
+    def summary(self, per_domain: bool = True) -> dict[str, object]:
+        """JSON-able snapshot of the counters."""
+        out: dict[str, object] = {
+            "total_messages": self.total_messages,
+            "total_recipients": self.total_recipients,
+            "total_bytes": self.total_bytes,
+            "current_connections": self.current_connections,
+            "max_concurrent_connections": self.max_concurrent_connections,
+            "connections_opened": self.connections_opened,
+        }
+        if per_domain:
+            out["domains"] = {d: asdict(s) for d, s in self.stats.items()}
+        return out
+
+    # ------------------------------------------------------------------ serving
+
+    async def serve(
+        self,
+        host: str,
+        port: int = 0,
+        *,
+        behaviour: Behaviour | None = None,
+        reuse_port: bool = False,
+        sock: socket.socket | None = None,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``host:port`` (0 = ephemeral) and serve until cancelled; reports the
+        bound port through ``task_status``. ``behaviour`` applies to every connection of
+        this listener (only ``GREET_421`` is meaningful there). ``sock`` serves an
+        already-bound stdlib socket instead (multi-process CLI)."""
+        if sock is None:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+        sock.listen(4096)
+        sock.setblocking(False)
+        bound = sock.getsockname()
+        key = (bound[0], bound[1])
+        lstats = self.listeners.setdefault(key, ListenerStats())
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+        async def handler(stream: trio.SocketStream) -> None:
+            await self._connection(stream, lstats, behaviour)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, handler, [listener])
+            task_status.started(bound[1])
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _connection(
+        self, stream: trio.SocketStream, lstats: ListenerStats, behaviour: Behaviour | None
+    ) -> None:
+        self.current_connections += 1
+        self.connections_opened += 1
+        self.max_concurrent_connections = max(
+            self.max_concurrent_connections, self.current_connections
+        )
+        lstats.current_connections += 1
+        lstats.connections_opened += 1
+        lstats.max_concurrent_connections = max(
+            lstats.max_concurrent_connections, lstats.current_connections
+        )
+        self._notify()
+        try:
+            peer = stream.socket.getpeername()
+            sess = _Session(peer=f"{peer[0]}:{peer[1]}")
+        except OSError:
+            sess = _Session(peer="?")
+        try:
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await self._session(stream, sess, behaviour)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, _Close, OSError):
+            pass
+        except ssl.SSLError:
+            pass
+        finally:
+            self.current_connections -= 1
+            lstats.current_connections -= 1
+            for d in sess.domains_seen:
+                self.stats[d].current_connections -= 1
+            self._notify()
+            with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await trio.aclose_forcefully(stream)
+
+    def _ehlo_reply(self, name: str, sess: _Session) -> bytes:
+        lines = [f"{self.hostname} hello {name}", f"SIZE {self.max_message_size}"]
+        lines += _EHLO_KEYWORDS
+        if self.ssl_context is not None and not sess.tls:
+            lines.append("STARTTLS")
+        out = [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]
+        return ("\r\n".join(out) + "\r\n").encode()
+
+    async def _session(
+        self, stream: trio.abc.Stream, sess: _Session, behaviour: Behaviour | None
+    ) -> None:
+        if (behaviour or self.default) is Behaviour.GREET_421:
+            self.stats["*"].greet_421 += 1
+            await stream.send_all(b"421 4.3.2 " + self.hostname.encode() + b" busy, try later\r\n")
+            return
+        await stream.send_all(b"220 " + self.hostname.encode() + b" ESMTP sink\r\n")
+        buf = bytearray()
+        out: list[bytes] = []
+        while True:
+            # Process every complete command in the buffer, batching replies.
+            while True:
+                eol = buf.find(b"\r\n")
+                if eol < 0:
+                    if len(buf) > _MAX_COMMAND:
+                        out.append(b"500 5.5.2 line too long\r\n")
+                        await stream.send_all(b"".join(out))
+                        return
+                    break
+                line = bytes(buf[:eol])
+                del buf[: eol + 2]
+                verb = line[:4].upper()
+                if verb == b"DATA" and len(line) == 4:
+                    if sess.mail_from is None or not sess.rcpts:
+                        out.append(b"554 5.5.1 no valid recipients\r\n")
+                        continue
+                    out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                    await stream.send_all(b"".join(out))
+                    out.clear()
+                    body, buf = await self._read_data(stream, buf)
+                    if body is None:
+                        return
+                    reply = await self._end_of_data(sess, body, stuffed=True)
+                    out.append(reply)
+                    continue
+                if verb == b"BDAT":
+                    reply = await self._bdat(stream, sess, line, buf)
+                    if reply is None:
+                        return
+                    out.append(reply)
+                    continue
+                reply = await self._command(stream, sess, line, verb, out)
+                if reply is None:
+                    continue
+                if reply == b"STARTTLS":
+                    await stream.send_all(b"".join(out) + b"220 2.0.0 go ahead\r\n")
+                    out.clear()
+                    buf.clear()  # RFC 3207: discard anything pipelined after STARTTLS
+                    assert self.ssl_context is not None
+                    tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
+                    await tls.do_handshake()
+                    stream = tls
+                    sess.tls = True
+                    sess.mail_from, sess.rcpts, sess.greeted = None, [], False
+                    continue
+                out.append(reply)
+                if reply.startswith(b"221") or reply.startswith(b"421"):
+                    await stream.send_all(b"".join(out))
+                    return
+            if out:
+                await stream.send_all(b"".join(out))
+                out.clear()
+            chunk = await stream.receive_some(262144)
+            if not chunk:
+                return
+            buf += chunk
+
+    async def _read_data(
+        self, stream: trio.abc.Stream, buf: bytearray
+    ) -> tuple[bytes | None, bytearray]:
+        """Read until CRLF.CRLF; return (stuffed body incl. final CRLF, remaining input)."""
+        start = 0
+        while True:
+            if start == 0 and buf.startswith(b".\r\n"):  # empty body
+                return b"", buf[3:]
+            end = buf.find(b"\r\n.\r\n", start)
+            if end >= 0:
+                body = bytes(buf[: end + 2])
+                return body, buf[end + 5 :]
+            if len(buf) > self.max_message_size + 65536:
+                return None, buf
+            start = max(0, len(buf) - 4)
+            chunk = await stream.receive_some(262144)
+            if not chunk:
+                return None, buf
+            buf += chunk
+
+    async def _bdat(
+        self, stream: trio.abc.Stream, sess: _Session, line: bytes, buf: bytearray
+    ) -> bytes | None:
+        parts = line.split()
+        try:
+            size = int(parts[1])
+        except (IndexError, ValueError):
+            return b"501 5.5.4 syntax: BDAT size [LAST]\r\n"
+        last = len(parts) > 2 and parts[2].upper() == b"LAST"
+        while len(buf) < size:
+            chunk = await stream.receive_some(max(262144, size - len(buf)))
+            if not chunk:
+                return None
+            buf += chunk
+        data = bytes(buf[:size])
+        del buf[:size]
+        if sess.mail_from is None or not sess.rcpts:
+            return b"554 5.5.1 no valid recipients\r\n"
+        if sess.bdat is None:
+            sess.bdat = bytearray()
+        sess.bdat += data
+        if not last:
+            return f"250 2.0.0 {size} octets received\r\n".encode()
+        body = bytes(sess.bdat)
+        sess.bdat = None
+        return await self._end_of_data(sess, body, stuffed=False)
+
+    async def _end_of_data(self, sess: _Session, body: bytes, stuffed: bool) -> bytes:
+        rcpts = sess.rcpts
+        mail_from = sess.mail_from or ""
+        sess.mail_from, sess.rcpts = None, []
+        by_domain: dict[str, int] = {}
+        for r in rcpts:
+            d = _domain(r)
+            by_domain[d] = by_domain.get(d, 0) + 1
+        delay = max((self.delays.get(d, 0.0) for d in by_domain), default=0.0)
+        if delay:
+            await trio.sleep(delay)
+        outcomes = {self.behaviour_for(d) for d in by_domain}
+        if Behaviour.REJECT_DATA in outcomes or Behaviour.TEMPFAIL_DATA in outcomes:
+            reject = Behaviour.REJECT_DATA in outcomes
+            for d, n in by_domain.items():
+                if reject:
+                    self.stats[d].rejects += n
+                else:
+                    self.stats[d].tempfails += n
+            self._notify()
+            return b"554 5.6.0 message refused\r\n" if reject else b"451 4.3.0 try later\r\n"
+        if len(body) > self.max_message_size:
+            return b"552 5.3.4 message too big\r\n"
+        if stuffed and self.keep_messages:
+            if body.startswith(b".."):
+                body = body[1:]
+            body = body.replace(b"\r\n..", b"\r\n.")
+        now = trio.current_time()
+        self.total_messages += 1
+        self.total_recipients += len(rcpts)
+        self.total_bytes += len(body)
+        for d, n in by_domain.items():
+            st = self.stats[d]
+            st.messages += 1
+            st.recipients += n
+            st.bytes += len(body)
+            if self.record_arrivals:
+                self.arrivals.append((now, d, n))
+        if self.keep_messages:
+            self.messages.append((mail_from, list(rcpts), body, sess.peer))
+        self._notify()
+        return b"250 2.0.0 Ok: queued\r\n"
+
+    async def _command(
+        self, stream: trio.abc.Stream, sess: _Session, line: bytes, verb: bytes, out: list[bytes]
+    ) -> bytes | None:
+        """Reply to one command; ``None`` means nothing to append (already handled)."""
+        if verb == b"RCPT":
+            if sess.mail_from is None:
+                return b"503 5.5.1 MAIL first\r\n"
+            addr = _path(line, b"TO:")
+            if addr is None:
+                return b"501 5.1.3 bad recipient syntax\r\n"
+            d = _domain(addr)
+            st = self.stats[d]
+            if d not in sess.domains_seen:
+                sess.domains_seen.add(d)
+                st.current_connections += 1
+                st.max_concurrent_connections = max(
+                    st.max_concurrent_connections, st.current_connections
+                )
+            b = self.behaviour_for(d)
+            if b is Behaviour.ACCEPT or b is Behaviour.TEMPFAIL_DATA or (
+                b is Behaviour.REJECT_DATA
+            ):
+                sess.rcpts.append(addr)
+                return b"250 2.1.5 Ok\r\n"
+            if b is Behaviour.TEMPFAIL:
+                st.tempfails += 1
+                self._notify()
+                return b"451 4.3.0 try again later\r\n"
+            if b is Behaviour.REJECT:
+                st.rejects += 1
+                self._notify()
+                return b"550 5.1.1 no such user\r\n"
+            if b is Behaviour.GREET_421:
+                st.greet_421 += 1
+                self._notify()
+                return b"421 4.3.2 busy, closing\r\n"
+            if out:  # replies owed for earlier pipelined commands still go out
+                await stream.send_all(b"".join(out))
+                out.clear()
+            if b is Behaviour.DROP:
+                st.drops += 1
+                raise _Close
+            st.stalls += 1  # STALL
+            self._notify()
+            await trio.sleep(self.stall_seconds)
+            raise _Close
+        if verb == b"MAIL":
+            if not sess.greeted:
+                return b"503 5.5.1 EHLO first\r\n"
+            if sess.mail_from is not None:
+                return b"503 5.5.1 nested MAIL\r\n"
+            addr = _path(line, b"FROM:")
+            if addr is None:
+                return b"501 5.1.7 bad sender syntax\r\n"
+            upper = line.upper()
+            i = upper.find(b" SIZE=")
+            if i >= 0:
+                try:
+                    size = int(upper[i + 6 :].split()[0])
+                except (ValueError, IndexError):
+                    size = 0
+                if size > self.max_message_size:
+                    return b"552 5.3.4 message size exceeds limit\r\n"
+            sess.mail_from = addr
+            sess.rcpts = []
+            return b"250 2.1.0 Ok\r\n"
+        if verb in (b"EHLO", b"HELO"):
+            name = line[5:].decode("latin-1").strip() or "unknown"
+            sess.greeted = True
+            sess.mail_from, sess.rcpts, sess.bdat = None, [], None
+            if verb == b"HELO":
+                return f"250 {self.hostname}\r\n".encode()
+            return self._ehlo_reply(name, sess)
+        if verb == b"RSET":
+            sess.mail_from, sess.rcpts, sess.bdat = None, [], None
+            return b"250 2.0.0 Ok\r\n"
+        if verb == b"NOOP":
+            return b"250 2.0.0 Ok\r\n"
+        if verb == b"QUIT":
+            return b"221 2.0.0 Bye\r\n"
+        if line.upper() == b"STARTTLS":
+            if self.ssl_context is None or sess.tls:
+                return b"502 5.5.1 STARTTLS not available\r\n"
+            return b"STARTTLS"
+        if verb == b"VRFY":
+            return b"252 2.0.0 cannot verify\r\n"
+        return b"502 5.5.2 command not recognized\r\n"
+
+
+def _path(line: bytes, keyword: bytes) -> str | None:
+    """``MAIL FROM:<a@b> SIZE=1`` -> ``a@b`` (None if malformed)."""
+    rest = line[5:].lstrip()
+    if rest[: len(keyword)].upper() != keyword:
+        return None
+    rest = rest[len(keyword) :].lstrip()
+    if rest.startswith(b"<"):
+        end = rest.find(b">")
+        if end < 0:
+            return None
+        return rest[1:end].decode("utf-8", "surrogateescape")
+    return rest.split(b" ", 1)[0].decode("utf-8", "surrogateescape") or None
+
+
+def _domain(addr: str) -> str:
+    return addr.rpartition("@")[2].lower()
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def _parse_listen(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _build_sink(args: argparse.Namespace) -> Sink:
+    behaviours: dict[str, Behaviour] = {}
+    for name in ("tempfail", "reject", "tempfail_data", "reject_data", "drop", "stall"):
+        for d in getattr(args, f"{name}_domain") or []:
+            behaviours[d] = Behaviour(name)
+    return Sink(
+        behaviours=behaviours,
+        default=Behaviour(args.default),
+        stall_seconds=args.stall_seconds,
+        record_arrivals=False,
+    )
+
+
+async def _child_main(
+    args: argparse.Namespace, socks: list[socket.socket], report_fd: int
+) -> None:
+    """One worker process: serve the shared-port sockets, report totals to the parent."""
+    sink = _build_sink(args)
+    async with trio.open_nursery() as nursery:
+        for s in socks:
+            await nursery.start(lambda task_status, s=s: sink.serve(
+                "", 0, sock=s, task_status=task_status))
+
+        async def report_loop() -> None:
+            while True:
+                os.write(report_fd, (json.dumps(sink.summary()) + "\n").encode())
+                await trio.sleep(args.interval / 2)
+
+        nursery.start_soon(report_loop)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                break
+        os.write(report_fd, (json.dumps(sink.summary()) + "\n").encode())
+        nursery.cancel_scope.cancel()
+
+
+def _merge(parts: list[dict]) -> dict:
+    total: dict = {"total_messages": 0, "total_recipients": 0, "total_bytes": 0,
+                   "current_connections": 0, "max_concurrent_connections": 0,
+                   "connections_opened": 0, "domains": {}}
+    for p in parts:
+        for k in ("total_messages", "total_recipients", "total_bytes", "current_connections",
+                  "max_concurrent_connections", "connections_opened"):
+            total[k] += p.get(k, 0)
+        for d, st in p.get("domains", {}).items():
+            agg = total["domains"].setdefault(d, {})
+            for k, v in st.items():
+                agg[k] = agg.get(k, 0) + v
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.sink --listen 127.0.0.1:2626 [--processes N] ...``: forks N
+    processes that each bind the same port with SO_REUSEPORT; the parent prints the summed
+    counters every ``--interval`` seconds and a JSON summary at exit (SIGINT/SIGTERM or
+    ``--duration``)."""
+    ap = argparse.ArgumentParser(prog="python -m bench.sink", description=main.__doc__)
+    ap.add_argument("--listen", action="append", default=[],
+                    help="host:port (repeatable); port 0 = ephemeral")
+    ap.add_argument("--processes", type=int, default=1)
+    ap.add_argument("--default", default="accept", choices=[b.value for b in Behaviour])
+    for name in ("tempfail", "reject", "tempfail_data", "reject_data", "drop", "stall"):
+        ap.add_argument(f"--{name.replace('_', '-')}-domain", action="append", metavar="DOMAIN")
+    ap.add_argument("--stall-seconds", type=float, default=30.0)
+    ap.add_argument("--interval", type=float, default=2.0)
+    ap.add_argument("--duration", type=float, default=0.0, help="exit after N seconds")
+    ap.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    args = ap.parse_args(argv)
+    listens = [_parse_listen(x) for x in (args.listen or ["127.0.0.1:2626"])]
+    socks: list[socket.socket] = []
+    for host, port in listens:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        probe.bind((host, port))
+        probe.listen(4096)  # connectable at once; process 0 serves this very socket
+        socks.append(probe)
+    bound = [s.getsockname()[:2] for s in socks]
+    print(json.dumps({"listening": [f"{h}:{p}" for h, p in bound]}), flush=True)
+
+    children: list[tuple[int, int]] = []  # (pid, read fd)
+    for i in range(max(1, args.processes)):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            os.close(r)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            mine = socks
+            if i > 0:  # every other process binds its own socket in the reuseport group
+                mine = []
+                for (host, port), s in zip(bound, socks, strict=True):
+                    n = socket.socket(s.family, socket.SOCK_STREAM)
+                    n.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    n.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    n.bind((host, port))
+                    mine.append(n)
+            with contextlib.suppress(KeyboardInterrupt):
+                trio.run(_child_main, args, mine, w)
+            os._exit(0)
+        os.close(w)
+        children.append((pid, r))
+    for s in socks:
+        s.close()
+
+    latest: dict[int, dict] = {}
+    pending: dict[int, bytes] = {r: b"" for _, r in children}
+    stop = {"flag": False}
+
+    def _stop(*_: object) -> None:
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    start = last_print = time.monotonic()
+    import select
+
+    while not stop["flag"]:
+        if args.duration and time.monotonic() - start >= args.duration:
+            break
+        try:
+            ready, _, _ = select.select([r for _, r in children], [], [], 0.2)
+        except InterruptedError:
+            continue
+        for r in ready:
+            data = os.read(r, 1 << 20)
+            if not data:
+                continue
+            pending[r] += data
+            *lines, pending[r] = pending[r].split(b"\n")
+            if lines:
+                latest[r] = json.loads(lines[-1])
+        if time.monotonic() - last_print >= args.interval:
+            last_print = time.monotonic()
+            _print(_merge(list(latest.values())), args.json, time.monotonic() - start)
+    for pid, _ in children:
+        os.kill(pid, signal.SIGTERM)
+    for pid, r in children:
+        os.waitpid(pid, 0)
+        os.close(r)
+    summary = _merge(list(latest.values()))
+    summary["final"] = True
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+def _print(summary: dict, as_json: bool, elapsed: float) -> None:
+    if as_json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "domains"}), flush=True)
+        return
+    rate = summary["total_messages"] / elapsed if elapsed > 0 else math.nan
+    print(
+        f"[{elapsed:7.1f}s] messages={summary['total_messages']} "
+        f"recipients={summary['total_recipients']} conns={summary['current_connections']} "
+        f"(max {summary['max_concurrent_connections']}) avg={rate:.0f} msg/s",
+        file=sys.stdout,
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
