@@ -1,0 +1,379 @@
+"""The sans-I/O SMTP client: fed reply bytes, checked for the bytes it writes and the
+per-recipient outcomes it reports. No sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.smtp.client import Phase, SmtpClient, dot_stuff
+from relay.spool.records import Envelope, Recipient
+
+EHLO_FULL = (
+    b"250-mx.test Hello\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n"
+    b"250-SMTPUTF8\r\n250-STARTTLS\r\n250-DSN\r\n250-CHUNKING\r\n"
+    b"250 ENHANCEDSTATUSCODES\r\n"
+)
+EHLO_PLAIN = b"250-mx.test\r\n250 8BITMIME\r\n"
+
+
+def envelope(n: int = 2, **kw: object) -> Envelope:
+    rcpts = kw.pop("recipients", None) or [
+        Recipient(address=f"r{i}@dst.test") for i in range(n)
+    ]
+    return Envelope(queue_id="Q1", sender="s@src.test", recipients=rcpts,  # type: ignore[arg-type]
+                    received_at=0.0, **kw)  # type: ignore[arg-type]
+
+
+def ready(ehlo: bytes = EHLO_FULL) -> SmtpClient:
+    c = SmtpClient("relay.test")
+    assert c.receive_data(b"220 mx.test ESMTP\r\n") == b"EHLO relay.test\r\n"
+    assert c.receive_data(ehlo) == b""
+    assert c.phase is Phase.READY
+    return c
+
+
+def kinds(c: SmtpClient) -> list[tuple[int, str, int]]:
+    return [(o.index, o.kind, o.code) for o in c.take_outcomes()]
+
+
+# -- replies and handshake -------------------------------------------------------------
+
+
+def test_greeting_and_ehlo_in_fragments_parse_multiline_extensions() -> None:
+    c = SmtpClient("relay.test")
+    out = b""
+    for i in range(len(b"220 hi\r\n")):
+        out += c.receive_data(b"220 hi\r\n"[i:i + 1])
+    assert out == b"EHLO relay.test\r\n"
+    for i in range(0, len(EHLO_FULL), 7):
+        assert c.receive_data(EHLO_FULL[i:i + 7]) == b""
+    assert c.usable and c.esmtp
+    assert c.size_limit == 1000
+    for ext in ("PIPELINING", "8BITMIME", "SMTPUTF8", "STARTTLS", "DSN", "CHUNKING",
+                "ENHANCEDSTATUSCODES"):
+        assert c.has(ext)
+
+
+def test_ehlo_refused_falls_back_to_helo() -> None:
+    c = SmtpClient("relay.test")
+    c.receive_data(b"220 old.test\r\n")
+    assert c.receive_data(b"502 5.5.2 what is EHLO\r\n") == b"HELO relay.test\r\n"
+    c.receive_data(b"250 old.test\r\n")
+    assert c.usable and not c.esmtp and c.extensions == {}
+
+
+def test_helo_refused_fails_permanently() -> None:
+    c = SmtpClient("relay.test")
+    c.receive_data(b"220 x\r\n")
+    c.receive_data(b"500 no\r\n")
+    c.receive_data(b"550 5.7.1 go away\r\n")
+    assert c.phase is Phase.FAILED and c.error is not None and c.error.code == 550
+
+
+@pytest.mark.parametrize("greeting", [b"554 5.7.1 no service\r\n", b"421 busy\r\n"])
+def test_refused_greeting(greeting: bytes) -> None:
+    c = SmtpClient("relay.test")
+    assert c.receive_data(greeting) == b""
+    assert not c.usable and not c.awaiting_reply
+    assert c.error is not None and c.error.code == int(greeting[:3])
+
+
+@pytest.mark.parametrize("junk", [b"hello there\r\n", b"25\r\n", b"250x\r\n", b"650 x\r\n"])
+def test_malformed_reply_is_a_protocol_error(junk: bytes) -> None:
+    c = SmtpClient("relay.test")
+    c.receive_data(junk)
+    assert c.phase is Phase.FAILED and c.error is not None and c.error.enhanced == "4.5.0"
+
+
+def test_overlong_reply_line_is_a_protocol_error() -> None:
+    c = SmtpClient("relay.test")
+    c.receive_data(b"220 " + b"x" * 10000)
+    assert c.phase is Phase.FAILED
+
+
+def test_enhanced_status_parsed_and_stripped_from_every_line() -> None:
+    c = ready()
+    c.begin_transaction(envelope(1), [0], b"x\r\n")
+    c.receive_data(b"250 2.1.0 Ok\r\n550-5.1.1 no such\r\n550 5.1.1 user here\r\n"
+                   b"554 5.5.1 no valid recipients\r\n")
+    [o] = c.take_outcomes()
+    assert (o.code, o.enhanced, o.text) == (550, "5.1.1", "no such user here")
+    assert o.reply_line == "550 5.1.1 no such user here"
+    assert o.kind == "permanent"
+
+
+def test_starttls_then_reset_extensions_and_ehlo_again() -> None:
+    c = ready()
+    assert c.starttls() == b"STARTTLS\r\n"
+    c.receive_data(b"220 2.0.0 go ahead\r\n")
+    assert c.phase is Phase.TLS
+    assert c.tls_established() == b"EHLO relay.test\r\n"
+    assert c.extensions == {}
+    c.receive_data(b"250-mx.test\r\n250 PIPELINING\r\n")
+    assert c.usable and c.tls_active and "STARTTLS" not in c.extensions
+
+
+def test_starttls_refused_stays_plaintext_ready() -> None:
+    c = ready()
+    c.starttls()
+    c.receive_data(b"454 4.7.0 TLS not available\r\n")
+    assert c.usable and c.starttls_refused is not None and c.starttls_refused.code == 454
+
+
+def test_data_injected_after_starttls_220_is_refused() -> None:
+    c = ready()
+    c.starttls()
+    c.receive_data(b"220 go ahead\r\n250 injected\r\n")
+    assert c.phase is Phase.FAILED
+
+
+# -- transactions ------------------------------------------------------------------------
+
+
+def test_pipelined_group_is_one_write_and_replies_match_in_order() -> None:
+    c = ready()
+    out = c.begin_transaction(envelope(3), [0, 1, 2], b"Subject: x\r\n\r\nhi\r\n")
+    assert out == (
+        b"MAIL FROM:<s@src.test> SIZE=18\r\n"
+        b"RCPT TO:<r0@dst.test>\r\nRCPT TO:<r1@dst.test>\r\nRCPT TO:<r2@dst.test>\r\n"
+        b"DATA\r\n"
+    )
+    body = c.receive_data(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n450 4.2.1 busy\r\n"
+                          b"550 5.1.1 unknown\r\n354 go\r\n")
+    assert body == b"Subject: x\r\n\r\nhi\r\n.\r\n"
+    assert c.awaiting_end_of_data
+    assert c.receive_data(b"250 2.0.0 queued as X\r\n") == b""
+    assert kinds(c) == [(0, "delivered", 250), (1, "transient", 450), (2, "permanent", 550)]
+    assert c.usable and c.transactions == 1
+
+
+def test_pipelined_replies_split_across_reads() -> None:
+    c = ready()
+    c.begin_transaction(envelope(2), [0, 1], b"x\r\n")
+    stream = b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n"
+    out = b"".join(c.receive_data(stream[i:i + 3]) for i in range(0, len(stream), 3))
+    assert out == b"x\r\n.\r\n"
+    c.receive_data(b"250 ok\r\n")
+    assert [o.kind for o in c.take_outcomes()] == ["delivered", "delivered"]
+
+
+def test_without_pipelining_commands_go_one_at_a_time() -> None:
+    c = ready(EHLO_PLAIN)
+    assert c.begin_transaction(envelope(2), [0, 1], b"x\r\n") == b"MAIL FROM:<s@src.test>\r\n"
+    assert c.receive_data(b"250 ok\r\n") == b"RCPT TO:<r0@dst.test>\r\n"
+    assert c.receive_data(b"550 no\r\n") == b"RCPT TO:<r1@dst.test>\r\n"
+    assert c.receive_data(b"250 ok\r\n") == b"DATA\r\n"
+    assert c.receive_data(b"354 go\r\n") == b"x\r\n.\r\n"
+    assert c.receive_data(b"250 ok\r\n") == b""
+    assert kinds(c) == [(0, "permanent", 550), (1, "delivered", 250)]
+
+
+def test_without_pipelining_all_rcpts_refused_skips_data_and_rsets_next_time() -> None:
+    c = ready(EHLO_PLAIN)
+    c.begin_transaction(envelope(1), [0], b"x\r\n")
+    c.receive_data(b"250 ok\r\n")
+    assert c.receive_data(b"550 no\r\n") == b""
+    assert not c.awaiting_reply
+    assert kinds(c) == [(0, "permanent", 550)]
+    assert c.begin_transaction(envelope(1), [0], b"x\r\n") == b"RSET\r\n"
+    assert c.receive_data(b"250 ok\r\n") == b"MAIL FROM:<s@src.test>\r\n"
+
+
+def test_mail_refused_applies_to_all_pipelined() -> None:
+    c = ready()
+    c.begin_transaction(envelope(2), [0, 1], b"x\r\n")
+    assert c.receive_data(b"553 5.7.1 sender rejected\r\n503 5.5.1 need MAIL\r\n"
+                          b"503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n") == b""
+    assert kinds(c) == [(0, "permanent", 553), (1, "permanent", 553)]
+    # The failed transaction is reset, pipelined in front of the next one.
+    assert c.begin_transaction(envelope(1), [0], b"x\r\n").startswith(b"RSET\r\nMAIL FROM")
+
+
+def test_data_refused_applies_to_accepted_recipients_only() -> None:
+    c = ready()
+    c.begin_transaction(envelope(2), [0, 1], b"x\r\n")
+    c.receive_data(b"250 ok\r\n250 ok\r\n550 5.1.1 no\r\n451 4.3.0 try later\r\n")
+    assert kinds(c) == [(0, "transient", 451), (1, "permanent", 550)]
+
+
+def test_354_after_all_rcpts_failed_sends_lone_dot() -> None:
+    c = ready()
+    c.begin_transaction(envelope(1), [0], b"secret body\r\n")
+    out = c.receive_data(b"250 ok\r\n550 no\r\n354 go ahead\r\n")
+    assert out == b".\r\n"
+    c.receive_data(b"554 no valid recipients\r\n")
+    assert kinds(c) == [(0, "permanent", 550)]
+    assert c.usable
+
+
+def test_end_of_data_rejection_is_permanent_for_accepted() -> None:
+    c = ready()
+    c.begin_transaction(envelope(2), [0, 1], b"x\r\n")
+    c.receive_data(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+    c.receive_data(b"554 5.7.1 spam\r\n")
+    assert kinds(c) == [(0, "permanent", 554), (1, "permanent", 554)]
+
+
+def test_421_mid_transaction_makes_in_flight_transient() -> None:
+    c = ready()
+    c.begin_transaction(envelope(3), [0, 1, 2], b"x\r\n")
+    c.receive_data(b"250 ok\r\n250 ok\r\n550 5.1.1 unknown\r\n421 4.3.2 shutting down\r\n")
+    assert kinds(c) == [(0, "transient", 421), (1, "permanent", 550), (2, "transient", 421)]
+    assert not c.usable and c.phase is Phase.CLOSED
+
+
+def test_421_after_body_makes_accepted_transient() -> None:
+    c = ready()
+    c.begin_transaction(envelope(1), [0], b"x\r\n")
+    c.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    c.receive_data(b"421 4.4.2 timeout\r\n")
+    assert kinds(c) == [(0, "transient", 421)]
+    assert not c.usable
+
+
+def test_connection_lost_mid_transaction() -> None:
+    c = ready()
+    c.begin_transaction(envelope(2), [0, 1], b"x\r\n")
+    c.receive_data(b"250 ok\r\n550 5.1.1 unknown\r\n")
+    c.connection_lost(421, "4.4.2", "lost connection while sending RCPT TO")
+    outs = c.take_outcomes()
+    assert [(o.kind, o.code) for o in outs] == [("permanent", 550), ("transient", 421)]
+    assert outs[1].text == "lost connection while sending RCPT TO"
+    assert not c.usable and not c.awaiting_reply
+
+
+def test_unsolicited_421_while_idle_closes() -> None:
+    c = ready()
+    c.receive_data(b"421 4.4.2 idle timeout\r\n")
+    assert c.phase is Phase.CLOSED and not c.usable
+
+
+def test_quit() -> None:
+    c = ready()
+    assert c.quit() == b"QUIT\r\n"
+    c.receive_data(b"221 2.0.0 bye\r\n")
+    assert c.phase is Phase.CLOSED and c.quit() == b""
+
+
+# -- preflight checks and MAIL/RCPT parameters -------------------------------------------
+
+
+def test_message_bigger_than_server_size_fails_without_sending() -> None:
+    c = ready()  # SIZE 1000
+    assert c.begin_transaction(envelope(2), [0, 1], b"x" * 1001) == b""
+    assert not c.awaiting_reply
+    outs = c.take_outcomes()
+    assert {(o.code, o.enhanced, o.kind) for o in outs} == {(552, "5.3.4", "permanent")}
+    assert c.usable and c.transactions == 0
+
+
+def test_size_zero_means_unlimited() -> None:
+    c = ready(b"250-mx.test\r\n250 SIZE 0\r\n")
+    out = c.begin_transaction(envelope(1), [0], b"x" * 5000)
+    assert out == b"MAIL FROM:<s@src.test> SIZE=5000\r\n"
+
+
+def test_8bit_body_param_when_offered() -> None:
+    c = ready()
+    out = c.begin_transaction(envelope(1, body="8BITMIME"), [0], "é\r\n".encode())
+    assert b"MAIL FROM:<s@src.test> SIZE=4 BODY=8BITMIME\r\n" in out
+
+
+def test_8bit_message_to_server_without_8bitmime_bounces_5_6_3() -> None:
+    c = ready(b"250-mx\r\n250 PIPELINING\r\n")
+    assert c.begin_transaction(envelope(1, body="8BITMIME"), [0], "é\r\n".encode()) == b""
+    [o] = c.take_outcomes()
+    assert (o.code, o.enhanced, o.kind) == (554, "5.6.3", "permanent")
+
+
+def test_declared_8bit_but_ascii_content_is_sent_without_body_param() -> None:
+    c = ready(b"250-mx\r\n250 PIPELINING\r\n")
+    out = c.begin_transaction(envelope(1, body="8BITMIME"), [0], b"plain\r\n")
+    assert out.startswith(b"MAIL FROM:<s@src.test>\r\n")
+
+
+def test_smtputf8_needed_but_not_offered_fails_5_6_7() -> None:
+    c = ready(b"250-mx\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+    env = envelope(recipients=[Recipient(address="jürgen@dst.test")], smtputf8=True)
+    assert c.begin_transaction(env, [0], b"x\r\n") == b""
+    [o] = c.take_outcomes()
+    assert (o.code, o.enhanced, o.kind) == (554, "5.6.7", "permanent")
+
+
+def test_smtputf8_flag_but_ascii_only_is_sent_without_it() -> None:
+    c = ready(b"250-mx\r\n250 PIPELINING\r\n")
+    out = c.begin_transaction(envelope(1, smtputf8=True), [0], b"Subject: x\r\n\r\n\xc3\xa9\r\n")
+    assert out.startswith(b"MAIL FROM:<s@src.test>\r\n")
+
+
+def test_smtputf8_param_and_utf8_addresses_when_offered() -> None:
+    c = ready()
+    env = envelope(recipients=[Recipient(address="jürgen@dst.test")], smtputf8=True)
+    out = c.begin_transaction(env, [0], b"x\r\n")
+    assert b" SMTPUTF8\r\n" in out
+    assert "RCPT TO:<jürgen@dst.test>\r\n".encode() in out
+
+
+def test_dsn_params_passed_when_offered() -> None:
+    c = ready()
+    env = envelope(
+        recipients=[Recipient(address="a@dst.test", notify=["SUCCESS", "FAILURE"],
+                              orcpt="rfc822;a+b=c@dst.test")],
+        ret="HDRS", envid="id 1+",
+    )
+    out = c.begin_transaction(env, [0], b"x\r\n")
+    assert b"MAIL FROM:<s@src.test> SIZE=3 RET=HDRS ENVID=id+201+2B\r\n" in out
+    assert b"RCPT TO:<a@dst.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a+2Bb+3Dc@dst.test\r\n" in out
+
+
+def test_dsn_params_dropped_when_not_offered() -> None:
+    c = ready(b"250-mx\r\n250 PIPELINING\r\n")
+    env = envelope(recipients=[Recipient(address="a@dst.test", notify=["NEVER"],
+                                         orcpt="rfc822;a@dst.test")], ret="FULL", envid="x")
+    out = c.begin_transaction(env, [0], b"x\r\n")
+    assert out == b"MAIL FROM:<s@src.test>\r\nRCPT TO:<a@dst.test>\r\nDATA\r\n"
+
+
+def test_crlf_in_recipient_is_refused_not_injected() -> None:
+    c = ready()
+    env = envelope(recipients=[Recipient(address="a@dst.test>\r\nRSET"),
+                               Recipient(address="b@dst.test")])
+    out = c.begin_transaction(env, [0, 1], b"x\r\n")
+    assert b"RSET" not in out and out.count(b"RCPT") == 1
+    c.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    c.receive_data(b"250 ok\r\n")
+    assert kinds(c) == [(0, "permanent", 553), (1, "delivered", 250)]
+
+
+def test_only_the_requested_recipients_in_given_order() -> None:
+    c = ready()
+    out = c.begin_transaction(envelope(4), [3, 1], b"x\r\n")
+    assert out.index(b"r3@") < out.index(b"r1@") and b"r0@" not in out
+    c.receive_data(b"250 ok\r\n250 ok\r\n550 no\r\n354 go\r\n250 ok\r\n")
+    assert kinds(c) == [(3, "delivered", 250), (1, "permanent", 550)]
+
+
+# -- dot-stuffing ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "wire"),
+    [
+        (b"a\r\n.b\r\n", b"a\r\n..b\r\n.\r\n"),
+        (b".leading\r\n", b"..leading\r\n.\r\n"),
+        (b"a\r\n.\r\nb\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
+        (b"no final crlf", b"no final crlf\r\n.\r\n"),
+        (b"ends with dot\r\n.", b"ends with dot\r\n..\r\n.\r\n"),
+        (b"", b".\r\n"),
+        (b"\r\n", b"\r\n.\r\n"),
+        (b"..two\r\n", b"...two\r\n.\r\n"),
+    ],
+)
+def test_dot_stuff(body: bytes, wire: bytes) -> None:
+    assert dot_stuff(body) == wire
+    # Round trip: the receiver's unstuffing gives the body back (plus a final CRLF).
+    received = wire[: -len(b".\r\n")]
+    if received.startswith(b"."):
+        received = received[1:]
+    received = received.replace(b"\r\n..", b"\r\n.")
+    assert received == (body if body.endswith(b"\r\n") or not body else body + b"\r\n")
