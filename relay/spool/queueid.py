@@ -25,6 +25,7 @@ which is what the spool's key order and ``relay queue list`` rely on.
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
 import threading
@@ -40,12 +41,8 @@ _lock = threading.Lock()
 _state = {"pid": -1, "last_ms": 0, "counter": 0}
 
 
-def _b32(value: int, width: int) -> str:
-    out = []
-    for _ in range(width):
-        out.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(out))
+# base64.b32encode (C speed) with its alphabet translated to ours, value for value.
+_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET.encode())
 
 
 def new_queue_id() -> str:
@@ -64,7 +61,9 @@ def new_queue_id() -> str:
         ms = max(now_ms, _state["last_ms"])
         _state["last_ms"] = ms
         counter = _state["counter"] = (_state["counter"] + 1) & 0x1FFFFFF
-    return _b32(ms, 9) + _b32(pid & 0xFFFFF, 4) + _b32(counter, 5)
+    value = (ms << 45) | ((pid & 0xFFFFF) << 25) | counter  # 90 bits = 18 digits
+    raw = base64.b32encode((value << 6).to_bytes(12, "big"))
+    return raw[:QUEUE_ID_LENGTH].translate(_TO_CROCKFORD).decode("ascii")
 
 
 def queue_id_time(queue_id: str) -> float:
