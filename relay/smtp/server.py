@@ -461,7 +461,7 @@ class ServerConnection:
             if len(buf) < limit:
                 return _MORE
             # Overlong: answer now, then drop everything up to the next LF.
-            buf.clear()
+            del buf[:limit]
             self._discarding_line = True
             if self._phase is Phase.AUTH:
                 self._phase = Phase.COMMAND
