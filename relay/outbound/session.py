@@ -44,7 +44,8 @@ from typing import Literal
 import msgspec
 import trio
 
-from relay.smtp.client import Phase, RecipientOutcome, ServerReply, SmtpClient
+from relay.smtp.client import Phase, RecipientOutcome, SmtpClient, reply_line, reply_text
+from relay.smtp.replies import Reply
 from relay.spool.records import Envelope
 
 __all__ = [
@@ -180,7 +181,7 @@ class ClientSession:
         return f"{self.mx_host}[{self.ip}]:{self.port}"
 
     @property
-    def last_error(self) -> ServerReply | None:
+    def last_error(self) -> Reply | None:
         """Why the session stopped being usable (a 421, a local reason), if it did."""
         return self._client.error
 
@@ -252,7 +253,7 @@ class ClientSession:
         session unusable. ``data`` is the message as spooled (CRLF, not dot-stuffed).
         """
         if not self.usable:
-            why = self._client.error.line if self._client.error else "session closed"
+            why = reply_line(self._client.error) if self._client.error else "session closed"
             return [RecipientOutcome(i, 421, "4.4.2", f"session not usable: {why}")
                     for i in recipients]
         client = self._client
@@ -403,7 +404,7 @@ async def _open(ip: str, port: int, mx_host: str, policy: SessionPolicy, *,
                         raise SessionError(
                             421, "4.7.4",
                             f"TLS is required, but host {session.peer} refused to start "
-                            f"TLS: {refused.line if refused else ''}".rstrip(),
+                            f"TLS: {reply_line(refused) if refused else ''}".rstrip(),
                             permanent=False)
         ok = True
         session.idle_since = time.monotonic()
@@ -421,14 +422,14 @@ def _check_ready(session: ClientSession, client: SmtpClient, stage: str) -> None
         raise SessionError(421, "4.5.0", f"{session.peer}: unexpected state after {stage}",
                            permanent=False)
     if client.greeting is None:  # lost or timed out before any greeting
-        raise SessionError(err.code, err.enhanced, err.text, permanent=False)
+        raise SessionError(err.code, err.status, reply_text(err), permanent=False)
     if client.greeting.code != 220:
         # Refused greeting: Postfix skips 5xx greeters and defers (smtp_skip_5xx_greeting).
-        raise SessionError(err.code, err.enhanced,
-                           f"host {session.peer} refused to talk to me: {err.text}",
+        raise SessionError(err.code, err.status,
+                           f"host {session.peer} refused to talk to me: {reply_text(err)}",
                            permanent=False)
-    if client.phase is Phase.CLOSED or err.enhanced == "4.5.0":
+    if client.phase is Phase.CLOSED or err.status == "4.5.0":
         # 421, a lost connection or a timeout (the text names the peer), a protocol error
-        raise SessionError(err.code, err.enhanced, err.text, permanent=False)
-    raise SessionError(err.code, err.enhanced,
-                       f"host {session.peer} refused to talk to me: {err.text}")
+        raise SessionError(err.code, err.status, reply_text(err), permanent=False)
+    raise SessionError(err.code, err.status,
+                       f"host {session.peer} refused to talk to me: {reply_text(err)}")

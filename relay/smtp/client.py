@@ -50,22 +50,23 @@ Local decisions, documented because an RFC leaves a choice:
 from __future__ import annotations
 
 import enum
-import re
 from collections import deque
 from typing import Literal
 
 import msgspec
 
+from relay.smtp.address import format_orcpt, xtext_encode
+from relay.smtp.replies import Reply, ReplyParseError, parse_reply
 from relay.spool.records import Envelope
 
 __all__ = [
     "Phase",
     "RecipientOutcome",
-    "ServerReply",
     "SmtpClient",
     "dot_stuff",
     "parse_ehlo_extensions",
-    "xtext_encode",
+    "reply_line",
+    "reply_text",
 ]
 
 #: Longest reply line accepted (RFC 5321 says 512 with CRLF; real servers exceed it).
@@ -73,35 +74,17 @@ MAX_REPLY_LINE = 8192
 #: Most lines in one multi-line reply (EHLO answers have ~15).
 MAX_REPLY_LINES = 256
 
-_ENHANCED_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: +|$)")
+def reply_text(reply: Reply) -> str:
+    """The reply's text lines joined with a space: how a remote reply is logged and put
+    into DSN Diagnostic-Code fields (one header line)."""
+    return " ".join(line for line in reply.lines if line)
 
 
-class ServerReply(msgspec.Struct, frozen=True):
-    """One complete (possibly multi-line) reply as received from a remote server.
-
-    ``enhanced`` is the RFC 3463 code of the first line when present and consistent with
-    the basic code's class; it is removed from ``lines``. ``text`` joins the lines with
-    a space, which is how the reply is logged and put into DSN Diagnostic-Code fields.
-    """
-
-    code: int
-    enhanced: str | None
-    lines: list[str]
-
-    @property
-    def text(self) -> str:
-        return " ".join(line for line in self.lines if line)
-
-    @property
-    def line(self) -> str:
-        """``"550 5.1.1 No such user"``: the reply as one log/diagnostic line."""
-        if self.enhanced:
-            return f"{self.code} {self.enhanced} {self.text}".rstrip()
-        return f"{self.code} {self.text}".rstrip()
-
-    @property
-    def positive(self) -> bool:
-        return 200 <= self.code < 300
+def reply_line(reply: Reply) -> str:
+    """``"550 5.1.1 No such user"``: a (possibly multi-line) reply as one line."""
+    if reply.status:
+        return f"{reply.code} {reply.status} {reply_text(reply)}".rstrip()
+    return f"{reply.code} {reply_text(reply)}".rstrip()
 
 
 class RecipientOutcome(msgspec.Struct, frozen=True):
@@ -144,18 +127,6 @@ class Phase(enum.Enum):
     FAILED = "failed"  # greeting/EHLO/HELO refused or a protocol error
 
 
-def xtext_encode(value: str) -> str:
-    """RFC 3461 xtext: printable ASCII except ``+`` and ``=``; all else as ``+XX``."""
-    out = []
-    for ch in value:
-        o = ord(ch)
-        if 33 <= o <= 126 and ch not in "+=":
-            out.append(ch)
-        else:
-            out.extend(f"+{b:02X}" for b in ch.encode("utf-8"))
-    return "".join(out)
-
-
 def dot_stuff(data: bytes) -> bytes:
     """The DATA payload for ``data``: dot-stuffed and terminated by ``CRLF . CRLF``.
 
@@ -168,7 +139,7 @@ def dot_stuff(data: bytes) -> bytes:
     return b"".join((head, stuffed, tail))
 
 
-def parse_ehlo_extensions(reply: ServerReply) -> dict[str, str]:
+def parse_ehlo_extensions(reply: Reply) -> dict[str, str]:
     """EHLO reply lines after the first -> ``{"SIZE": "10240000", "PIPELINING": ""}``."""
     ext: dict[str, str] = {}
     for line in reply.lines[1:]:
@@ -247,18 +218,17 @@ class SmtpClient:
             raise ValueError(f"invalid HELO name {helo_name!r}")
         self.helo_name = helo_name
         self.phase = Phase.GREETING
-        self.greeting: ServerReply | None = None
+        self.greeting: Reply | None = None
         #: The reply (or local reason) that made the session FAILED/CLOSED.
-        self.error: ServerReply | None = None
+        self.error: Reply | None = None
         #: The refusal of STARTTLS (non-220), if the server refused it.
-        self.starttls_refused: ServerReply | None = None
+        self.starttls_refused: Reply | None = None
         self.esmtp = False
         self.extensions: dict[str, str] = {}
         self.transactions = 0
         self.tls_active = False
         self._buf = bytearray()
-        self._lines: list[str] = []
-        self._code = 0
+        self._lines: list[bytes] = []
         self._pending: deque[int] = deque([_GREETING])
         self._txn: _Transaction | None = None
         self._needs_rset = False
@@ -440,8 +410,7 @@ class SmtpClient:
             if rcpt.notify:
                 line += " NOTIFY=" + ",".join(rcpt.notify)
             if rcpt.orcpt and rcpt.orcpt.isascii():
-                addr_type, _, addr = rcpt.orcpt.partition(";")
-                line += f" ORCPT={addr_type};{xtext_encode(addr)}"
+                line += " ORCPT=" + format_orcpt(rcpt.orcpt)
         return _command(line)
 
     # ------------------------------------------------------------------ results
@@ -473,21 +442,21 @@ class SmtpClient:
                         text: str = "lost connection") -> None:
         """EOF, reset or timeout: every recipient without an outcome gets this (transient)
         and the client is CLOSED."""
-        self._close(Phase.CLOSED, ServerReply(code, enhanced, [text]))
+        self._close(Phase.CLOSED, Reply(code, enhanced, text))
 
-    def _close(self, phase: Phase, reply: ServerReply) -> None:
+    def _close(self, phase: Phase, reply: Reply) -> None:
         if self.phase in (Phase.CLOSED, Phase.FAILED):
             return
         self.phase = phase
         self.error = reply
         self._pending.clear()
         if self._txn is not None:
-            self._txn.settle_rest(reply.code, reply.enhanced, reply.text)
+            self._txn.settle_rest(reply.code, reply.status, reply_text(reply))
             self._finish(False)
             self.phase = phase
 
     def _protocol_error(self, why: str) -> None:
-        self._close(Phase.FAILED, ServerReply(421, "4.5.0", [f"protocol error: {why}"]))
+        self._close(Phase.FAILED, Reply(421, "4.5.0", f"protocol error: {why}"))
 
     def receive_data(self, data: bytes) -> bytes:
         """Feed bytes read from the server; returns bytes to write next (maybe ``b""``)."""
@@ -515,45 +484,34 @@ class SmtpClient:
             self._protocol_error("reply line too long")
         return b"".join(out)
 
-    def _parse_line(self, raw: bytes) -> ServerReply | None:
+    def _parse_line(self, raw: bytes) -> Reply | None:
+        """Collect one line; at a reply's last line, parse the whole reply (shared
+        ``parse_reply``: code consistency, enhanced status stripped from every line)."""
         if len(raw) > MAX_REPLY_LINE:
             self._protocol_error("reply line too long")
             return None
-        code_s = raw[:3]
         sep = raw[3:4]
-        if len(code_s) != 3 or not code_s.isdigit() or code_s[:1] not in b"2345" or (
-                sep not in (b" ", b"-", b"")):
+        if not raw[:3].isdigit() or raw[:1] not in b"2345" or sep not in (b" ", b"-", b""):
             self._protocol_error(f"malformed SMTP reply {raw[:80]!r}")
             return None
-        code = int(code_s)
-        if self._lines and code != self._code:
-            self._protocol_error(f"reply code changed inside a multi-line reply: {raw[:80]!r}")
-            return None
-        self._code = code
-        self._lines.append(raw[4:].decode("utf-8", "replace"))
+        self._lines.append(raw)
         if sep == b"-":
             if len(self._lines) > MAX_REPLY_LINES:
                 self._protocol_error("too many reply lines")
             return None
         lines, self._lines = self._lines, []
-        enhanced = None
-        m = _ENHANCED_RE.match(lines[0])
-        if m and int(m.group(1)) == code // 100:
-            enhanced = f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
-            prefix = enhanced + " "
-            lines = [
-                ln[len(prefix):] if ln.startswith(prefix) else (
-                    "" if ln == enhanced else ln)
-                for ln in lines
-            ]
-        return ServerReply(code, enhanced, lines)
+        try:
+            return parse_reply(lines)
+        except ReplyParseError as e:
+            self._protocol_error(str(e)[:120])
+            return None
 
-    def _on_reply(self, reply: ServerReply, leftover: bool) -> bytes:
+    def _on_reply(self, reply: Reply, leftover: bool) -> bytes:
         if not self._pending:
             if reply.code == 421:
                 self._close(Phase.CLOSED, reply)
             else:
-                self._protocol_error(f"unexpected reply {reply.line[:80]!r}")
+                self._protocol_error(f"unexpected reply {reply_line(reply)[:80]!r}")
             return b""
         tag = self._pending.popleft()
         if reply.code == 421 and tag != _QUIT:
@@ -564,15 +522,15 @@ class SmtpClient:
 
     # -- handlers: (self, reply, leftover bytes after this reply?) -> bytes to send
 
-    def _on_greeting(self, reply: ServerReply, leftover: bool) -> bytes:
+    def _on_greeting(self, reply: Reply, leftover: bool) -> bytes:
         self.greeting = reply
         if reply.code != 220:
             self._close(Phase.FAILED, reply)
             return b""
         return self._ehlo()
 
-    def _on_ehlo(self, reply: ServerReply, leftover: bool) -> bytes:
-        if reply.positive:
+    def _on_ehlo(self, reply: Reply, leftover: bool) -> bytes:
+        if reply.is_success:
             self.esmtp = True
             self.extensions = parse_ehlo_extensions(reply)
             self.phase = Phase.READY
@@ -584,8 +542,8 @@ class SmtpClient:
         self._close(Phase.FAILED, reply)
         return b""
 
-    def _on_helo(self, reply: ServerReply, leftover: bool) -> bytes:
-        if reply.positive:
+    def _on_helo(self, reply: Reply, leftover: bool) -> bytes:
+        if reply.is_success:
             self.esmtp = False
             self.extensions = {}
             self.phase = Phase.READY
@@ -593,7 +551,7 @@ class SmtpClient:
             self._close(Phase.FAILED, reply)
         return b""
 
-    def _on_starttls(self, reply: ServerReply, leftover: bool) -> bytes:
+    def _on_starttls(self, reply: Reply, leftover: bool) -> bytes:
         if reply.code == 220:
             if leftover:
                 # Plaintext after the 220 would be read as if it came over TLS
@@ -606,7 +564,7 @@ class SmtpClient:
             self.phase = Phase.READY
         return b""
 
-    def _on_rset(self, reply: ServerReply, leftover: bool) -> bytes:
+    def _on_rset(self, reply: Reply, leftover: bool) -> bytes:
         txn = self._txn
         if txn is not None and not txn.mail_sent:
             txn.mail_sent = True
@@ -614,15 +572,15 @@ class SmtpClient:
             return txn.mail_cmd
         return b""
 
-    def _on_mail(self, reply: ServerReply, leftover: bool) -> bytes:
+    def _on_mail(self, reply: Reply, leftover: bool) -> bytes:
         txn = self._txn
         assert txn is not None
-        if reply.positive:
+        if reply.is_success:
             txn.mail_ok = True
             if not txn.pipelined:
                 return self._next_rcpt(txn)
             return b""
-        txn.settle_rest(reply.code, reply.enhanced, reply.text)
+        txn.settle_rest(reply.code, reply.status, reply_text(reply))
         if not txn.pipelined:
             self._finish(rset=True)
         return b""
@@ -632,15 +590,15 @@ class SmtpClient:
         self._pending.append(_RCPT)
         return cmd
 
-    def _on_rcpt(self, reply: ServerReply, leftover: bool) -> bytes:
+    def _on_rcpt(self, reply: Reply, leftover: bool) -> bytes:
         txn = self._txn
         assert txn is not None
         index, _cmd = txn.pending_rcpts.popleft()
         if txn.mail_ok:
-            if reply.positive:
+            if reply.is_success:
                 txn.accepted.append(index)
             else:
-                txn.settle([index], reply.code, reply.enhanced, reply.text)
+                txn.settle([index], reply.code, reply.status, reply_text(reply))
         if txn.pipelined:
             return b""
         if txn.pending_rcpts:
@@ -651,7 +609,7 @@ class SmtpClient:
         self._finish(rset=True)
         return b""
 
-    def _on_data(self, reply: ServerReply, leftover: bool) -> bytes:
+    def _on_data(self, reply: Reply, leftover: bool) -> bytes:
         txn = self._txn
         assert txn is not None
         if reply.code == 354:
@@ -665,26 +623,26 @@ class SmtpClient:
             return b".\r\n"
         if reply.code // 100 in (4, 5):
             if txn.mail_ok:
-                txn.settle(txn.accepted, reply.code, reply.enhanced, reply.text)
+                txn.settle(txn.accepted, reply.code, reply.status, reply_text(reply))
         elif txn.mail_ok and txn.accepted:
-            self._protocol_error(f"unexpected reply to DATA {reply.line[:80]!r}")
+            self._protocol_error(f"unexpected reply to DATA {reply_line(reply)[:80]!r}")
             return b""
         self._finish(rset=True)
         return b""
 
-    def _on_dot(self, reply: ServerReply, leftover: bool) -> bytes:
+    def _on_dot(self, reply: Reply, leftover: bool) -> bytes:
         txn = self._txn
         assert txn is not None
-        txn.settle(txn.accepted, reply.code, reply.enhanced, reply.text)
+        txn.settle(txn.accepted, reply.code, reply.status, reply_text(reply))
         self._finish(rset=False)
         return b""
 
-    def _on_dot_discard(self, reply: ServerReply, leftover: bool) -> bytes:
+    def _on_dot_discard(self, reply: Reply, leftover: bool) -> bytes:
         # Everyone already has a RCPT (or MAIL) failure; the server's answer is moot.
         self._finish(rset=False)
         return b""
 
-    def _on_quit(self, reply: ServerReply, leftover: bool) -> bytes:
+    def _on_quit(self, reply: Reply, leftover: bool) -> bytes:
         self.phase = Phase.CLOSED
         return b""
 

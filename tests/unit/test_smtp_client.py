@@ -82,7 +82,7 @@ def test_refused_greeting(greeting: bytes) -> None:
 def test_malformed_reply_is_a_protocol_error(junk: bytes) -> None:
     c = SmtpClient("relay.test")
     c.receive_data(junk)
-    assert c.phase is Phase.FAILED and c.error is not None and c.error.enhanced == "4.5.0"
+    assert c.phase is Phase.FAILED and c.error is not None and c.error.status == "4.5.0"
 
 
 def test_overlong_reply_line_is_a_protocol_error() -> None:
