@@ -35,12 +35,21 @@ Keys are bytes; ``qid`` is the ASCII queue id (18 chars, time-sortable, see
     the jobs of a message are adjacent (prefix ``qid + b"\\0"``), which is how
     ``complete`` sees that a message is finished (no job left -> delete ``msg``/``env``).
 ``sched``
-    ``u64be(due in ms) + u32be(crc32(domain)) + qid + b"\\0" + domain`` -> ``b""``.
-    The scheduler index, ordered by due time. A worker scans it from the start and
-    keeps keys whose ``crc32 % nshards == shard`` (``shard_of``); the hash is in the key,
-    not the shard number, so a changed worker count needs no migration. Every job has
-    exactly one index entry, derived from its stored ``due`` (the index key of a job is
-    always recomputed from the job record, never trusted from elsewhere).
+    ``u32be(crc32(domain)) + u64be(due in ms) + qid + b"\\0" + domain`` -> ``b""``.
+    The scheduler index: per domain hash, the jobs in due order. Every job has exactly
+    one entry, derived from its stored ``due`` (always recomputed from the job record).
+``dsched``
+    ``u64be(earliest due in ms) + u32be(crc32(domain))`` -> ``b""``: one entry per
+    domain hash that has jobs, ordered by that domain's earliest due time (claimed jobs
+    count with their lease expiry). Kept exact inside every write transaction.
+
+    A worker of ``shard`` out of ``nshards`` walks ``dsched`` from the start while the
+    due time is <= now, keeps hashes with ``hash % nshards == shard`` (``shard_of``),
+    and reads each such domain's due jobs from ``sched``, round robin across domains.
+    The hash is stored, not the shard number, so a changed worker count needs no
+    migration; and a huge due backlog of one domain (a throttled big provider) costs
+    the other workers one ``dsched`` step, not one step per job. ``next_due`` is the
+    first ``dsched`` entry of the shard.
 
 Leases instead of locks
 -----------------------

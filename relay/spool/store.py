@@ -50,11 +50,15 @@ _DB_MSG = b"msg"
 _DB_ENV = b"env"
 _DB_JOB = b"job"
 _DB_SCHED = b"sched"
+_DB_DSCHED = b"dsched"
 _META_SCHEMA = b"schema_version"
 
-#: sched key prefix: due time in milliseconds (u64 BE) + crc32 of the domain (u32 BE).
-_SCHED = struct.Struct(">QI")
+#: sched key prefix: crc32 of the domain (u32 BE) + due time in milliseconds (u64 BE).
+_SCHED = struct.Struct(">IQ")
 _SCHED_LEN = _SCHED.size
+_HASH = struct.Struct(">I")
+#: dsched key: the earliest due time (ms, u64 BE) of a domain hash's jobs + the hash.
+_DSCHED = struct.Struct(">QI")
 _SEP = b"\x00"
 
 _env_encode = msgspec.msgpack.Encoder().encode
@@ -117,12 +121,65 @@ def _job_key(qid: bytes, domain: str) -> bytes:
 
 
 def _sched_key(due: float, h: int, job_key: bytes) -> bytes:
-    return _SCHED.pack(_due_ms(due), h) + job_key
+    return _SCHED.pack(h, _due_ms(due)) + job_key
+
+
+class _Index:
+    """Keeps ``sched`` and ``dsched`` consistent within one write transaction.
+
+    Every change of a job's index entry goes through ``add``/``remove``; they remember
+    the earliest due time each touched domain hash had before, and ``finish`` (called
+    once, before commit) moves that hash's single ``dsched`` entry if it changed.
+    """
+
+    __slots__ = ("_cur", "_dsched", "_old", "_sched", "_txn")
+
+    def __init__(self, spool: Spool, txn: lmdb.Transaction) -> None:
+        self._txn = txn
+        self._sched = spool._sched
+        self._dsched = spool._dsched
+        self._cur = txn.cursor(spool._sched)
+        self._old: dict[int, int | None] = {}
+
+    def _first(self, h: int) -> int | None:
+        prefix = _HASH.pack(h)
+        cur = self._cur
+        if cur.set_range(prefix):
+            key = cur.key()
+            if key[:4] == prefix:
+                return _SCHED.unpack_from(key)[1]
+        return None
+
+    def touch(self, h: int) -> None:
+        if h not in self._old:
+            self._old[h] = self._first(h)
+
+    def add(self, h: int, due: float, jk: bytes) -> None:
+        self.touch(h)
+        self._txn.put(_sched_key(due, h, jk), b"", db=self._sched)
+
+    def remove(self, h: int, due: float, jk: bytes) -> bool:
+        return self.remove_key(h, _sched_key(due, h, jk))
+
+    def remove_key(self, h: int, key: bytes) -> bool:
+        self.touch(h)
+        return self._txn.delete(key, db=self._sched)
+
+    def finish(self) -> None:
+        txn, dsched = self._txn, self._dsched
+        for h, old in self._old.items():
+            new = self._first(h)
+            if new != old:
+                if old is not None:
+                    txn.delete(_DSCHED.pack(old, h), db=dsched)
+                if new is not None:
+                    txn.put(_DSCHED.pack(new, h), b"", db=dsched)
+        self._old.clear()
 
 
 # A message made ready for storing: everything encoded, so the commit thread only puts.
-# (qid, data, envelope msgpack, [(job key, job msgpack, sched key)])
-_Prepared = tuple[bytes, bytes, bytes, list[tuple[bytes, bytes, bytes]]]
+# (qid, data, envelope msgpack, [(job key, job msgpack, sched key, domain hash)])
+_Prepared = tuple[bytes, bytes, bytes, list[tuple[bytes, bytes, bytes, int]]]
 
 
 def prepare(msg: NewMessage, now: float | None = None) -> _Prepared:
@@ -146,7 +203,8 @@ def prepare(msg: NewMessage, now: float | None = None) -> _Prepared:
     for domain, idxs in by_domain.items():
         jk = _job_key(qid, domain)
         job = DeliveryJob(queue_id=env.queue_id, domain=domain, recipients=idxs, due=due)
-        jobs.append((jk, _job_encode(job), _sched_key(due, shard_hash(domain), jk)))
+        h = shard_hash(domain)
+        jobs.append((jk, _job_encode(job), _sched_key(due, h, jk), h))
     return qid, bytes(msg.data), _env_encode(env), jobs
 
 
@@ -221,6 +279,7 @@ class Spool:
             self._envdb = env.open_db(_DB_ENV, txn=txn, create=create)
             self._job = env.open_db(_DB_JOB, txn=txn, create=create)
             self._sched = env.open_db(_DB_SCHED, txn=txn, create=create)
+            self._dsched = env.open_db(_DB_DSCHED, txn=txn, create=create)
         except lmdb.NotFoundError:
             raise SpoolError(f"{self.path}: not a relay spool (missing databases)") from None
 
@@ -279,15 +338,19 @@ class Spool:
     def _put_prepared(self, txn: lmdb.Transaction, prepared: Sequence[_Prepared]) -> None:
         msgs = [(p[0], p[1]) for p in prepared]
         envs = [(p[0], p[2]) for p in prepared]
-        jobs = [(jk, jv) for p in prepared for jk, jv, _ in p[3]]
-        sched = [(sk, b"") for p in prepared for _, _, sk in p[3]]
+        jobs = [(j[0], j[1]) for p in prepared for j in p[3]]
+        sched = [(j[2], b"") for p in prepared for j in p[3]]
         _, added = txn.cursor(self._msg).putmulti(msgs, overwrite=False)
         if added != len(msgs):
             dup = [q.decode() for q, _ in msgs if txn.get(q, db=self._msg) is not None]
             raise DuplicateQueueId(f"queue id already in the spool: {dup[:5]}")
         txn.cursor(self._envdb).putmulti(envs)
         txn.cursor(self._job).putmulti(jobs)
+        idx = _Index(self, txn)
+        for h in {j[3] for p in prepared for j in p[3]}:
+            idx.touch(h)
         txn.cursor(self._sched).putmulti(sched)
+        idx.finish()
 
     # ------------------------------------------------------------------ outbound
 
@@ -312,23 +375,44 @@ class Spool:
             return []
         now_ms = _due_ms(now)
         cands: list[bytes] = []
-        with self._env.begin(db=self._sched) as txn:
-            for key in txn.cursor().iternext(values=False):
-                due_ms, h = _SCHED.unpack_from(key)
+        with self._env.begin() as txn:
+            # Domains of this shard with something due, earliest first (one dsched entry
+            # per domain hash, so other shards' backlogs cost one step per domain).
+            streams = []
+            for key in txn.cursor(self._dsched).iternext(values=False):
+                due_ms, h = _DSCHED.unpack(key)
                 if due_ms > now_ms:
                     break
                 if h % nshards == shard:
+                    cur = txn.cursor(self._sched)
+                    prefix = _HASH.pack(h)
+                    if cur.set_range(prefix):
+                        streams.append((prefix, cur.iternext(values=False)))
+                    if len(streams) >= limit:
+                        break
+            # Round robin over those domains, each in due order: a huge backlog of one
+            # domain cannot starve the others of this shard.
+            while streams and len(cands) < limit:
+                alive = []
+                for prefix, it in streams:
+                    key = next(it, None)
+                    if key is None or key[:4] != prefix or _SCHED.unpack_from(key)[1] > now_ms:
+                        continue
                     cands.append(key)
+                    alive.append((prefix, it))
                     if len(cands) >= limit:
                         break
+                streams = alive
         if not cands:
             return []
         until = now + lease
         pid = os.getpid()
         claimed: list[DeliveryJob] = []
         with self._env.begin(write=True) as txn:
+            idx = _Index(self, txn)
             for sk in cands:
-                if not txn.delete(sk, db=self._sched):
+                h = _HASH.unpack_from(sk)[0]
+                if not idx.remove_key(h, sk):
                     continue  # claimed, completed or rescheduled since the scan
                 jk = sk[_SCHED_LEN:]
                 raw = txn.get(jk, db=self._job)
@@ -338,8 +422,9 @@ class Spool:
                 job.due = until
                 job.claimed_by = pid
                 txn.put(jk, _job_encode(job), db=self._job)
-                txn.put(_sched_key(until, _SCHED.unpack_from(sk)[1], jk), b"", db=self._sched)
+                idx.add(h, until, jk)
                 claimed.append(job)
+            idx.finish()
         return claimed
 
     def next_due(self, shard: int, nshards: int) -> float | None:
@@ -348,9 +433,9 @@ class Spool:
         Includes lease expiries of claimed jobs (they become due then). A value <= now
         means ``due_jobs`` has work right away.
         """
-        with self._env.begin(db=self._sched) as txn:
-            for key in txn.cursor().iternext(values=False):
-                due_ms, h = _SCHED.unpack_from(key)
+        with self._env.begin() as txn:
+            for key in txn.cursor(self._dsched).iternext(values=False):
+                due_ms, h = _DSCHED.unpack(key)
                 if h % nshards == shard:
                     return due_ms / 1000.0
         return None
@@ -403,9 +488,10 @@ class Spool:
         with self._env.begin(write=True) as txn:
             raw = txn.get(jk, db=self._job)
             if raw is not None:
+                idx = _Index(self, txn)
                 job = _job_decode(raw)
                 h = shard_hash(job.domain)
-                txn.delete(_sched_key(job.due, h, jk), db=self._sched)
+                idx.remove(h, job.due, jk)
                 remaining = [i for i in job.recipients if i not in done]
                 if remaining:
                     job.recipients = remaining
@@ -415,12 +501,13 @@ class Spool:
                     job.first_attempt = first_attempt
                     job.claimed_by = None
                     txn.put(jk, _job_encode(job), db=self._job)
-                    txn.put(_sched_key(job.due, h, jk), b"", db=self._sched)
+                    idx.add(h, job.due, jk)
                 else:
                     txn.delete(jk, db=self._job)
                     if not self._has_jobs(txn, qid):
                         txn.delete(qid, db=self._msg)
                         txn.delete(qid, db=self._envdb)
+                idx.finish()
             if prepared:
                 self._put_prepared(txn, prepared)
 
@@ -460,6 +547,7 @@ class Spool:
         dom = domain.lower().rstrip(".") if domain is not None else None
         count = 0
         with self._env.begin(write=True) as txn:
+            idx = _Index(self, txn)
             if queue_id is not None:
                 items = self._jobs_of(txn, queue_id.encode("ascii"))
             else:
@@ -472,12 +560,13 @@ class Spool:
                 if job.due <= now:
                     continue
                 h = shard_hash(job.domain)
-                txn.delete(_sched_key(job.due, h, jk), db=self._sched)
+                idx.remove(h, job.due, jk)
                 job.due = now
                 job.claimed_by = None
                 txn.put(jk, _job_encode(job), db=self._job)
-                txn.put(_sched_key(now, h, jk), b"", db=self._sched)
+                idx.add(h, now, jk)
                 count += 1
+            idx.finish()
         return count
 
     def delete(self, queue_id: str) -> bool:
@@ -488,10 +577,12 @@ class Spool:
         """
         qid = queue_id.encode("ascii")
         with self._env.begin(write=True) as txn:
+            idx = _Index(self, txn)
             jobs = self._jobs_of(txn, qid)
             for jk, job in jobs:
-                txn.delete(_sched_key(job.due, shard_hash(job.domain), jk), db=self._sched)
+                idx.remove(shard_hash(job.domain), job.due, jk)
                 txn.delete(jk, db=self._job)
+            idx.finish()
             had_msg = txn.delete(qid, db=self._msg)
             had_env = txn.delete(qid, db=self._envdb)
         return bool(jobs) or had_msg or had_env
@@ -511,7 +602,8 @@ class Spool:
         now = time.time()
         count = 0
         with self._env.begin(write=True) as txn:
-            for k, v in txn.cursor(self._job):
+            idx = _Index(self, txn)
+            for k, v in list(txn.cursor(self._job)):
                 job = _job_decode(v)
                 if job.claimed_by is None:
                     continue
@@ -521,12 +613,13 @@ class Spool:
                 if only_dead and _pid_alive(job.claimed_by):
                     continue
                 jk = bytes(k)
-                txn.delete(_sched_key(job.due, h, jk), db=self._sched)
+                idx.remove(h, job.due, jk)
                 job.due = now
                 job.claimed_by = None
                 txn.put(jk, _job_encode(job), db=self._job)
-                txn.put(_sched_key(now, h, jk), b"", db=self._sched)
+                idx.add(h, now, jk)
                 count += 1
+            idx.finish()
         return count
 
     def verify(self) -> list[str]:
@@ -544,6 +637,7 @@ class Spool:
             for k, v in txn.cursor(self._envdb):
                 envs[bytes(k)] = len(_head_decode(v).recipients)
             expected_sched = set()
+            first_due: dict[int, int] = {}
             with_jobs = set()
             for k, v in txn.cursor(self._job):
                 jk = bytes(k)
@@ -554,8 +648,12 @@ class Spool:
                     problems.append(f"job {jk!r}: message or envelope missing")
                 elif not job.recipients or max(job.recipients) >= envs[qid]:
                     problems.append(f"job {jk!r}: bad recipient indexes {job.recipients}")
-                expected_sched.add(_sched_key(job.due, shard_hash(job.domain), jk))
+                h = shard_hash(job.domain)
+                expected_sched.add(_sched_key(job.due, h, jk))
+                first_due[h] = min(first_due.get(h, _due_ms(job.due)), _due_ms(job.due))
             sched = {bytes(k) for k in txn.cursor(self._sched).iternext(values=False)}
+            dsched = {bytes(k) for k in txn.cursor(self._dsched).iternext(values=False)}
+        expected_dsched = {_DSCHED.pack(d, h) for h, d in first_due.items()}
         for qid in sorted(msgs ^ set(envs)):
             problems.append(f"message {qid!r}: bytes and envelope not both present")
         for qid in sorted(msgs - with_jobs):
@@ -564,6 +662,8 @@ class Spool:
             problems.append(f"job {sk[_SCHED_LEN:]!r}: no scheduler entry")
         for sk in sorted(sched - expected_sched):
             problems.append(f"scheduler entry {sk!r}: no matching job")
+        for dk in sorted(expected_dsched ^ dsched):
+            problems.append(f"domain scheduler entry {_DSCHED.unpack(dk)} wrong or missing")
         return problems
 
     # ------------------------------------------------------------------ operator views
