@@ -73,6 +73,9 @@ __all__ = [
 MAX_REPLY_LINE = 8192
 #: Most lines in one multi-line reply (EHLO answers have ~15).
 MAX_REPLY_LINES = 256
+#: Parsed single-line replies by their raw bytes (process-wide, bounded).
+_REPLY_CACHE: dict[bytes, Reply] = {}
+_REPLY_CACHE_SIZE = 1024
 
 def reply_text(reply: Reply) -> str:
     """The reply's text lines joined with a space: how a remote reply is logged and put
@@ -500,11 +503,22 @@ class SmtpClient:
                 self._protocol_error("too many reply lines")
             return None
         lines, self._lines = self._lines, []
+        if len(lines) == 1:
+            # Bulk sending sees the same few replies ("250 2.1.5 Ok") millions of times:
+            # parse each distinct single-line reply once (Reply is immutable).
+            cached = _REPLY_CACHE.get(raw)
+            if cached is not None:
+                return cached
         try:
-            return parse_reply(lines)
+            reply = parse_reply(lines)
         except ReplyParseError as e:
             self._protocol_error(str(e)[:120])
             return None
+        if len(lines) == 1:
+            if len(_REPLY_CACHE) >= _REPLY_CACHE_SIZE:
+                _REPLY_CACHE.clear()  # unique "queued as" ids must not grow it forever
+            _REPLY_CACHE[raw] = reply
+        return reply
 
     def _on_reply(self, reply: Reply, leftover: bool) -> bytes:
         if not self._pending:

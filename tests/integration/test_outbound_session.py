@@ -383,3 +383,49 @@ async def test_session_is_a_context_manager_and_reports_itself(nursery: trio.Nur
             assert (session.mx_host, session.ip, session.port) == (MX, LOOPBACK, port)
             assert session.dsn in (True, False)
             assert MX in repr(session)
+
+
+async def test_source_address_is_used(nursery: trio.Nursery) -> None:
+    sink, port = await start_sink(nursery)
+    with trio.fail_after(5):
+        session = await open_session(LOOPBACK, port, MX, policy(source_address=LOOPBACK))
+        [o] = await session.deliver(envelope("a@one.test"), [0], BODY)
+        assert o.kind == "delivered"
+        await session.aclose()
+    assert sink.messages[0][3].startswith(LOOPBACK + ":")
+
+
+async def test_cancelled_delivery_leaves_session_unusable(nursery: trio.Nursery) -> None:
+    _sink, port = await start_sink(nursery, behaviours={"slow.test": Behaviour.STALL},
+                                   stall_seconds=30.0)
+    with trio.fail_after(5):
+        session = await open_session(LOOPBACK, port, MX, policy(command_timeout=10.0))
+        with trio.move_on_after(0.2) as scope:
+            await session.deliver(envelope("a@slow.test"), [0], BODY)
+        assert scope.cancelled_caught
+        assert not session.usable
+        await session.aclose()
+
+
+async def test_server_421_while_idle_fails_next_delivery_transiently(
+        nursery: trio.Nursery) -> None:
+    sent_421 = trio.Event()
+
+    def answer(line: bytes) -> bytes | None:
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            return b"250-idle.test\r\n250 PIPELINING\r\n"
+        if verb == b"NOOP":  # our cue: the "idle timeout" fires now
+            sent_421.set()
+            return b"421 4.4.2 idle timeout\r\n"
+        return b"250 ok\r\n"
+
+    port = await start_peer(nursery, b"220 idle.test\r\n", answer)
+    with trio.fail_after(5):
+        session = await open_session(LOOPBACK, port, MX, policy())
+        await session._stream.send_all(b"NOOP\r\n")  # provoke the unsolicited 421
+        await sent_421.wait()
+        [o] = await session.deliver(envelope("a@x.test"), [0], BODY)
+        assert o.kind == "transient"
+        assert not session.usable
+        await session.aclose()
