@@ -79,18 +79,9 @@ class InboundContext:
         events: EventLog,
         ssl_context: ssl.SSLContext | None,
     ) -> InboundContext:
-        inbound = config.inbound
-        authenticator = Authenticator(inbound.auth_users)
         hostname = config.server.resolved_hostname()
-        settings = ServerSettings(
-            hostname=hostname,
-            max_message_size=inbound.max_message_bytes(),
-            max_recipients=inbound.max_recipients,
-            max_line_length=inbound.max_line_length,
-            max_errors=inbound.max_errors,
-            tls_available=ssl_context is not None,
-            allow_plaintext_auth=inbound.allow_plaintext_auth,
-            auth_enabled=authenticator.enabled,
+        settings = ServerSettings.from_config(
+            config.inbound, hostname=hostname, tls_available=ssl_context is not None
         )
         return cls(
             config=config,
@@ -98,7 +89,7 @@ class InboundContext:
             writer=writer,
             new_queue_id=new_queue_id,
             events=events,
-            authenticator=authenticator,
+            authenticator=Authenticator(config.inbound.auth_users),
             ssl_context=ssl_context,
             networks=config.relay.networks(),
             hostname=hostname,

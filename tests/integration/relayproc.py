@@ -38,8 +38,21 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):  # t
         time.sleep(interval)
 
 
-def relay_config(tmp: Path, port: int, *, workers: int = 2, extra: str = "") -> str:
-    """A complete config for a test relay; ``extra`` TOML is appended (new tables only)."""
+#: Unless a test routes mail itself, everything goes to a closed loopback port, so the
+#: relay never looks anything up in DNS or sends anywhere but loopback; mail stays queued.
+NOWHERE = """
+[outbound]
+smart_host = "127.0.0.1:9"
+"""
+
+
+def relay_config(
+    tmp: Path, port: int, *, workers: int = 2, inbound: str = "", extra: str = ""
+) -> str:
+    """A complete config for a test relay: ``inbound`` lines go into the [inbound] table,
+    ``extra`` TOML (other tables) is appended."""
+    if "[outbound]" not in extra:
+        extra = NOWHERE + extra
     return f"""
 [server]
 hostname = "relay.test"
@@ -49,6 +62,7 @@ restart_backoff_min = 0.1
 
 [inbound]
 listen = ["127.0.0.1:{port}"]
+{inbound}
 
 [spool]
 path = "{tmp / 'spool'}"
@@ -136,8 +150,12 @@ class RelayProcess:
         )
 
 
-def make_relay(tmp: Path, *, workers: int = 2, extra: str = "") -> RelayProcess:
+def make_relay(
+    tmp: Path, *, workers: int = 2, inbound: str = "", extra: str = ""
+) -> RelayProcess:
     port = free_port()
     config_path = tmp / "relay.toml"
-    config_path.write_text(relay_config(tmp, port, workers=workers, extra=extra))
+    config_path.write_text(
+        relay_config(tmp, port, workers=workers, inbound=inbound, extra=extra)
+    )
     return RelayProcess(tmp=tmp, port=port, config_path=config_path)
