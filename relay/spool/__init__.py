@@ -3,7 +3,10 @@
 Inbound stores each accepted message with a synced commit before it answers 250
 (``GroupCommitWriter.submit``, many sessions per commit). Outbound claims due delivery
 jobs of its shard (``Spool.due_jobs``), loads the message (``Spool.load``) and records
-the outcome (``Spool.complete``), bounces included, atomically.
+the outcome, bounces included, atomically (``Spool.complete`` in a thread, or better
+``GroupCommitWriter.submit_completion``, which shares the inbound commits' fsync).
+Every LMDB write transaction is synced and LMDB has ONE writer lock for all processes,
+so the number of write transactions per second is the budget to spend carefully.
 
 Process model
 -------------
@@ -65,6 +68,7 @@ from relay.spool.queueid import QUEUE_ID_LENGTH, new_queue_id, queue_id_time
 from relay.spool.records import DeliveryJob, Envelope, NewMessage, Recipient
 from relay.spool.store import (
     SCHEMA_VERSION,
+    Completion,
     DuplicateQueueId,
     MessageNotFound,
     Spool,
@@ -79,6 +83,7 @@ from relay.spool.writer import GroupCommitWriter, SpoolClosed
 __all__ = [
     "QUEUE_ID_LENGTH",
     "SCHEMA_VERSION",
+    "Completion",
     "DeliveryJob",
     "DomainCount",
     "DuplicateQueueId",

@@ -32,6 +32,7 @@ from relay.spool.views import (
 
 __all__ = [
     "SCHEMA_VERSION",
+    "Completion",
     "DuplicateQueueId",
     "MessageNotFound",
     "Spool",
@@ -81,6 +82,23 @@ class _RcptHead(msgspec.Struct):
 
 
 _head_decode = msgspec.msgpack.Decoder(_EnvHead).decode
+
+
+class Completion(msgspec.Struct, kw_only=True):
+    """The outcome of one delivery attempt of job (queue_id, domain); see
+    ``Spool.complete`` for the meaning of each field. Batched by ``Spool.complete_many``
+    and ``GroupCommitWriter.submit_completion`` (many completions, one fsync)."""
+
+    queue_id: str
+    domain: str
+    delivered: list[int] = []
+    failed: list[int] = []
+    deferred: list[int] = []
+    next_due: float | None = None
+    attempts: int = 0
+    error: str | None = None
+    first_attempt: float | None = None
+    new_messages: list[NewMessage] = []
 
 
 class SpoolError(Exception):
@@ -208,6 +226,14 @@ def prepare(msg: NewMessage, now: float | None = None) -> _Prepared:
     return qid, bytes(msg.data), _env_encode(env), jobs
 
 
+_PreparedCompletion = tuple[Completion, list[_Prepared]]
+
+
+def prepare_completion(c: Completion) -> _PreparedCompletion:
+    """Validate and encode the DSNs of a completion (ValueError for a bad one)."""
+    return c, [prepare(m) for m in c.new_messages]
+
+
 class Spool:
     """The durable queue in one LMDB environment (directory ``path``).
 
@@ -328,14 +354,29 @@ class Spool:
         now = time.time()
         self.write_prepared([prepare(m, now) for m in messages])
 
-    def write_prepared(self, prepared: Sequence[_Prepared]) -> None:
-        """``store_batch`` for messages already passed through ``prepare``."""
-        if not prepared:
+    def write_prepared(
+        self,
+        prepared: Sequence[_Prepared],
+        completions: Sequence[_PreparedCompletion] = (),
+    ) -> None:
+        """Store prepared messages and apply prepared completions in ONE synced write
+        transaction (what the group-commit writer runs in its thread)."""
+        if not prepared and not completions:
             return
         with self._env.begin(write=True) as txn:
-            self._put_prepared(txn, prepared)
+            idx = _Index(self, txn)
+            new = list(prepared)
+            for _, dsns in completions:
+                new += dsns
+            if new:
+                self._put_prepared(txn, new, idx)
+            for c, _ in completions:
+                self._apply_completion(txn, idx, c)
+            idx.finish()
 
-    def _put_prepared(self, txn: lmdb.Transaction, prepared: Sequence[_Prepared]) -> None:
+    def _put_prepared(
+        self, txn: lmdb.Transaction, prepared: Sequence[_Prepared], idx: _Index | None = None
+    ) -> None:
         msgs = [(p[0], p[1]) for p in prepared]
         envs = [(p[0], p[2]) for p in prepared]
         jobs = [(j[0], j[1]) for p in prepared for j in p[3]]
@@ -346,11 +387,14 @@ class Spool:
             raise DuplicateQueueId(f"queue id already in the spool: {dup[:5]}")
         txn.cursor(self._envdb).putmulti(envs)
         txn.cursor(self._job).putmulti(jobs)
-        idx = _Index(self, txn)
+        own = idx is None
+        if idx is None:
+            idx = _Index(self, txn)
         for h in {j[3] for p in prepared for j in p[3]}:
             idx.touch(h)
         txn.cursor(self._sched).putmulti(sched)
-        idx.finish()
+        if own:
+            idx.finish()
 
     # ------------------------------------------------------------------ outbound
 
@@ -479,37 +523,50 @@ class Spool:
         neither. If the job no longer exists (operator deleted the message meanwhile),
         only ``new_messages`` are stored.
         """
-        del deferred
-        prepared = [prepare(m) for m in new_messages]
-        qid = queue_id.encode("ascii")
-        jk = _job_key(qid, domain)
-        done = set(delivered)
-        done.update(failed)
-        with self._env.begin(write=True) as txn:
-            raw = txn.get(jk, db=self._job)
-            if raw is not None:
-                idx = _Index(self, txn)
-                job = _job_decode(raw)
-                h = shard_hash(job.domain)
-                idx.remove(h, job.due, jk)
-                remaining = [i for i in job.recipients if i not in done]
-                if remaining:
-                    job.recipients = remaining
-                    job.due = time.time() if next_due is None else next_due
-                    job.attempts = attempts
-                    job.last_error = error
-                    job.first_attempt = first_attempt
-                    job.claimed_by = None
-                    txn.put(jk, _job_encode(job), db=self._job)
-                    idx.add(h, job.due, jk)
-                else:
-                    txn.delete(jk, db=self._job)
-                    if not self._has_jobs(txn, qid):
-                        txn.delete(qid, db=self._msg)
-                        txn.delete(qid, db=self._envdb)
-                idx.finish()
-            if prepared:
-                self._put_prepared(txn, prepared)
+        c = Completion(
+            queue_id=queue_id,
+            domain=domain,
+            delivered=list(delivered),
+            failed=list(failed),
+            deferred=list(deferred),
+            next_due=next_due,
+            attempts=attempts,
+            error=error,
+            first_attempt=first_attempt,
+            new_messages=list(new_messages),
+        )
+        self.write_prepared((), [prepare_completion(c)])
+
+    def complete_many(self, completions: Sequence[Completion]) -> None:
+        """Several ``complete`` calls in ONE synced transaction (all or nothing)."""
+        self.write_prepared((), [prepare_completion(c) for c in completions])
+
+    def _apply_completion(self, txn: lmdb.Transaction, idx: _Index, c: Completion) -> None:
+        qid = c.queue_id.encode("ascii")
+        jk = _job_key(qid, c.domain)
+        raw = txn.get(jk, db=self._job)
+        if raw is None:
+            return  # deleted by the operator meanwhile (or completed twice)
+        done = set(c.delivered)
+        done.update(c.failed)
+        job = _job_decode(raw)
+        h = shard_hash(job.domain)
+        idx.remove(h, job.due, jk)
+        remaining = [i for i in job.recipients if i not in done]
+        if remaining:
+            job.recipients = remaining
+            job.due = time.time() if c.next_due is None else c.next_due
+            job.attempts = c.attempts
+            job.last_error = c.error
+            job.first_attempt = c.first_attempt
+            job.claimed_by = None
+            txn.put(jk, _job_encode(job), db=self._job)
+            idx.add(h, job.due, jk)
+        else:
+            txn.delete(jk, db=self._job)
+            if not self._has_jobs(txn, qid):
+                txn.delete(qid, db=self._msg)
+                txn.delete(qid, db=self._envdb)
 
     async def acomplete(self, queue_id: str, domain: str, **kwargs: object) -> None:
         """``complete`` from trio: runs it in a worker thread (not cancellable midway)."""

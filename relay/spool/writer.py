@@ -16,6 +16,11 @@ messages of every session that finished DATA at about the same time together:
   batch) and ``on_commit(messages)`` runs in the trio thread (e.g. to wake the worker
   that owns the recipients' shard).
 
+Outbound completions (``submit_completion``: delivered/failed/deferred recipients and
+their DSNs) ride in the same batches: a delivery outcome needs a synced commit too
+(else a crash re-delivers), and LMDB has one writer lock for all processes, so one
+fsync per completion would cap the whole machine at ~1/fsync-latency deliveries/s.
+
 Shutdown: ``await writer.aclose()`` refuses new submissions (``SpoolClosed``), commits
 everything already submitted, and makes ``run`` return; then cancel the nursery as
 usual. If ``run`` is cancelled instead, a commit already in its thread still finishes
@@ -33,7 +38,7 @@ from collections.abc import Callable, Sequence
 import trio
 
 from relay.spool.records import NewMessage
-from relay.spool.store import Spool, SpoolError, prepare
+from relay.spool.store import Completion, Spool, SpoolError, prepare, prepare_completion
 
 __all__ = ["GroupCommitWriter", "SpoolClosed"]
 
@@ -45,11 +50,14 @@ class SpoolClosed(SpoolError):
 
 
 class _Batch:
-    __slots__ = ("done", "error", "messages", "prepared")
+    __slots__ = ("completions", "done", "error", "messages", "prepared", "size")
 
     def __init__(self) -> None:
+        #: Every message this commit stores: inbound ones and DSNs from completions.
         self.messages: list[NewMessage] = []
         self.prepared: list = []
+        self.completions: list = []
+        self.size = 0
         self.done = trio.Event()
         self.error: BaseException | None = None
 
@@ -67,7 +75,12 @@ class GroupCommitWriter:
         ...
         await writer.aclose()
 
-    Counters ``commits``, ``messages`` and ``failed_commits`` are for metrics and tests.
+    Outbound records delivery outcomes through the same writer
+    (``submit_completion``), so deliveries and receptions share fsyncs too.
+    ``on_commit(messages)`` gets every message the commit stored, DSNs included.
+
+    Counters ``commits``, ``messages`` (inbound), ``completions`` and ``failed_commits``
+    are for metrics and tests.
     """
 
     def __init__(
@@ -91,6 +104,10 @@ class GroupCommitWriter:
         self.commits = 0
         self.messages = 0
         self.failed_commits = 0
+        self.completions = 0
+        # Our own thread slot: outbound threads blocked on LMDB's writer lock must never
+        # keep the commit from getting a thread.
+        self._limiter = trio.CapacityLimiter(1)
 
     async def submit(self, msg: NewMessage) -> None:
         """Return once ``msg`` is in a synced, committed transaction.
@@ -104,15 +121,37 @@ class GroupCommitWriter:
         if self._closing:
             raise SpoolClosed("spool writer is shutting down")
         prepared = prepare(msg)
-        batches = self._batches
-        if not batches or len(batches[-1].messages) >= self.max_batch:
-            batches.append(_Batch())
-        batch = batches[-1]
+        batch = self._enqueue()
         batch.messages.append(msg)
         batch.prepared.append(prepared)
+        await self._wait(batch)
+
+    async def submit_completion(self, completion: Completion) -> None:
+        """``Spool.complete`` through the group commit: returns once the outcome (and
+        its DSNs, atomically with it) is committed. Outbound workers use this instead
+        of one synced transaction per delivery: completions and inbound messages of
+        the same moment share one fsync. Raises like ``submit``.
+        """
+        if self._closing:
+            raise SpoolClosed("spool writer is shutting down")
+        prepared = prepare_completion(completion)
+        batch = self._enqueue()
+        batch.completions.append(prepared)
+        batch.messages.extend(completion.new_messages)
+        await self._wait(batch)
+
+    def _enqueue(self) -> _Batch:
+        batches = self._batches
+        if not batches or batches[-1].size >= self.max_batch:
+            batches.append(_Batch())
+        batch = batches[-1]
+        batch.size += 1
         self._pending.set()
-        if len(batch.messages) >= self.max_batch or len(batches) > 1:
+        if batch.size >= self.max_batch or len(batches) > 1:
             self._full.set()
+        return batch
+
+    async def _wait(self, batch: _Batch) -> None:
         await batch.done.wait()
         if batch.error is not None:
             if isinstance(batch.error, SpoolError):
@@ -153,20 +192,23 @@ class GroupCommitWriter:
         deadline = trio.current_time() + self.commit_window
         gap = self.commit_window / 4
         while (
-            len(head.messages) < self.max_batch
+            head.size < self.max_batch
             and len(self._batches) == 1
             and not self._closing
         ):
-            before = len(head.messages)
+            before = head.size
             self._full = trio.Event()
             with trio.move_on_at(min(deadline, trio.current_time() + gap)):
                 await self._full.wait()
-            if len(head.messages) == before or trio.current_time() >= deadline:
+            if head.size == before or trio.current_time() >= deadline:
                 return
 
     async def _commit(self, batch: _Batch) -> None:
         try:
-            await trio.to_thread.run_sync(self.spool.write_prepared, batch.prepared)
+            await trio.to_thread.run_sync(
+                self.spool.write_prepared, batch.prepared, batch.completions,
+                limiter=self._limiter,
+            )
         except BaseException as e:
             # A Cancelled cannot reach here mid-commit (the thread is not abandoned), so
             # any exception is the commit's own failure: nothing was written.
@@ -174,13 +216,14 @@ class GroupCommitWriter:
             self.failed_commits += 1
             batch.done.set()
             if isinstance(e, Exception):
-                log.error("spool commit of %d messages failed: %r", len(batch.messages), e)
+                log.error("spool commit of %d items failed: %r", batch.size, e)
                 return
             raise
         self.commits += 1
-        self.messages += len(batch.messages)
+        self.messages += len(batch.prepared)
+        self.completions += len(batch.completions)
         batch.done.set()
-        if self.on_commit is not None:
+        if self.on_commit is not None and batch.messages:
             try:
                 self.on_commit(batch.messages)
             except Exception:
@@ -198,6 +241,9 @@ class GroupCommitWriter:
         return {
             "commits": self.commits,
             "messages": self.messages,
+            "completions": self.completions,
             "failed_commits": self.failed_commits,
-            "mean_batch": self.messages / self.commits if self.commits else math.nan,
+            "mean_batch": (
+                (self.messages + self.completions) / self.commits if self.commits else math.nan
+            ),
         }

@@ -9,6 +9,7 @@ import trio
 import trio.testing
 
 from relay.spool import (
+    Completion,
     Envelope,
     GroupCommitWriter,
     NewMessage,
@@ -96,7 +97,7 @@ async def test_bad_message_fails_only_its_submitter(spool):
 async def test_commit_failure_raises_in_every_waiter(spool, monkeypatch):
     writer = GroupCommitWriter(spool, commit_window=0.01, max_batch=16)
 
-    def boom(prepared):
+    def boom(*args):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(spool, "write_prepared", boom)
@@ -160,3 +161,40 @@ async def test_cancelled_writer_fails_waiters_instead_of_hanging(spool):
             await trio.testing.wait_all_tasks_blocked()
             nursery.cancel_scope.cancel()
     assert outcome == ["closed"] * 3
+
+
+async def test_completions_share_commits_with_inbound(spool):
+    stored: list[str] = []
+    writer = GroupCommitWriter(spool, commit_window=0.005, max_batch=1000,
+                               on_commit=lambda msgs: stored.extend(m.envelope.queue_id
+                                                                    for m in msgs))
+    first = [make_msg(f"u{i}@d{i % 5}.example") for i in range(30)]
+    spool.store_batch(first)
+    jobs = spool.due_jobs(time.time() + 1, 0, 1, 100)
+    assert len(jobs) == 30
+    second = [make_msg() for _ in range(30)]
+    bounce = make_msg("s@example.org")
+    bounce.envelope.sender = ""
+
+    async def complete(j) -> None:
+        failed = j.queue_id == jobs[0].queue_id
+        await writer.submit_completion(Completion(
+            queue_id=j.queue_id, domain=j.domain, delivered=[] if failed else j.recipients,
+            failed=j.recipients if failed else [], new_messages=[bounce] if failed else []))
+        assert spool.show(j.queue_id) is None  # visible on return
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            async with trio.open_nursery() as work:
+                for j in jobs:
+                    work.start_soon(complete, j)
+                for m in second:
+                    work.start_soon(writer.submit, m)
+            await writer.aclose()
+    assert writer.completions == 30 and writer.messages == 30
+    assert writer.commits < 10
+    assert sorted(stored) == sorted([m.envelope.queue_id for m in second]
+                                    + [bounce.envelope.queue_id])
+    st = spool.stats()
+    assert st.messages == 31 and spool.verify() == []
