@@ -11,11 +11,12 @@ so the number of write transactions per second is the budget to spend carefully.
 Process model
 -------------
 Every worker opens its own ``Spool`` after ``fork()`` (``lock=True``, ``sync=True``,
-``metasync=True``, ``writemap=True``, ``readahead=False``, ``max_dbs=8``, large sparse
-``map_size``) and calls ``reader_check()`` on open to free reader slots of crashed
-workers. LMDB serialises write transactions across processes with a robust mutex, so
-any worker may write at any time. Nothing is shared in memory; a wake-up after commit
-(``on_commit``) is only a hint, the LMDB scheduler index is the truth.
+``metasync=True``, ``writemap=False`` (see ``Spool``), ``readahead=False``,
+``max_dbs=8``, a large ``map_size``) and calls ``reader_check()`` on open to free reader
+slots of crashed workers. LMDB serialises write transactions across processes with a
+robust mutex, so any worker may write at any time. Nothing is shared in memory; a
+wake-up after commit (``on_commit``) is only a hint, the LMDB scheduler index is the
+truth.
 
 Schema (version ``SCHEMA_VERSION`` = 1), named databases
 --------------------------------------------------------

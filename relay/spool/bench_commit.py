@@ -70,18 +70,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--window", type=float, default=0.002, help="commit_window seconds")
     ap.add_argument("--max-batch", type=int, default=512)
-    ap.add_argument("--no-writemap", action="store_true")
+    ap.add_argument("--writemap", action="store_true", help="open with writemap=True")
     ap.add_argument("--dir", default=".", help="where to create the temporary spool")
     args = ap.parse_args(argv)
     print(f"# {args.size} B messages, commit_window={args.window * 1000:g} ms, "
-          f"max_batch={args.max_batch}, writemap={not args.no_writemap}, "
+          f"max_batch={args.max_batch}, writemap={args.writemap}, "
           f"{args.seconds:g} s per level")
     print(f"{'conc':>5} {'msgs':>8} {'commits':>8} {'commits/s':>10} {'msgs/s':>10} "
           f"{'batch':>7} {'p50 ms':>8} {'p99 ms':>8}")
     for conc in args.concurrency:
         tmp = tempfile.mkdtemp(prefix="spool-bench-", dir=args.dir)
         try:
-            spool = Spool(tmp, 8 * 1024**3, writemap=not args.no_writemap)
+            spool = Spool(tmp, 8 * 1024**3, writemap=args.writemap)
             try:
                 r = trio.run(_run_level, spool, conc, args.seconds, args.size, args.window,
                              args.max_batch)

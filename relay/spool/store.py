@@ -254,7 +254,7 @@ class Spool:
         path: str | os.PathLike[str],
         map_size: int = 32 * 1024**3,
         *,
-        writemap: bool = True,
+        writemap: bool = False,
         max_readers: int = 1024,
         readonly: bool = False,
     ) -> None:
@@ -270,8 +270,11 @@ class Spool:
             # Durability: a commit returns only after fdatasync of data and meta pages.
             sync=True,
             metasync=True,
-            # writemap: fewer copies and mallocs per commit; still durable with sync=True
-            # (LMDB msyncs the map). All processes must agree on it: it is not a knob.
+            # writemap stays off by default: with it LMDB ftruncates data.mdb to the
+            # whole map_size (a 32 GiB sparse file) and writes through the mmap, so a
+            # full disk becomes SIGBUS in the middle of a commit instead of ENOSPC ->
+            # a clean 451. It measured no faster here (bench_commit --writemap).
+            # All processes opening the spool must use the same setting.
             writemap=writemap and not readonly,
             # A big spool is read randomly (message bytes by qid): readahead only evicts.
             readahead=False,
