@@ -297,7 +297,7 @@ class SmtpClient:
 
     def quit(self) -> bytes:
         """QUIT, if the connection is still open for commands; else ``b""``."""
-        if self.phase not in (Phase.READY, Phase.TLS):
+        if self.phase is not Phase.READY:
             return b""
         self.phase = Phase.QUIT
         self._pending.append(_QUIT)

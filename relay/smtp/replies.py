@@ -102,7 +102,7 @@ class Reply:
         text = (lines,) if isinstance(lines, str) else tuple(lines)
         if not text:
             text = ("",)
-        text = tuple(_CRLF_RE.sub(" ", t) for t in text)
+        text = tuple(_CRLF_RE.sub(" ", t) if "\r" in t or "\n" in t else t for t in text)
         object.__setattr__(self, "code", code)
         object.__setattr__(self, "status", status)
         object.__setattr__(self, "lines", text)

@@ -25,7 +25,9 @@ Contract:
   one group's replies leave in one write (RFC 2920).
 * A decision event stops processing: until the matching method is called ``next_event()``
   returns ``NEED_DATA`` even when more input is buffered. Calling a decision method
-  without that decision pending raises ``LocalProtocolError``.
+  without that decision pending raises ``LocalProtocolError``, except once the
+  connection is closing (``abort()``/``shutdown()``/``timeout_expired()`` may have run
+  while the I/O layer was deciding): then decision methods do nothing.
 * ``ConnectionClosing`` is terminal and sticky: once returned, ``next_event()`` returns the
   very same object for ever; input is ignored from then on.
 * Internal buffers are bounded: a partial command line is at most 512 octets (12288 for
@@ -60,6 +62,7 @@ import binascii
 import enum
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from relay.smtp import replies as R
 from relay.smtp.address import (
@@ -86,6 +89,9 @@ from relay.smtp.events import (
 )
 from relay.smtp.replies import Reply
 from relay.spool.records import Recipient
+
+if TYPE_CHECKING:
+    from relay.config import InboundConfig
 
 __all__ = ["LocalProtocolError", "Phase", "ServerConnection", "ServerSettings"]
 
@@ -153,19 +159,19 @@ class ServerSettings:
 
     @classmethod
     def from_config(
-        cls, config: object, *, hostname: str, tls_available: bool
+        cls, config: InboundConfig, *, hostname: str, tls_available: bool
     ) -> ServerSettings:
-        """Build from ``relay.config.InboundConfig`` (typed loosely to keep this module
-        free of the config module)."""
+        """Build from the ``[inbound]`` config section. AUTH is enabled when accounts are
+        configured; ``tls_available`` is for the caller to say (cert and key loaded)."""
         return cls(
             hostname=hostname,
-            max_message_size=config.max_message_bytes(),  # type: ignore[attr-defined]
-            max_recipients=config.max_recipients,  # type: ignore[attr-defined]
-            max_line_length=config.max_line_length,  # type: ignore[attr-defined]
-            max_errors=config.max_errors,  # type: ignore[attr-defined]
+            max_message_size=config.max_message_bytes(),
+            max_recipients=config.max_recipients,
+            max_line_length=config.max_line_length,
+            max_errors=config.max_errors,
             tls_available=tls_available,
-            allow_plaintext_auth=config.allow_plaintext_auth,  # type: ignore[attr-defined]
-            auth_enabled=bool(config.auth_users),  # type: ignore[attr-defined]
+            allow_plaintext_auth=config.allow_plaintext_auth,
+            auth_enabled=bool(config.auth_users),
         )
 
 
@@ -307,7 +313,8 @@ class ServerConnection:
 
     def accept_recipient(self) -> None:
         """Accept the pending RecipientRequested: ``250 2.1.5 Ok``."""
-        self._expect(_Decision.RCPT)
+        if not self._expect(_Decision.RCPT):
+            return
         self._recipients.append(self._pending_recipient)  # type: ignore[arg-type]
         self._pending_recipient = None
         self._send(R.RCPT_OK)
@@ -315,34 +322,42 @@ class ServerConnection:
     def reject_recipient(self, reply: Reply) -> None:
         """Refuse the pending RecipientRequested with ``reply`` (e.g. ``554 5.7.1 Relay
         access denied``); counts as an error when 4xx/5xx."""
-        self._expect(_Decision.RCPT)
+        if not self._expect(_Decision.RCPT):
+            return
         self._pending_recipient = None
         self._error_or_send(reply)
 
     def auth_succeeded(self) -> None:
         """Accept the pending AuthRequested: ``235 2.7.0``; sets ``authenticated_user``."""
-        self._expect(_Decision.AUTH)
+        if not self._expect(_Decision.AUTH):
+            return
         self.authenticated_user = self._auth_username
         self._send(R.AUTH_OK)
 
     def auth_failed(self, reply: Reply = R.AUTH_FAILED) -> None:
         """Refuse the pending AuthRequested (default ``535 5.7.8``; pass ``454 4.7.0`` for a
         temporary backend failure). Counts as an error."""
-        self._expect(_Decision.AUTH)
+        if not self._expect(_Decision.AUTH):
+            return
         self._error_or_send(reply)
 
     def message_stored(self, queue_id: str) -> None:
         """The pending MessageReceived is durably stored: ``250 2.0.0 Ok: queued as <id>``.
         Ends the transaction and resets the error counter."""
-        self._expect(_Decision.MESSAGE)
+        if not self._expect(_Decision.MESSAGE):
+            return
         self._reset_transaction()
         self._errors = 0
-        self._send(R.message_queued(queue_id))
+        if queue_id.isalnum() and queue_id.isascii():
+            self._out.append(b"250 2.0.0 Ok: queued as %s\r\n" % queue_id.encode())
+        else:
+            self._send(R.message_queued(queue_id))
 
     def message_failed(self, reply: Reply) -> None:
         """The pending MessageReceived was not stored (or is refused by content policy):
         send ``reply`` (e.g. ``451 4.3.0``). Ends the transaction."""
-        self._expect(_Decision.MESSAGE)
+        if not self._expect(_Decision.MESSAGE):
+            return
         self._reset_transaction()
         self._error_or_send(reply)
 
@@ -350,7 +365,8 @@ class ServerConnection:
         """The TLS handshake after StartTLSRequested succeeded. Resets the session to its
         just-connected state (RFC 3207 4.2): no HELO, no transaction, not authenticated;
         STARTTLS is no longer offered."""
-        self._expect(_Decision.TLS)
+        if not self._expect(_Decision.TLS):
+            return
         self.tls_active = True
         self.helo = None
         self.esmtp = False
@@ -407,13 +423,18 @@ class ServerConnection:
         self._msg = bytearray()
         return self._closing
 
-    def _expect(self, decision: _Decision) -> None:
+    def _expect(self, decision: _Decision) -> bool:
+        """Consume the pending decision. False (ignore the call) once the connection is
+        closing, since abort()/shutdown() may race with a decision in the I/O layer."""
+        if self._closing is not None:
+            return False
         if self._pending is not decision:
             raise LocalProtocolError(
                 f"no {decision.value} decision pending (pending: "
                 f"{self._pending.value if self._pending else None})"
             )
         self._pending = None
+        return True
 
     def _reset_transaction(self) -> None:
         self._in_transaction = False
@@ -429,7 +450,6 @@ class ServerConnection:
         self._rcpt_attempted = False
         self._msg = bytearray()
         # DATA scanning state
-        self._scan = 0
         self._dot_scan = 0
         self._dots = 0
         self._too_big = False
@@ -452,31 +472,32 @@ class ServerConnection:
             del buf[: idx + 1]
             self._discarding_line = False
             return None
-        if self._phase is Phase.AUTH or buf[:5].upper() == b"AUTH ":
-            limit = AUTH_LINE_MAX
-        else:
-            limit = COMMAND_LINE_MAX
-        idx = buf.find(b"\n", 0, limit)
+        idx = buf.find(b"\n", 0, COMMAND_LINE_MAX)
         if idx < 0:
-            if len(buf) < limit:
-                return _MORE
-            # Overlong: answer now, then drop everything up to the next LF.
-            del buf[:limit]
-            self._discarding_line = True
-            if self._phase is Phase.AUTH:
-                self._phase = Phase.COMMAND
-                self._error(R.AUTH_LINE_TOO_LONG)
-            else:
-                self._error(R.LINE_TOO_LONG)
-            return None
-        line = bytes(buf[:idx])
-        del buf[: idx + 1]
-        if not line.endswith(b"\r") or b"\r" in line[:-1]:
+            limit = COMMAND_LINE_MAX
+            if self._phase is Phase.AUTH or buf[:5].upper() == b"AUTH ":
+                limit = AUTH_LINE_MAX
+                idx = buf.find(b"\n", 0, limit)
+            if idx < 0:
+                if len(buf) < limit:
+                    return _MORE
+                # Overlong: answer now, then drop everything up to the next LF.
+                del buf[:limit]
+                self._discarding_line = True
+                if self._phase is Phase.AUTH:
+                    self._phase = Phase.COMMAND
+                    self._error(R.AUTH_LINE_TOO_LONG)
+                else:
+                    self._error(R.LINE_TOO_LONG)
+                return None
+        if idx == 0 or buf[idx - 1] != 13 or buf.find(b"\r", 0, idx - 1) >= 0:
+            del buf[: idx + 1]
             if self._phase is Phase.AUTH:
                 self._phase = Phase.COMMAND
             self._error(R.BARE_CR_LF_IN_COMMAND)
             return None
-        text = line[:-1].decode("utf-8", "surrogateescape")
+        text = buf[: idx - 1].decode("utf-8", "surrogateescape")
+        del buf[: idx + 1]
         if self._phase is Phase.AUTH:
             return self._auth_response(text)
         verb, _, arg = text.partition(" ")
@@ -684,7 +705,7 @@ class ServerConnection:
         self._send(R.START_DATA)
         self._phase = Phase.DATA
         self._msg = bytearray(b"\r\n")  # so the first line is found like every other line
-        self._scan = self._dot_scan = self._dots = 0
+        self._dot_scan = self._dots = 0
         self._too_big = False
         return None
 
@@ -756,8 +777,9 @@ class ServerConnection:
         crlf = content.count(b"\r\n")
         if content.count(b"\r") != crlf or content.count(b"\n") != crlf:
             return R.BARE_CR_LF_IN_DATA
-        limit = self.settings.max_line_length + 1  # a piece of split(LF) keeps its CR
-        if len(content) > limit and max(map(len, content.split(b"\n"))) > limit:
+        # Without bare CRs, a line of more than max_line_length octets plus its CR is a
+        # run of more than max_line_length + 1 octets without LF.
+        if _has_long_run(content, self.settings.max_line_length + 1):
             return R.LINE_TOO_LONG_IN_DATA
         return None
 
@@ -778,34 +800,58 @@ class ServerConnection:
         )
 
     def _step_data(self) -> Event | _More | None:
+        """Move new input into the message, looking for CRLF . CRLF.
+
+        ``_msg`` starts with a virtual CRLF so that ``. CRLF`` as the first line is found by
+        the same search and a dot-stuffed first line is unstuffed by the same replace. The
+        terminator may straddle the old and new bytes, so the last 4 old bytes are probed
+        together with the first 4 new ones; everything else is searched once, in place,
+        without copying the rest of a pipelined input buffer around.
+        """
         msg = self._msg
         buf = self._buf
-        if buf:
+        if not buf:
+            return _MORE
+        old = len(msg)
+        probe = bytes(msg[-4:]) + bytes(buf[:4])
+        j = probe.find(b"\r\n.\r\n")
+        if j >= 0:
+            end = old - min(old, 4) + j  # terminator position in msg + buf coordinates
+        else:
+            k = buf.find(b"\r\n.\r\n")
+            end = old + k if k >= 0 else -1
+        if end < 0:
             msg += buf
             buf.clear()
-        idx = msg.find(b"\r\n.\r\n", self._scan)
-        if idx < 0:
-            end = len(msg)
-            self._scan = max(end - 4, 0)
             if not self._too_big:
-                self._dots += msg.count(b"\r\n.", self._dot_scan, end)
-                self._dot_scan = max(end - 2, self._dot_scan)
-                if end - 2 - self._dots > self.settings.max_message_size:
+                new_end = len(msg)
+                self._dots += msg.count(b"\r\n.", self._dot_scan, new_end)
+                self._dot_scan = max(new_end - 2, self._dot_scan)
+                if new_end - 2 - self._dots > self.settings.max_message_size:
                     self._too_big = True
-            if self._too_big and end > 4:
+            if self._too_big and len(msg) > 4:
                 del msg[:-4]  # keep only what may start the terminator
-                self._scan = 0
             return _MORE
-        # End of data: what follows is the next pipelined command group.
-        buf += msg[idx + 5 :]
-        del msg[idx + 2 :]
+        # End of data at `end`; what follows it is the next pipelined command group.
+        content_end = end + 2
+        if content_end <= old:
+            del msg[content_end:]
+        else:
+            msg += buf[: content_end - old]
+        del buf[: end + 5 - old]
         self._phase = Phase.COMMAND
         if self._too_big:
             return self._reject_message(R.MESSAGE_TOO_BIG)
         err = self._content_error(msg)
         if err is not None:
             return self._reject_message(err)
-        data = bytes(msg).replace(b"\r\n.", b"\r\n")[2:]
+        dots = self._dots + msg.count(b"\r\n.", self._dot_scan)
+        del msg[:2]  # the virtual CRLF (O(1) at the front of a bytearray)
+        if msg[:1] == b".":
+            del msg[:1]
+        data = bytes(msg)
+        if dots:
+            data = data.replace(b"\r\n.", b"\r\n")
         self._msg = bytearray()
         if len(data) > self.settings.max_message_size:
             return self._reject_message(R.MESSAGE_TOO_BIG)
@@ -951,6 +997,34 @@ class ServerConnection:
         self._auth_username = username
         self._pending = _Decision.AUTH
         return AuthRequested(self._auth_mechanism, authzid, username, password)
+
+
+def _has_long_run(data: bytearray | bytes, run_max: int) -> bool:
+    """True if ``data`` holds more than ``run_max`` consecutive octets without LF.
+
+    Not a per-line loop: it probes windows of ``step`` octets, ``step`` being about half
+    the limit, with one C-level ``find`` each. A run longer than ``run_max`` (>= 2*step)
+    contains a whole window, and only LF-free windows are measured precisely. Ordinary text
+    costs ``len(data) / step`` finds (~20 for a 10 kB message).
+    """
+    n = len(data)
+    if n <= run_max:
+        return False
+    step = run_max // 2 + 1
+    find = data.find
+    p = 0
+    while p + step <= n:
+        if find(b"\n", p, p + step) >= 0:
+            p += step
+            continue
+        start = data.rfind(b"\n", 0, p) + 1
+        end = find(b"\n", p + step)
+        if end < 0:
+            end = n
+        if end - start > run_max:
+            return True
+        p = end + 1
+    return False
 
 
 def _is_utf8(text: str) -> bool:

@@ -917,3 +917,37 @@ def test_pipelined_group_replies_come_out_in_one_chunk() -> None:
     out = conn.data_to_send()
     assert codes(out.decode())[-4:] == ["250 2.1.0", "250 2.1.5", "250 2.1.5", "354"]
     assert conn.data_to_send() == b""
+
+
+def test_decisions_after_abort_are_ignored() -> None:
+    conn = ServerConnection(settings())
+    conn.start()
+    conn.receive_data(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n")
+    conn.next_event()
+    assert isinstance(conn.next_event(), RecipientRequested)
+    conn.shutdown()
+    conn.accept_recipient()  # raced with shutdown: ignored
+    assert conn.data_to_send().endswith(b"421 4.3.2 relay.example Service shutting down\r\n")
+    assert conn.next_event() == ConnectionClosing("shutdown")
+
+
+def test_settings_from_config() -> None:
+    from relay.config import decode_config
+
+    cfg = decode_config(
+        b'[inbound]\nmax_message_size = "1MiB"\nmax_recipients = 200\n'
+        b'auth_users = [{username = "u", password = "plain$x"}]\n'
+    )
+    s = ServerSettings.from_config(cfg.inbound, hostname="h.example", tls_available=True)
+    assert s == ServerSettings(
+        hostname="h.example",
+        max_message_size=1 << 20,
+        max_recipients=200,
+        max_line_length=998,
+        max_errors=20,
+        tls_available=True,
+        allow_plaintext_auth=False,
+        auth_enabled=True,
+    )
+    with pytest.raises(ValueError):
+        ServerSettings(hostname="h", max_message_size=0)
