@@ -1,0 +1,118 @@
+"""``python -m bench``: run the benchmark suite and print/write the report.
+
+    python -m bench                                # relay, default suite (~1-2 min)
+    python -m bench --peers postfix                # + a private Postfix, ratios per scenario
+    python -m bench --scenarios inject,e2e --duration 5
+    python -m bench --quick --target direct        # the bench against its own sink
+
+Exit status: 0 when every run completed (all accepted mail delivered, throttles held),
+1 otherwise, 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bench.report import compute_ratios, format_table, write_report
+from bench.scenarios import SCENARIOS, build_scenarios, run_one
+
+
+def _machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "platform": platform.platform(),
+                            "python": platform.python_version()}
+    try:
+        with open("/proc/meminfo") as f:
+            info["mem_mb"] = int(f.readline().split()[1]) // 1024
+    except OSError:
+        pass
+    if shutil.which("postconf") or Path("/usr/sbin/postconf").exists():
+        try:
+            out = subprocess.run(["/usr/sbin/postconf", "-d", "-h", "mail_version"],
+                                 capture_output=True, text=True, timeout=10)
+            info["postfix"] = out.stdout.strip()
+        except OSError:
+            pass
+    return info
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS),
+                    help=f"comma list from {','.join(SCENARIOS)} (default: all)")
+    ap.add_argument("--target", default="relay", choices=["relay", "postfix", "direct"],
+                    help="the server measured first (default relay)")
+    ap.add_argument("--peers", default="",
+                    help="comma list of servers to run side by side (postfix)")
+    ap.add_argument("--duration", type=float, default=8.0,
+                    help="seconds of load per scenario (default 8)")
+    ap.add_argument("--sessions", type=int, default=20, help="concurrent SMTP sessions")
+    ap.add_argument("--processes", type=int, default=2, help="load generator processes")
+    ap.add_argument("--fanout-domains", type=int, default=1000)
+    ap.add_argument("--quick", action="store_true", help="tiny runs (seconds), for tests")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"),
+                    help="directory for the JSON and PNG report (default bench/results)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    args.scenario_list = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    bad = [s for s in args.scenario_list if s not in SCENARIOS]
+    if bad:
+        ap.error(f"unknown scenario(s): {', '.join(bad)}")
+    args.peer_list = [p.strip() for p in args.peers.split(",") if p.strip()
+                      and p.strip() != args.target]
+    for p in args.peer_list:
+        if p not in ("relay", "postfix", "direct"):
+            ap.error(f"unknown peer {p!r}")
+    return args
+
+
+async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
+    scenarios = build_scenarios(duration=args.duration, quick=args.quick,
+                                sessions=args.sessions, fanout_domains=args.fanout_domains)
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    doc: dict[str, Any] = {"started": started, "machine": _machine(),
+                           "settings": {k: v for k, v in vars(args).items()},
+                           "results": []}
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    for name in args.scenario_list:
+        for peer in [args.target, *args.peer_list]:
+            log(f"== {name} / {peer}: {scenarios[name].description}")
+            row = await run_one(scenarios[name], peer, processes=args.processes,
+                                show_progress=not args.no_progress, log=log)
+            doc["results"].append(row)
+            if not row.get("error"):
+                log(f"   {row['accepted']} accepted, {row['delivered_recipients']} recipients "
+                    f"delivered, {row['msg_s']:.0f} msg/s")
+    doc["ratios"] = {p: compute_ratios(doc["results"], args.target, p) for p in args.peer_list}
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    doc = trio.run(run_suite, args)
+    paths = write_report(doc, Path(args.out))
+    print()
+    print(format_table(doc))
+    print()
+    for kind, p in paths.items():
+        print(f"{kind}: {p}")
+    ok = all(not r.get("error") and r.get("complete") and r.get("throttle", {}).get("held", True)
+             for r in doc["results"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

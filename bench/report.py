@@ -1,0 +1,165 @@
+"""The bench report: terminal table, JSON document, PNG chart.
+
+Contract: ``write_report(doc, out_dir)`` writes ``bench-<stamp>.json`` and
+``bench-<stamp>.png`` (plus ``latest.json``/``latest.png`` copies) and returns their
+paths; ``format_table(doc)`` is the text printed on the terminal. ``doc`` is the dict
+built by ``bench.__main__`` (``machine``, ``settings``, ``results``, ``ratios``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+__all__ = ["compute_ratios", "format_table", "write_chart", "write_report"]
+
+
+def _fmt(v: Any, nd: int = 0) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{nd}f}"
+    return str(v)
+
+
+def compute_ratios(results: list[dict[str, Any]], target: str, peer: str) -> dict[str, Any]:
+    """msg/s of ``target`` divided by ``peer``'s, per scenario (same run)."""
+    by = {(r["scenario"], r["peer"]): r for r in results}
+    out: dict[str, Any] = {}
+    for (scen, p), r in by.items():
+        if p != target:
+            continue
+        other = by.get((scen, peer))
+        a, b = r.get("msg_s"), (other or {}).get("msg_s")
+        out[scen] = (a / b) if a and b else None
+    return out
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    cols = [("scenario", "scenario", 0), ("peer", "peer", 0), ("msg/s", "msg_s", 0),
+            ("inject/s", "inject_msg_s", 0), ("p50 ms", "latency_p50_ms", 1),
+            ("p99 ms", "latency_p99_ms", 1), ("CPU s/1k", "cpu_s_per_1000", 2),
+            ("RSS MB", "peak_rss_mb", 0), ("spool B/msg", "spool_bytes_per_msg", 0),
+            ("msgs", "accepted", 0), ("ok", "complete", 0)]
+    rows = [[c[0] for c in cols]]
+    notes: list[str] = []
+    for r in doc["results"]:
+        if r.get("error"):
+            rows.append([r["scenario"], r["peer"], "ERROR"] + [""] * (len(cols) - 3))
+            notes.append(f"{r['scenario']}/{r['peer']}: {r['error'].splitlines()[0]}")
+            continue
+        line = []
+        for _, key, nd in cols:
+            v = r.get(key)
+            if key == "complete":
+                v = "yes" if v else "NO"
+            line.append(_fmt(v, nd))
+        rows.append(line)
+        if "throttle" in r:
+            t = r["throttle"]
+            notes.append(
+                f"{r['scenario']}/{r['peer']}: throttles {'held' if t['held'] else 'EXCEEDED'}"
+                f" (max conns/domain {t['max_connections_seen']}<= {t['max_connections_limit']}"
+                f", max rate {t['max_rate_seen_per_s']:.1f}/s <= "
+                f"{_fmt(t['rate_limit_per_s'], 1)}/s over {t['rate_window_s']:.0f}s windows, "
+                f"{t['domains_delivered']} domains delivered)")
+        if "defer" in r:
+            d = r["defer"]
+            notes.append(
+                f"{r['scenario']}/{r['peer']}: healthy domains "
+                f"{_fmt(d['healthy_msg_s_during_load'])} msg/s during the load, "
+                f"deferred mail drained "
+                f"{_fmt(d['drain_after_recovery_s'], 1)}s after recovery "
+                f"({d['tempfails_answered']} 451s answered)")
+        if r.get("errors"):
+            notes.append(f"{r['scenario']}/{r['peer']}: client errors: {r['errors'][0]}")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(v.rjust(w) if j >= 2 else v.ljust(w)
+                               for j, (v, w) in enumerate(zip(row, widths, strict=True))))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    for peer, ratios in doc.get("ratios", {}).items():
+        parts = [f"{s} {_fmt(v, 2)}x" for s, v in ratios.items()]
+        lines.append(f"\n{doc['settings']['target']}/{peer} msg/s ratio: " + ", ".join(parts))
+    if notes:
+        lines.append("")
+        lines += notes
+    return "\n".join(lines)
+
+
+def _rate_series(points: list[list[float]] | list[tuple[float, int]],
+                 bucket: float = 0.5) -> tuple[list[float], list[float]]:
+    """Cumulative (t, n) samples -> per-bucket rate (msg/s) at bucket midpoints."""
+    if not points:
+        return [], []
+    end = points[-1][0]
+    nb = max(1, math.ceil(end / bucket))
+    cum = [0.0] * (nb + 1)
+    j = 0
+    for b in range(nb + 1):
+        t = b * bucket
+        while j + 1 < len(points) and points[j + 1][0] <= t:
+            j += 1
+        cum[b] = points[j][1] if points[j][0] <= t else 0
+    xs = [(b + 0.5) * bucket for b in range(nb)]
+    ys = [(cum[b + 1] - cum[b]) / bucket for b in range(nb)]
+    return xs, ys
+
+
+def write_chart(doc: dict[str, Any], path: Path) -> Path | None:
+    """One subplot per scenario: accepted and delivered msg/s over time, every peer."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    results = [r for r in doc["results"] if not r.get("error")]
+    scenarios = list(dict.fromkeys(r["scenario"] for r in results))
+    if not scenarios:
+        return None
+    fig, axes = plt.subplots(len(scenarios), 1, figsize=(10, 3.2 * len(scenarios)),
+                             squeeze=False)
+    colours = {"relay": "tab:blue", "postfix": "tab:orange", "direct": "tab:green"}
+    for ax, scen in zip(axes[:, 0], scenarios, strict=True):
+        for r in results:
+            if r["scenario"] != scen:
+                continue
+            c = colours.get(r["peer"])
+            xs, ys = _rate_series(r["timeline"]["accepted"])
+            ax.plot(xs, ys, color=c, linestyle="--", label=f"{r['peer']} accepted")
+            if r["peer"] != "direct":
+                xs, ys = _rate_series(r["timeline"]["delivered"])
+                ax.plot(xs, ys, color=c, label=f"{r['peer']} delivered")
+        ax.set_title(f"{scen}")
+        ax.set_xlabel("seconds since first message")
+        ax.set_ylabel("messages/s")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right", fontsize="small")
+    m = doc["machine"]
+    fig.suptitle(f"bench {doc['started']}  ({m['cpus']} CPUs, {m['platform']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_report(doc: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = doc["started"].replace(":", "").replace("-", "")
+    paths: dict[str, Path] = {}
+    jpath = out_dir / f"bench-{stamp}.json"
+    jpath.write_text(json.dumps(doc, indent=1, default=str))
+    shutil.copyfile(jpath, out_dir / "latest.json")
+    paths["json"] = jpath
+    png = write_chart(doc, out_dir / f"bench-{stamp}.png")
+    if png is not None:
+        shutil.copyfile(png, out_dir / "latest.png")
+        paths["png"] = png
+    return paths

@@ -1,0 +1,312 @@
+"""Benchmark scenarios and the runner that measures one (scenario, peer) pair.
+
+Every scenario is bounded: the load stops after ``duration`` seconds or a message count,
+and waiting for delivery stops at ``drain_timeout`` (the result then says
+``complete: false``). Everything is loopback: the sink listens on 127.x addresses and
+the peer relays to it.
+
+Scenarios:
+
+``inject``  acceptance rate: messages/s from first MAIL to last 250, latency of the 250.
+``e2e``     accept + durable queue + delivery: messages/s from the first injection until
+            the sink has received the last recipient.
+``fanout``  ~1000 recipient domains, each with its own sink address and throttle
+            (``max_connections``, ``max_message_rate``), a few hot domains carrying a
+            fifth of the traffic; the sink's records prove no throttle was exceeded.
+``large``   100 KB and 1 MB bodies, end to end.
+``defer``   a share of the domains answers 451 at RCPT while the load runs, then
+            recovers; the queue grows and drains, healthy domains must not slow down.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from bench.loadgen import LoadResult, LoadSpec, run_load
+from bench.metrics import dir_bytes, percentile, sample_tree
+from bench.peers import PeerError, PeerSetup, make_peer
+from bench.sink import Behaviour, Sink
+
+__all__ = ["SCENARIOS", "Scenario", "build_scenarios", "run_one"]
+
+
+@dataclass
+class Scenario:
+    name: str
+    description: str
+    load: LoadSpec
+    e2e: bool = True
+    drain_timeout: float = 60.0
+    behaviours: dict[str, Behaviour] = field(default_factory=dict)
+    #: domain -> sink address ("127.x.y.z"); the sink listens there too.
+    routes: dict[str, str] = field(default_factory=dict)
+    domain_throttle: dict[str, Any] = field(default_factory=dict)
+    #: domains whose behaviour turns to ACCEPT once the load ends (defer scenario).
+    recover_after_load: list[str] = field(default_factory=list)
+
+
+SCENARIOS = ("inject", "e2e", "fanout", "large", "defer")
+
+_SIZES = [(2048, 0.5), (8192, 0.35), (32768, 0.15)]
+_RCPTS = [(1, 0.8), (2, 0.15), (5, 0.05)]
+
+
+def build_scenarios(duration: float = 8.0, quick: bool = False, sessions: int = 20,
+                    fanout_domains: int = 1000) -> dict[str, Scenario]:
+    """The suite. ``quick`` shrinks everything to a few seconds (tests, smoke runs)."""
+    if quick:
+        duration = min(duration, 2.0)
+        fanout_domains = min(fanout_domains, 40)
+    drain = 20.0 if quick else 60.0
+    common: dict[str, Any] = {"sessions": sessions, "sizes": _SIZES, "recipients": _RCPTS}
+    plain_domains = [f"d{i:02d}.bench.test" for i in range(20)]
+    out: dict[str, Scenario] = {}
+    out["inject"] = Scenario(
+        "inject", "acceptance rate (250 after durable queueing)",
+        LoadSpec(duration=duration, domains=plain_domains, **common), e2e=False)
+    out["e2e"] = Scenario(
+        "e2e", "accept + queue + deliver, until the sink has every recipient",
+        LoadSpec(duration=duration, domains=plain_domains, **common), drain_timeout=drain)
+    # fanout: one sink address per domain so each domain is its own destination on both
+    # peers; ten hot domains get 3% of the traffic, so their 1/s rate limit binds (~12
+    # messages each) while the long tail measures parallelism over many destinations.
+    # The rate is a whole number of seconds per message because Postfix's
+    # smtp_destination_rate_delay only takes whole seconds.
+    fan = [f"f{i:04d}.fanout.test" for i in range(fanout_domains)]
+    hot = min(10, max(1, fanout_domains // 10))
+    weights = [0.03 / hot] * hot + [0.97 / max(1, fanout_domains - hot)] * (fanout_domains - hot)
+    routes = {d: f"127.3.{i // 250}.{i % 250 + 1}" for i, d in enumerate(fan)}
+    out["fanout"] = Scenario(
+        "fanout", f"{fanout_domains} domains, per-domain max_connections/max_message_rate",
+        LoadSpec(duration=duration, messages=80 if quick else 4000, domains=fan,
+                 domain_weights=weights, sessions=sessions, sizes=[(4096, 1.0)],
+                 recipients=[(1, 1.0)]),
+        drain_timeout=drain, routes=routes,
+        domain_throttle={"max_connections": 2, "max_message_rate": "60/min"})
+    out["large"] = Scenario(
+        "large", "100 KB and 1 MB bodies, end to end",
+        LoadSpec(duration=duration, messages=40 if quick else 0, domains=plain_domains,
+                 sessions=max(2, sessions // 2), sizes=[(100 * 1024, 0.7), (1024 * 1024, 0.3)],
+                 recipients=[(1, 1.0)]), drain_timeout=drain)
+    deferred = plain_domains[:4]  # 20% of the domains answer 451 while the load runs
+    out["defer"] = Scenario(
+        "defer", "20% of domains answer 451 during the load, then recover",
+        LoadSpec(duration=duration, domains=plain_domains, **common), drain_timeout=drain,
+        behaviours={d: Behaviour.TEMPFAIL for d in deferred}, recover_after_load=deferred)
+    return out
+
+
+class _Progress:
+    """The live progress line (carriage-return updates on a terminal)."""
+
+    def __init__(self, label: str, stream: Any = None) -> None:
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.t0 = time.monotonic()
+        self.last_line = 0.0
+
+    def update(self, accepted: int, delivered: int, queued: int, rss: int) -> None:
+        el = time.monotonic() - self.t0
+        text = (f"[{self.label}] {el:5.1f}s accepted {accepted} "
+                f"({accepted / el if el else 0:.0f}/s) delivered {delivered} "
+                f"queue~{queued} rss {rss / 1e6:.0f}MB")
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + text)
+            self.stream.flush()
+        elif el - self.last_line >= 5:
+            self.last_line = el
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def done(self) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
+
+
+async def run_one(scenario: Scenario, peer_name: str, processes: int = 2,
+                  show_progress: bool = True,
+                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run ``scenario`` against ``peer_name`` with a fresh sink; return the result row."""
+    row: dict[str, Any] = {"scenario": scenario.name, "peer": peer_name,
+                           "description": scenario.description}
+    sink = Sink(behaviours=dict(scenario.behaviours))
+    async with trio.open_nursery() as nursery:
+        sink_port = await nursery.start(sink.serve, "127.0.0.1", 0)
+        routes: dict[str, str] = {}
+        for domain, addr in scenario.routes.items():
+            # every route address listens on the same port number when possible
+            try:
+                await nursery.start(sink.serve, addr, sink_port)
+            except OSError:
+                port = await nursery.start(sink.serve, addr, 0)
+                routes[domain] = f"{addr}:{port}"
+                continue
+            routes[domain] = f"{addr}:{sink_port}"
+        setup = PeerSetup(sink_port=sink_port, routes=routes,
+                          domain_throttle=scenario.domain_throttle)
+        try:
+            peer = make_peer(peer_name, setup)
+            async with peer:
+                await _measure(scenario, peer, sink, row, processes, show_progress)
+        except PeerError as e:
+            row["error"] = str(e)
+            if log:
+                log(f"{scenario.name}/{peer_name}: {e}")
+        nursery.cancel_scope.cancel()
+    return row
+
+
+async def _measure(scenario: Scenario, peer: Any, sink: Sink, row: dict[str, Any],
+                   processes: int, show_progress: bool) -> None:
+    roots = peer.root_pids()
+    spool = peer.spool_dir
+    base = await trio.to_thread.run_sync(sample_tree, roots)
+    spool0 = await trio.to_thread.run_sync(dir_bytes, spool)
+    t0_mono, t0_trio = time.monotonic(), trio.current_time()
+    progress = _Progress(f"{scenario.name}/{peer.name}") if show_progress else None
+    state: dict[str, Any] = {"accepted": 0, "peak_rss": base.rss_bytes, "peak_spool": 0,
+                             "spool_per_msg": math.nan, "peak_queue": 0}
+    delivered_tl: list[tuple[float, int]] = []
+
+    def on_progress(accepted: int, failed: int) -> None:
+        state["accepted"] = accepted
+
+    async def sampler() -> None:
+        n = 0
+        while True:
+            tree = await trio.to_thread.run_sync(sample_tree, roots)
+            state["peak_rss"] = max(state["peak_rss"], tree.rss_bytes)
+            delivered = sink.total_messages
+            delivered_tl.append((time.monotonic(), delivered))
+            queued = max(0, state["accepted"] - delivered)
+            if n % 2 == 0 and spool is not None:
+                size = await trio.to_thread.run_sync(dir_bytes, spool) - spool0
+                state["peak_spool"] = max(state["peak_spool"], size)
+                if queued >= max(10, state["peak_queue"]):
+                    state["peak_queue"] = queued
+                    state["spool_per_msg"] = size / queued
+            if progress is not None:
+                progress.update(state["accepted"], delivered, queued, tree.rss_bytes)
+            n += 1
+            await trio.sleep(0.25)
+
+    spec = scenario.load
+    spec = type(spec)(**{**{f: getattr(spec, f) for f in spec.__struct_fields__},
+                         "port": peer.port})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sampler)
+        result: LoadResult = await run_load(spec, processes, on_progress)
+        state["accepted"] = result.accepted
+        load_end = time.monotonic()
+        for d in scenario.recover_after_load:
+            sink.set_behaviour(d, Behaviour.ACCEPT)
+        complete = True
+        if scenario.e2e and peer.name != "direct":
+            expected = result.recipients_accepted
+            try:
+                await sink.wait_for(lambda s: s.total_recipients >= expected,
+                                    timeout=scenario.drain_timeout)
+            except TimeoutError:
+                complete = False
+        nursery.cancel_scope.cancel()
+    if progress is not None:
+        progress.done()
+    end = await trio.to_thread.run_sync(sample_tree, roots)
+    delivered_tl.append((time.monotonic(), sink.total_messages))
+
+    def mono(t_trio: float) -> float:
+        return t_trio - t0_trio + t0_mono
+
+    first = result.first_send or t0_mono
+    last_arrival = mono(sink.arrivals[-1][0]) if sink.arrivals else load_end
+    accepted = result.accepted
+    inject_secs = max(1e-9, result.last_reply - first) if result.last_reply else math.nan
+    e2e_secs = max(1e-9, last_arrival - first)
+    is_e2e = scenario.e2e and peer.name != "direct"
+    row.update({
+        "accepted": accepted,
+        "recipients_accepted": result.recipients_accepted,
+        "recipients_refused": result.recipients_refused,
+        "failed": result.messages_failed + result.connect_errors,
+        "delivered_messages": sink.total_messages,
+        "delivered_recipients": sink.total_recipients,
+        "complete": (complete and sink.total_recipients >= result.recipients_accepted
+                     if is_e2e else accepted > 0 and not result.messages_failed),
+        "duplicates": max(0, sink.total_recipients - result.recipients_accepted),
+        "inject_msg_s": accepted / inject_secs if accepted else 0.0,
+        "e2e_msg_s": (accepted / e2e_secs) if is_e2e and accepted else None,
+        "latency_p50_ms": percentile(result.latencies, 50) * 1000,
+        "latency_p99_ms": percentile(result.latencies, 99) * 1000,
+        "cpu_s_per_1000": ((end.cpu_seconds - base.cpu_seconds) / accepted * 1000
+                           if roots and accepted else None),
+        "peak_rss_mb": state["peak_rss"] / 1e6 if roots else None,
+        "spool_bytes_per_msg": (None if spool is None or math.isnan(state["spool_per_msg"])
+                                else state["spool_per_msg"]),
+        "peak_spool_mb": state["peak_spool"] / 1e6 if spool is not None else None,
+        "mb_sent": result.bytes_sent / 1e6,
+        "errors": result.errors[:5],
+        "timeline": {
+            "accepted": [(round(t - first, 3), n) for t, n in result.timeline],
+            "delivered": [(round(t - first, 3), n) for t, n in delivered_tl],
+        },
+    })
+    row["msg_s"] = row["e2e_msg_s"] if is_e2e else row["inject_msg_s"]
+    if scenario.domain_throttle:
+        row["throttle"] = _throttle_check(scenario, sink)
+    if scenario.recover_after_load:
+        row["defer"] = _defer_check(scenario, sink, first, load_end, mono)
+
+
+def _throttle_check(scenario: Scenario, sink: Sink) -> dict[str, Any]:
+    """Did any domain see more connections or messages than its throttle allows?"""
+    from relay.config import parse_rate
+
+    limit_conn = int(scenario.domain_throttle.get("max_connections", 0)) or None
+    rate = scenario.domain_throttle.get("max_message_rate")
+    per_s = parse_rate(rate) if rate else None
+    window = 5.0
+    worst_conn, worst_rate, worst_domain = 0, 0.0, ""
+    for d in scenario.routes:
+        st = sink.stats.get(d)
+        if st is None:
+            continue
+        worst_conn = max(worst_conn, st.max_concurrent_connections)
+        if per_s:
+            n = sink.max_messages_in_window(d, window)
+            if n / window > worst_rate:
+                worst_rate, worst_domain = n / window, d
+    allowed_in_window = (per_s * window + 1) if per_s else None  # +1: a token bucket's burst
+    held = (limit_conn is None or worst_conn <= limit_conn) and (
+        allowed_in_window is None or worst_rate * window <= allowed_in_window)
+    return {"max_connections_limit": limit_conn, "max_connections_seen": worst_conn,
+            "rate_limit_per_s": per_s, "max_rate_seen_per_s": worst_rate,
+            "rate_window_s": window, "busiest_domain": worst_domain, "held": held,
+            "domains_delivered": sum(1 for d in scenario.routes if d in sink.stats
+                                     and sink.stats[d].messages)}
+
+
+def _defer_check(scenario: Scenario, sink: Sink, first: float, load_end: float,
+                 mono: Callable[[float], float]) -> dict[str, Any]:
+    """How healthy domains fared while others deferred, and how fast the queue drained."""
+    deferred = set(scenario.recover_after_load)
+    healthy_times = [mono(t) for t, d, _ in sink.arrivals if d not in deferred]
+    deferred_times = [mono(t) for t, d, _ in sink.arrivals if d in deferred]
+    healthy_during = sum(1 for t in healthy_times if t <= load_end)
+    return {
+        "deferred_domains": sorted(deferred),
+        "tempfails_answered": sum(sink.stats[d].tempfails for d in deferred if d in sink.stats),
+        "healthy_delivered": len(healthy_times),
+        "healthy_msg_s_during_load": healthy_during / max(1e-9, load_end - first),
+        "healthy_done_after_s": (max(healthy_times) - first) if healthy_times else None,
+        "deferred_delivered": len(deferred_times),
+        "drain_after_recovery_s": (max(deferred_times) - load_end) if deferred_times else None,
+    }
