@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.smtp import NEED_DATA, MessageReceived, Reply, ServerConnection, ServerSettings
-from relay.smtp.server import AUTH_LINE_MAX
+from relay.smtp.server import AUTH_LINE_MAX, _has_long_run
 from tests.unit.test_smtp_server import Driver
 
 HOST = "relay.example"
@@ -215,3 +215,21 @@ def test_arbitrary_input_never_raises_and_stays_bounded(chunks: list[bytes], fli
 def test_random_bytes_after_valid_start(noise: bytes, cuts: set[int]) -> None:
     prefix = b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n"
     _check_bounded_and_well_formed([prefix, *split(noise, cuts)], False)
+
+
+# -- the windowed long-line scan agrees with the obvious per-line computation --------------
+
+
+def _naive_long_run(data: bytes, run_max: int) -> bool:
+    return max(map(len, data.split(b"\n"))) > run_max
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 40), st.sampled_from([b"\n", b"\r\n", b""])), max_size=30),
+    st.integers(1, 25),
+)
+def test_long_run_scan_matches_naive(lines: list[tuple[int, bytes]], run_max: int) -> None:
+    data = b"".join(b"x" * n + end for n, end in lines)
+    assert _has_long_run(data, run_max) == _naive_long_run(data, run_max)
+    assert _has_long_run(bytearray(data), run_max) == _naive_long_run(data, run_max)
