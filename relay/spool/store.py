@@ -288,8 +288,10 @@ class Spool:
             # Reader slots of a crashed worker would otherwise pin old pages forever.
             self.stale_readers_cleared = self._env.reader_check()
             if readonly:
+                # Named DB handles opened inside a read transaction die with it: let
+                # py-lmdb open them in its own committed transaction.
+                self._open_dbs(None, create=False)
                 with self._env.begin() as txn:
-                    self._open_dbs(txn, create=False)
                     self._check_schema(txn, write=False)
             else:
                 with self._env.begin(write=True) as txn:
@@ -300,7 +302,7 @@ class Spool:
             raise
         self._pid = os.getpid()
 
-    def _open_dbs(self, txn: lmdb.Transaction, create: bool) -> None:
+    def _open_dbs(self, txn: lmdb.Transaction | None, create: bool) -> None:
         env = self._env
         try:
             self._meta = env.open_db(_DB_META, txn=txn, create=create)

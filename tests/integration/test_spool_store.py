@@ -364,3 +364,24 @@ def test_random_operations_keep_indexes_consistent(spool):
         assert spool.verify() == [], step
     st = spool.stats()
     assert st.jobs == st.jobs_due + st.jobs_deferred + st.jobs_in_flight
+
+
+def _readonly_stats(path: str, conn) -> None:
+    s = Spool(path, MAP, readonly=True)  # what `relay queue stats` does beside a server
+    conn.send((s.stats().messages, [e.queue_id for e in s.list_messages()], s.verify()))
+    s.close()
+
+
+def test_readonly_view_beside_a_running_writer(tmp_path):
+    path = tmp_path / "spool"
+    with Spool(path, MAP) as s:
+        msgs = [make_msg("a@x.example") for _ in range(3)]
+        s.store_batch(msgs)
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_readonly_stats, args=(str(path), child))
+        p.start()
+        assert parent.poll(60)
+        assert parent.recv() == (3, sorted(m.envelope.queue_id for m in msgs), [])
+        p.join(30)
+        s.store_batch([make_msg("b@x.example")])  # the writer is unaffected
