@@ -9,6 +9,7 @@ package docstring (``relay/spool/__init__.py``).
 
 from __future__ import annotations
 
+import functools
 import heapq
 import os
 import struct
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import lmdb
 import msgspec
+import trio
 
 from relay.spool.queueid import new_queue_id
 from relay.spool.records import DeliveryJob, Envelope, NewMessage
@@ -574,11 +576,8 @@ class Spool:
                 txn.delete(qid, db=self._envdb)
 
     async def acomplete(self, queue_id: str, domain: str, **kwargs: object) -> None:
-        """``complete`` from trio: runs it in a worker thread (not cancellable midway)."""
-        import functools
-
-        import trio
-
+        """``complete`` from trio: runs it in a worker thread (not cancellable midway).
+        Prefer ``GroupCommitWriter.submit_completion``: it shares fsyncs."""
         await trio.to_thread.run_sync(
             functools.partial(self.complete, queue_id, domain, **kwargs)  # type: ignore[arg-type]
         )
