@@ -408,7 +408,14 @@ class Spool:
     def due_jobs(
         self, now: float, shard: int, nshards: int, limit: int, lease: float = 600.0
     ) -> list[DeliveryJob]:
-        """Claim up to ``limit`` jobs of this shard that are due at ``now``, oldest first.
+        """Claim up to ``limit`` jobs of this shard that are due at ``now``.
+
+        Order: round robin over the shard's domains that have due jobs (the domain whose
+        oldest due job is oldest first), each domain's jobs in due order, like Postfix's
+        qmgr round robin over destination queues: a backlog of 50 000 jobs for one big
+        domain gets one job per round, not the whole ``limit``, so small domains are not
+        starved behind it. Callers that want more of a big domain call again (or ask
+        for a larger ``limit``).
 
         Claiming moves a job's due time to ``now + lease`` and records our pid in
         ``claimed_by``, in one synced write transaction, so two workers never get the same
