@@ -34,7 +34,6 @@ __all__ = [
     "BAD_SENDER",
     "BARE_CR_LF_IN_COMMAND",
     "BARE_CR_LF_IN_DATA",
-    "BDAT_AFTER_FAILED_CHUNK",
     "BDAT_BINARYMIME_WITH_DATA",
     "BDAT_MIXED_WITH_DATA",
     "BYE",
@@ -254,7 +253,6 @@ NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
 NOT_ALLOWED_DURING_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
 BDAT_MIXED_WITH_DATA = Reply(503, "5.5.1", "Error: DATA and BDAT cannot be mixed")
 BDAT_BINARYMIME_WITH_DATA = Reply(503, "5.5.1", "Error: BODY=BINARYMIME requires BDAT")
-BDAT_AFTER_FAILED_CHUNK = Reply(503, "5.5.1", "Error: transaction failed, send RSET")
 BAD_BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT count [LAST]")
 TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
 PARAMS_NEED_EHLO = Reply(555, "5.5.4", "Error: ESMTP parameters require EHLO")

@@ -28,6 +28,10 @@ Contract:
   without that decision pending raises ``LocalProtocolError``, except once the
   connection is closing (``abort()``/``shutdown()``/``timeout_expired()`` may have run
   while the I/O layer was deciding): then decision methods do nothing.
+* While a RCPT, AUTH or message decision is pending ``phase`` is ``COMMAND`` (the client's
+  next move is a command); while STARTTLS is pending it is ``STARTTLS``.
+* Bytes fed before ``start()`` (the client talked first) are not kept: ``start()`` then
+  queues ``554 5.5.1`` instead of the greeting and the session closes ("pregreet").
 * ``ConnectionClosing`` is terminal and sticky: once returned, ``next_event()`` returns the
   very same object for ever; input is ignored from then on.
 * Internal buffers are bounded: a partial command line is at most 512 octets (12288 for
@@ -44,8 +48,9 @@ Choices where the RFCs leave room (the Postfix behaviour unless said otherwise):
 * ``MAIL FROM: <a@b>`` (space before the path) is accepted; a path without ``<>`` is not.
 * A leading dot is removed from every data line that starts with one (RFC 5321 4.5.2),
   which for a correctly stuffing client is exactly ``..`` -> ``.``.
-* The error counter counts every 4xx/5xx reply except ``452 4.5.3`` (too many
-  recipients, which is normal pipelining traffic) and is reset when a message is stored,
+* The error counter counts every 4xx/5xx reply, including the I/O layer's
+  ``reject_recipient``/``auth_failed``/``message_failed`` ones, except ``452 4.5.3`` (too
+  many recipients, which is normal pipelining traffic), and is reset when a message is stored,
   so long bulk sessions with an occasional rejected recipient are not cut off.
 * After a failed BDAT chunk the transaction stays failed: further chunks are read,
   discarded and answered with the same error until ``BDAT ... LAST`` (or RSET) ends it.
