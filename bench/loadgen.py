@@ -254,6 +254,7 @@ async def _worker_main(spec: LoadSpec, index: int, count: int, progress_every: f
     async def progress() -> None:
         while True:
             out.write(json.dumps({"t": time.monotonic(), "accepted": w.res.accepted,
+                                  "recipients_accepted": w.res.recipients_accepted,
                                   "failed": w.res.messages_failed}) + "\n")
             out.flush()
             await trio.sleep(progress_every)
@@ -278,11 +279,11 @@ async def _worker_main(spec: LoadSpec, index: int, count: int, progress_every: f
 async def run_load(
     spec: LoadSpec,
     processes: int = 2,
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[int, int, int], None] | None = None,
     progress_every: float = 0.25,
 ) -> LoadResult:
-    """Run the load in ``processes`` subprocesses; ``on_progress(accepted, failed)`` is
-    called as progress arrives. Returns the merged result."""
+    """Run the load in ``processes`` subprocesses; ``on_progress(accepted, failed,
+    recipients_accepted)`` is called as progress arrives. Returns the merged result."""
     processes = max(1, min(processes, spec.sessions))
     latest: dict[int, dict] = {}
     finals: dict[int, dict] = {}
@@ -315,7 +316,8 @@ async def run_load(
                         now - result.timeline[-1][0] > progress_every):
                     result.timeline.append((now, accepted))
                 if on_progress is not None:
-                    on_progress(accepted, failed)
+                    rcpts = sum(m["recipients_accepted"] for m in latest.values())
+                    on_progress(accepted, failed, rcpts)
         finally:
             with trio.CancelScope(shield=True):
                 if proc.returncode is None:

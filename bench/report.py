@@ -93,7 +93,7 @@ def format_table(doc: dict[str, Any]) -> str:
 
 
 def _rate_series(points: list[list[float]] | list[tuple[float, int]],
-                 bucket: float = 0.5) -> tuple[list[float], list[float]]:
+                 bucket: float = 1.0) -> tuple[list[float], list[float]]:
     """Cumulative (t, n) samples -> per-bucket rate (msg/s) at bucket midpoints."""
     if not points:
         return [], []
@@ -139,7 +139,7 @@ def write_chart(doc: dict[str, Any], path: Path) -> Path | None:
                 ax.plot(xs, ys, color=c, label=f"{r['peer']} delivered")
         ax.set_title(f"{scen}")
         ax.set_xlabel("seconds since first message")
-        ax.set_ylabel("messages/s")
+        ax.set_ylabel("messages/s (1 s bins)")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper right", fontsize="small")
     m = doc["machine"]

@@ -173,12 +173,12 @@ async def _measure(scenario: Scenario, peer: Any, sink: Sink, row: dict[str, Any
     spool0 = await trio.to_thread.run_sync(dir_bytes, spool)
     t0_mono, t0_trio = time.monotonic(), trio.current_time()
     progress = _Progress(f"{scenario.name}/{peer.name}") if show_progress else None
-    state: dict[str, Any] = {"accepted": 0, "peak_rss": base.rss_bytes, "peak_spool": 0,
+    state: dict[str, Any] = {"accepted": 0, "rcpts": 0, "peak_rss": base.rss_bytes, "peak_spool": 0,
                              "spool_per_msg": math.nan, "peak_queue": 0}
-    delivered_tl: list[tuple[float, int]] = []
 
-    def on_progress(accepted: int, failed: int) -> None:
+    def on_progress(accepted: int, failed: int, rcpts: int) -> None:
         state["accepted"] = accepted
+        state["rcpts"] = rcpts
 
     async def sampler() -> None:
         n = 0
@@ -186,12 +186,15 @@ async def _measure(scenario: Scenario, peer: Any, sink: Sink, row: dict[str, Any
             tree = await trio.to_thread.run_sync(sample_tree, roots)
             state["peak_rss"] = max(state["peak_rss"], tree.rss_bytes)
             delivered = sink.total_messages
-            delivered_tl.append((time.monotonic(), delivered))
-            queued = max(0, state["accepted"] - delivered)
+            # Queued messages, estimated from recipients (a peer may split a message
+            # per destination, so the sink's message count can exceed ours).
+            queued_rcpts = max(0, state["rcpts"] - sink.total_recipients)
+            per_msg = state["accepted"] / state["rcpts"] if state["rcpts"] else 1.0
+            queued = round(queued_rcpts * per_msg)
             if n % 2 == 0 and spool is not None:
                 size = await trio.to_thread.run_sync(dir_bytes, spool) - spool0
                 state["peak_spool"] = max(state["peak_spool"], size)
-                if queued >= max(10, state["peak_queue"]):
+                if queued >= max(5, state["peak_queue"]):
                     state["peak_queue"] = queued
                     state["spool_per_msg"] = size / queued
             if progress is not None:
@@ -221,7 +224,6 @@ async def _measure(scenario: Scenario, peer: Any, sink: Sink, row: dict[str, Any
     if progress is not None:
         progress.done()
     end = await trio.to_thread.run_sync(sample_tree, roots)
-    delivered_tl.append((time.monotonic(), sink.total_messages))
 
     def mono(t_trio: float) -> float:
         return t_trio - t0_trio + t0_mono
@@ -252,11 +254,12 @@ async def _measure(scenario: Scenario, peer: Any, sink: Sink, row: dict[str, Any
         "spool_bytes_per_msg": (None if spool is None or math.isnan(state["spool_per_msg"])
                                 else state["spool_per_msg"]),
         "peak_spool_mb": state["peak_spool"] / 1e6 if spool is not None else None,
+        "peak_queue_estimate": state["peak_queue"],
         "mb_sent": result.bytes_sent / 1e6,
         "errors": result.errors[:5],
         "timeline": {
             "accepted": [(round(t - first, 3), n) for t, n in result.timeline],
-            "delivered": [(round(t - first, 3), n) for t, n in delivered_tl],
+            "delivered": _cumulative([mono(t) - first for t, _, _ in sink.arrivals]),
         },
     })
     row["msg_s"] = row["e2e_msg_s"] if is_e2e else row["inject_msg_s"]
@@ -264,6 +267,21 @@ async def _measure(scenario: Scenario, peer: Any, sink: Sink, row: dict[str, Any
         row["throttle"] = _throttle_check(scenario, sink)
     if scenario.recover_after_load:
         row["defer"] = _defer_check(scenario, sink, first, load_end, mono)
+
+
+def _cumulative(times: list[float], step: float = 0.25) -> list[tuple[float, int]]:
+    """Exact arrival times -> cumulative count sampled every ``step`` seconds."""
+    if not times:
+        return []
+    times = sorted(times)
+    out: list[tuple[float, int]] = [(0.0, 0)]
+    j, t = 0, step
+    while j < len(times):
+        while j < len(times) and times[j] <= t:
+            j += 1
+        out.append((round(t, 3), j))
+        t += step
+    return out
 
 
 def _throttle_check(scenario: Scenario, sink: Sink) -> dict[str, Any]:

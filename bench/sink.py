@@ -694,6 +694,15 @@ def main(argv: list[str] | None = None) -> int:
         os.kill(pid, signal.SIGTERM)
     for pid, r in children:
         os.waitpid(pid, 0)
+        # the child's last line (written on SIGTERM) is still in the pipe: drain it
+        while True:
+            data = os.read(r, 1 << 20)
+            if not data:
+                break
+            pending[r] += data
+        lines = [x for x in pending[r].split(b"\n") if x.strip()]
+        if lines:
+            latest[r] = json.loads(lines[-1])
         os.close(r)
     summary = _merge(list(latest.values()))
     summary["final"] = True

@@ -1,0 +1,124 @@
+"""The bench itself: tiny scenario runs through the real CLI, and the pieces the numbers
+depend on (generated peer configs, percentiles, rate series). Each run is bounded by
+``--quick`` (2 s of load, 20 s drain deadline) and a subprocess timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.metrics import percentile, sample_tree
+from bench.peers import PeerSetup, PostfixPeer, RelayPeer
+from bench.report import _rate_series, compute_ratios, format_table
+from bench.scenarios import _cumulative, build_scenarios
+from relay.config import decode_config
+
+ROOT = Path(__file__).resolve().parents[2]
+HAVE_POSTFIX = Path("/usr/sbin/postfix").exists() and os.geteuid() == 0
+
+
+def _run_bench(tmp_path: Path, *args: str, timeout: float = 150) -> dict:
+    out = tmp_path / "results"
+    p = subprocess.run([sys.executable, "-m", "bench", "--quick", "--no-progress",
+                        "--out", str(out), *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout)
+    assert (out / "latest.json").exists(), p.stdout + p.stderr
+    doc = json.loads((out / "latest.json").read_text())
+    doc["_stdout"], doc["_rc"] = p.stdout, p.returncode
+    assert (out / "latest.png").stat().st_size > 1000  # a chart was drawn
+    return doc
+
+
+def _sane(row: dict) -> None:
+    assert not row.get("error"), row.get("error")
+    assert row["accepted"] > 0
+    assert row["msg_s"] > 0
+    assert row["latency_p99_ms"] >= row["latency_p50_ms"] > 0
+    assert row["complete"] is True
+    assert row["duplicates"] == 0
+
+
+def test_inject_against_the_sink_counts_match(tmp_path: Path) -> None:
+    doc = _run_bench(tmp_path, "--target", "direct", "--scenarios", "inject,e2e")
+    assert doc["_rc"] == 0, doc["_stdout"]
+    for row in doc["results"]:
+        _sane(row)
+        # direct: the sink is the server, so what it counted is exactly what was accepted
+        assert row["delivered_messages"] == row["accepted"]
+        assert row["delivered_recipients"] == row["recipients_accepted"]
+        assert row["timeline"]["accepted"][-1][1] == row["accepted"]
+    assert "inject" in doc["_stdout"] and "msg/s" in doc["_stdout"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_POSTFIX, reason="needs postfix and root (make sysdeps)")
+def test_relay_and_postfix_e2e_side_by_side(tmp_path: Path) -> None:
+    doc = _run_bench(tmp_path, "--target", "relay", "--peers", "postfix",
+                     "--scenarios", "e2e,fanout")
+    rows = {(r["scenario"], r["peer"]): r for r in doc["results"]}
+    assert set(rows) == {("e2e", "relay"), ("e2e", "postfix"), ("fanout", "relay"),
+                         ("fanout", "postfix")}
+    for (scenario, _peer), row in rows.items():
+        _sane(row)
+        assert row["delivered_recipients"] == row["recipients_accepted"]
+        assert row["cpu_s_per_1000"] > 0
+        assert row["peak_rss_mb"] > 0
+        if scenario == "fanout":
+            assert row["throttle"]["held"], row["throttle"]
+            assert row["throttle"]["max_connections_seen"] <= 2
+    ratio = doc["ratios"]["postfix"]["e2e"]
+    assert ratio == pytest.approx(rows[("e2e", "relay")]["msg_s"]
+                                  / rows[("e2e", "postfix")]["msg_s"])
+    assert "relay/postfix msg/s ratio" in doc["_stdout"]
+
+
+def test_generated_relay_config_is_valid_for_every_scenario() -> None:
+    for scenario in build_scenarios(quick=True).values():
+        setup = PeerSetup(sink_port=2626, domain_throttle=scenario.domain_throttle,
+                          routes={d: f"{a}:2626" for d, a in scenario.routes.items()})
+        peer = RelayPeer(setup)
+        cfg = decode_config(peer.config_text(), "generated")
+        assert cfg.inbound.listen == [f"127.0.0.1:{peer.port}"]
+        assert cfg.outbound.smart_host == "127.0.0.1:2626"
+        for domain in scenario.routes:
+            assert cfg.outbound.throttle_for(domain).max_connections == 2
+        peer.tmp.rmdir()
+
+
+def test_postfix_config_mirrors_throttles_in_whole_seconds() -> None:
+    peer = PostfixPeer(PeerSetup(sink_port=2626, routes={"a.test": "127.3.0.1:2626"},
+                                 domain_throttle={"max_connections": 2,
+                                                  "max_message_rate": "90/min"}))
+    try:
+        cf = dict(line.split(" = ", 1) for line in peer.main_cf().splitlines())
+        assert cf["relayhost"] == "[127.0.0.1]:2626"
+        assert cf["inet_interfaces"] == "loopback-only"
+        assert cf["smtp_destination_concurrency_limit"] == "2"
+        assert cf["smtp_destination_rate_delay"] == "1s"  # 0.67 s rounded up, never faster
+        assert cf["queue_directory"].startswith(str(peer.tmp))
+    finally:
+        peer.tmp.rmdir()
+
+
+def test_helpers() -> None:
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0
+    assert percentile([3.0, 1.0, 2.0, 4.0], 99) == 4.0
+    assert _cumulative([0.1, 0.3, 0.3, 0.9], step=0.25) == [
+        (0.0, 0), (0.25, 1), (0.5, 3), (0.75, 3), (1.0, 4)]
+    xs, ys = _rate_series([(0.0, 0), (1.0, 10), (2.0, 30)], bucket=1.0)
+    assert xs == [0.5, 1.5] and ys == [10.0, 20.0]
+    me = sample_tree([os.getpid()])
+    assert me.cpu_seconds > 0 and me.rss_bytes > 0 and me.processes >= 1
+    results = [{"scenario": "e2e", "peer": "relay", "msg_s": 300.0},
+               {"scenario": "e2e", "peer": "postfix", "msg_s": 200.0},
+               {"scenario": "inject", "peer": "relay", "error": "relay: did not start"}]
+    ratios = compute_ratios(results, "relay", "postfix")
+    assert ratios == {"e2e": 1.5, "inject": None}
+    text = format_table({"results": results, "ratios": {"postfix": ratios},
+                         "settings": {"target": "relay"}})
+    assert "ERROR" in text and "relay: did not start" in text and "1.50x" in text
