@@ -85,7 +85,7 @@ def build_scenarios(duration: float = 8.0, quick: bool = False, sessions: int = 
     routes = {d: f"127.3.{i // 250}.{i % 250 + 1}" for i, d in enumerate(fan)}
     out["fanout"] = Scenario(
         "fanout", f"{fanout_domains} domains, per-domain max_connections/max_message_rate",
-        LoadSpec(duration=duration, messages=80 if quick else 4000, domains=fan,
+        LoadSpec(duration=duration, messages=40 if quick else 4000, domains=fan,
                  domain_weights=weights, sessions=sessions, sizes=[(4096, 1.0)],
                  recipients=[(1, 1.0)]),
         drain_timeout=drain, routes=routes,
