@@ -62,10 +62,10 @@ def format_table(doc: dict[str, Any]) -> str:
             t = r["throttle"]
             notes.append(
                 f"{r['scenario']}/{r['peer']}: throttles {'held' if t['held'] else 'EXCEEDED'}"
-                f" (max conns/domain {t['max_connections_seen']}<= {t['max_connections_limit']}"
-                f", max rate {t['max_rate_seen_per_s']:.1f}/s <= "
-                f"{_fmt(t['rate_limit_per_s'], 1)}/s over {t['rate_window_s']:.0f}s windows, "
-                f"{t['domains_delivered']} domains delivered)")
+                f" (busiest domain: {t['max_connections_seen']} connections at once, limit "
+                f"{t['max_connections_limit']}; {t.get('max_in_window', '-')} messages in a "
+                f"{t['rate_window_s']:.0f}s window, limit {_fmt(t.get('allowed_in_window'))}"
+                f" incl. 1 burst; {t['domains_delivered']} domains delivered)")
         if "defer" in r:
             d = r["defer"]
             notes.append(

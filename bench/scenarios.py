@@ -194,7 +194,7 @@ async def _measure(scenario: Scenario, peer: Any, sink: Sink, row: dict[str, Any
             if n % 2 == 0 and spool is not None:
                 size = await trio.to_thread.run_sync(dir_bytes, spool) - spool0
                 state["peak_spool"] = max(state["peak_spool"], size)
-                if queued >= max(5, state["peak_queue"]):
+                if queued >= max(20, state["peak_queue"]):
                     state["peak_queue"] = queued
                     state["spool_per_msg"] = size / queued
             if progress is not None:
@@ -307,6 +307,7 @@ def _throttle_check(scenario: Scenario, sink: Sink) -> dict[str, Any]:
         allowed_in_window is None or worst_rate * window <= allowed_in_window)
     return {"max_connections_limit": limit_conn, "max_connections_seen": worst_conn,
             "rate_limit_per_s": per_s, "max_rate_seen_per_s": worst_rate,
+            "max_in_window": round(worst_rate * window), "allowed_in_window": allowed_in_window,
             "rate_window_s": window, "busiest_domain": worst_domain, "held": held,
             "domains_delivered": sum(1 for d in scenario.routes if d in sink.stats
                                      and sink.stats[d].messages)}
