@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sessions", type=int, default=20, help="concurrent SMTP sessions")
     ap.add_argument("--processes", type=int, default=2, help="load generator processes")
     ap.add_argument("--fanout-domains", type=int, default=1000)
+    ap.add_argument("--no-pipelining", action="store_true",
+                    help="one command per round trip (default: PIPELINING)")
+    ap.add_argument("--messages-per-connection", type=int, default=100)
     ap.add_argument("--quick", action="store_true", help="tiny runs (seconds), for tests")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"),
                     help="directory for the JSON and PNG report (default bench/results)")
@@ -78,7 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     scenarios = build_scenarios(duration=args.duration, quick=args.quick,
-                                sessions=args.sessions, fanout_domains=args.fanout_domains)
+                                sessions=args.sessions, fanout_domains=args.fanout_domains,
+                                pipelining=not args.no_pipelining,
+                                messages_per_connection=args.messages_per_connection)
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     doc: dict[str, Any] = {"started": started, "machine": _machine(),
                            "settings": {k: v for k, v in vars(args).items()},

@@ -59,7 +59,8 @@ _RCPTS = [(1, 0.8), (2, 0.15), (5, 0.05)]
 
 
 def build_scenarios(duration: float = 8.0, quick: bool = False, sessions: int = 20,
-                    fanout_domains: int = 1000) -> dict[str, Scenario]:
+                    fanout_domains: int = 1000, pipelining: bool = True,
+                    messages_per_connection: int = 100) -> dict[str, Scenario]:
     """The suite. ``quick`` shrinks everything to a few seconds (tests, smoke runs)."""
     if quick:
         duration = min(duration, 2.0)
@@ -100,6 +101,9 @@ def build_scenarios(duration: float = 8.0, quick: bool = False, sessions: int = 
         "defer", "20% of domains answer 451 during the load, then recover",
         LoadSpec(duration=duration, domains=plain_domains, **common), drain_timeout=drain,
         behaviours={d: Behaviour.TEMPFAIL for d in deferred}, recover_after_load=deferred)
+    for sc in out.values():
+        sc.load.pipelining = pipelining
+        sc.load.messages_per_connection = messages_per_connection
     return out
 
 

@@ -122,3 +122,27 @@ def test_helpers() -> None:
     text = format_table({"results": results, "ratios": {"postfix": ratios},
                          "settings": {"target": "relay"}})
     assert "ERROR" in text and "relay: did not start" in text and "1.50x" in text
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_loadgen_counts_match_the_sink(pipelining: bool) -> None:
+    import trio
+
+    from bench.loadgen import LoadSpec, run_load
+    from bench.sink import Behaviour, Sink
+
+    sink = Sink(behaviours={"no.test": Behaviour.REJECT})
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(sink.serve, "127.0.0.1", 0)
+        spec = LoadSpec(port=port, sessions=4, messages=60, duration=30, pipelining=pipelining,
+                        messages_per_connection=7, domains=["a.test", "b.test", "no.test"],
+                        recipients=[(1, 0.5), (3, 0.5)], sizes=[(1000, 0.5), (20000, 0.5)])
+        res = await run_load(spec, processes=2)
+        nursery.cancel_scope.cancel()
+    assert res.accepted + res.messages_failed == 60
+    assert res.accepted == sink.total_messages > 0
+    assert res.recipients_accepted == sink.total_recipients
+    assert res.recipients_refused == sink.stats["no.test"].rejects > 0
+    assert res.per_domain.get("a.test", 0) == sink.stats["a.test"].recipients
+    assert len(res.latencies) == res.accepted
+    assert sink.connections_opened >= 60 // 7
