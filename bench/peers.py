@@ -206,8 +206,9 @@ class RelayPeer:
             await wait_for_220("127.0.0.1", self.port, time.monotonic() + 30,
                                alive=lambda: self.proc is not None and self.proc.poll() is None)
         except PeerError as e:
-            await self.__aexit__()
+            self._log.flush()
             tail = self.log_path.read_text(errors="replace")[-1500:]
+            await self.__aexit__()
             raise PeerError(f"relay: {e}; log tail:\n{tail}") from None
         return self
 

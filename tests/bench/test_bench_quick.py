@@ -146,3 +146,13 @@ async def test_loadgen_counts_match_the_sink(pipelining: bool) -> None:
     assert res.per_domain.get("a.test", 0) == sink.stats["a.test"].recipients
     assert len(res.latencies) == res.accepted
     assert sink.connections_opened >= 60 // 7
+
+
+async def test_relay_that_cannot_start_is_a_clear_error() -> None:
+    from bench.peers import PeerError
+
+    peer = RelayPeer(PeerSetup(sink_port=2626), relay_bin="/bin/false")
+    with pytest.raises(PeerError, match="exited during start-up"):
+        async with peer:
+            pass
+    assert not peer.tmp.exists()  # cleaned up
