@@ -361,8 +361,12 @@ class PostfixPeer:
             (self.conf / "transport").write_text("".join(
                 f"{d} smtp:[{h.rsplit(':', 1)[0]}]:{h.rsplit(':', 1)[1]}\n"
                 for d, h in self.setup.routes.items()))
-        await trio.to_thread.run_sync(lambda: self._run("check"))
-        await trio.to_thread.run_sync(lambda: self._run("start"))
+        try:
+            await trio.to_thread.run_sync(lambda: self._run("check"))
+            await trio.to_thread.run_sync(lambda: self._run("start"))
+        except PeerError:
+            await self.__aexit__()
+            raise
         pid_file = self.queue / "pid" / "master.pid"
         try:
             deadline = time.monotonic() + 30
