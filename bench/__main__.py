@@ -45,6 +45,18 @@ def _machine() -> dict[str, Any]:
     return info
 
 
+def _dist(text: str) -> list[tuple[int, float]]:
+    """``"2048:0.5,8192:0.5"`` -> [(2048, 0.5), (8192, 0.5)]; a bare value has weight 1."""
+    out = []
+    for part in text.split(","):
+        value, _, weight = part.strip().partition(":")
+        try:
+            out.append((int(value), float(weight or 1)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad distribution item {part!r}") from None
+    return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,6 +74,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-pipelining", action="store_true",
                     help="one command per round trip (default: PIPELINING)")
     ap.add_argument("--messages-per-connection", type=int, default=100)
+    ap.add_argument("--sizes", type=_dist, default=None, metavar="BYTES:WEIGHT,...",
+                    help="message size mix for inject/e2e/defer (default "
+                         "2048:0.5,8192:0.35,32768:0.15)")
+    ap.add_argument("--recipients", type=_dist, default=None, metavar="N:WEIGHT,...",
+                    help="recipients per message (default 1:0.8,2:0.15,5:0.05)")
+    ap.add_argument("--domains", type=int, default=20,
+                    help="recipient domains for inject/e2e/defer (default 20)")
     ap.add_argument("--quick", action="store_true", help="tiny runs (seconds), for tests")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"),
                     help="directory for the JSON and PNG report (default bench/results)")
@@ -83,7 +102,9 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     scenarios = build_scenarios(duration=args.duration, quick=args.quick,
                                 sessions=args.sessions, fanout_domains=args.fanout_domains,
                                 pipelining=not args.no_pipelining,
-                                messages_per_connection=args.messages_per_connection)
+                                messages_per_connection=args.messages_per_connection,
+                                sizes=args.sizes, recipients=args.recipients,
+                                domains=args.domains)
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     doc: dict[str, Any] = {"started": started, "machine": _machine(),
                            "settings": {k: v for k, v in vars(args).items()},

@@ -60,14 +60,20 @@ _RCPTS = [(1, 0.8), (2, 0.15), (5, 0.05)]
 
 def build_scenarios(duration: float = 8.0, quick: bool = False, sessions: int = 20,
                     fanout_domains: int = 1000, pipelining: bool = True,
-                    messages_per_connection: int = 100) -> dict[str, Scenario]:
-    """The suite. ``quick`` shrinks everything to a few seconds (tests, smoke runs)."""
+                    messages_per_connection: int = 100,
+                    sizes: list[tuple[int, float]] | None = None,
+                    recipients: list[tuple[int, float]] | None = None,
+                    domains: int = 20) -> dict[str, Scenario]:
+    """The suite. ``quick`` shrinks everything to a few seconds (tests, smoke runs).
+    ``sizes``/``recipients``/``domains`` set the mix of inject, e2e and defer (fanout and
+    large have their own)."""
     if quick:
         duration = min(duration, 2.0)
         fanout_domains = min(fanout_domains, 40)
     drain = 20.0 if quick else 60.0
-    common: dict[str, Any] = {"sessions": sessions, "sizes": _SIZES, "recipients": _RCPTS}
-    plain_domains = [f"d{i:02d}.bench.test" for i in range(20)]
+    common: dict[str, Any] = {"sessions": sessions, "sizes": sizes or _SIZES,
+                              "recipients": recipients or _RCPTS}
+    plain_domains = [f"d{i:02d}.bench.test" for i in range(max(1, domains))]
     out: dict[str, Scenario] = {}
     out["inject"] = Scenario(
         "inject", "acceptance rate (250 after durable queueing)",
@@ -96,7 +102,7 @@ def build_scenarios(duration: float = 8.0, quick: bool = False, sessions: int = 
         LoadSpec(duration=duration, messages=40 if quick else 0, domains=plain_domains,
                  sessions=max(2, sessions // 2), sizes=[(100 * 1024, 0.7), (1024 * 1024, 0.3)],
                  recipients=[(1, 1.0)]), drain_timeout=drain)
-    deferred = plain_domains[:4]  # 20% of the domains answer 451 while the load runs
+    deferred = plain_domains[: max(1, len(plain_domains) // 5)]  # 20% answer 451
     out["defer"] = Scenario(
         "defer", "20% of domains answer 451 during the load, then recover",
         LoadSpec(duration=duration, domains=plain_domains, **common), drain_timeout=drain,
