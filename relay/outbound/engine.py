@@ -1,0 +1,402 @@
+"""The delivery engine of one worker: claims its shard's due jobs and delivers them.
+
+API (what ``relay.worker`` calls)::
+
+    engine = DeliveryEngine(config, spool, shard, nshards, events, hostname, waker=waker)
+    await nursery.start(engine.run)        # runs until cancelled
+    engine.apply_config(new_config)        # SIGHUP: new throttles/routes, nothing dropped
+
+Scheduling. ``run`` claims due jobs of shard ``shard`` (``Spool.due_jobs``, which leases
+them for ``lease`` seconds), routes each to its ``Destination`` (one nursery per
+active destination, see ``destination.py``) and sleeps until the earliest of: a wake-up
+datagram (``wakeup.py``: another worker committed mail for this shard, or we stored a
+DSN), the spool's ``next_due``, or ``poll_interval``. At start it releases the claims of
+dead processes of this shard (``Spool.release_claims``), so a restarted worker resumes at
+once instead of waiting for leases to expire. At most ``max_in_memory`` jobs are held;
+beyond that the scheduler stops claiming (backpressure; the rest stay in the spool).
+
+Outcomes, per recipient (one ``Spool.complete`` transaction per job, events after it):
+
+- 2xx -> delivered (``Delivery``);
+- 4xx, connection/DNS trouble -> deferred to ``now + retry_interval * 2**(attempts-1)``
+  capped at ``max_retry_interval`` (``TransientFailure``); a destination backoff defers
+  to at least its end;
+- 5xx, null MX, NXDOMAIN -> bounced (``Bounce``) and, once ``now`` is past
+  ``arrival + max_age``, a transient outcome becomes an expiry (``Expiration``): both
+  remove the recipient and store the DSN from ``build_dsn`` in the SAME transaction.
+  ``build_dsn`` returns None for a null sender or a DSN (``is_bounce``), so a bounce is
+  never bounced: no loops.
+
+Time. Wall time is ``trio.current_time() + offset`` with the offset fixed when ``run``
+starts, so under ``trio.testing.MockClock`` retry schedules and backoffs run instantly
+while the spool still sees consistent Unix-like times.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import ssl
+import time
+from typing import Any
+
+import trio
+
+from relay.config import Config
+from relay.events import Bounce, Delivery, Event, EventLog, Expiration, TransientFailure
+from relay.outbound.destination import Destination
+from relay.outbound.dsn import FailedRecipient, build_dsn
+from relay.outbound.resolver import Resolver
+from relay.outbound.routing import Hop, Router
+from relay.outbound.throttle import backoff_delay
+from relay.outbound.wakeup import Waker
+from relay.smtp.client import RecipientOutcome
+from relay.spool import (
+    DeliveryJob,
+    Envelope,
+    MessageNotFound,
+    NewMessage,
+    Spool,
+    new_queue_id,
+    shard_of,
+)
+
+__all__ = ["DeliveryEngine"]
+
+log = logging.getLogger("relay.outbound")
+
+
+class DeliveryEngine:
+    """See the module docstring. One per worker process; not thread-safe (trio only)."""
+
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        shard: int,
+        nshards: int,
+        events: EventLog,
+        hostname: str,
+        *,
+        waker: Waker | None = None,
+        resolver: Resolver | None = None,
+        client_ssl_context: ssl.SSLContext | None = None,
+        poll_interval: float = 1.0,
+        claim_batch: int = 1000,
+        max_in_memory: int = 20000,
+        lease: float = 600.0,
+        release_claims_on_start: bool = True,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.shard = shard
+        self.nshards = nshards
+        self.events = events
+        self.hostname = hostname
+        self.waker = waker
+        self.resolver = resolver or Resolver(list(config.outbound.resolvers))
+        self.router = Router(config.outbound, self.resolver)
+        self.client_ssl_context = client_ssl_context
+        self.poll_interval = poll_interval
+        self.claim_batch = claim_batch
+        self.max_in_memory = max_in_memory
+        self.lease = lease
+        self.release_claims_on_start = release_claims_on_start
+        self.destinations: dict[str, Destination] = {}
+        #: (queue_id, domain) of jobs held in memory (claimed, not yet completed).
+        self._held: set[tuple[str, str]] = set()
+        self._offset = time.time()
+        self._offset_fixed = False
+        self._wake = trio.Event()
+        #: Wall time the scheduler plans to look next; an earlier reschedule pokes it.
+        self._sleep_until = 0.0
+        self._nursery: trio.Nursery | None = None
+        #: Counters (tests, stats).
+        self.claimed = 0
+        self.completed = 0
+        self.dsns = 0
+
+    # ------------------------------------------------------------------ time
+
+    def now(self) -> float:
+        """Wall time (Unix seconds) derived from trio's clock; see module doc."""
+        return trio.current_time() + self._offset
+
+    def wall(self, trio_time: float) -> float:
+        """Convert a ``trio.current_time()`` value to wall time."""
+        return trio_time + self._offset
+
+    # ------------------------------------------------------------------ control
+
+    def apply_config(self, config: Config) -> None:
+        """Apply a reloaded config: routes, smart host and resolvers for new jobs;
+        throttles for running destinations at once. Nothing queued or in flight is
+        dropped; a changed destination key (rollup, route) applies to jobs claimed
+        from now on."""
+        if list(config.outbound.resolvers) != list(self.config.outbound.resolvers):
+            self.resolver = Resolver(list(config.outbound.resolvers))
+        self.config = config
+        self.router = Router(config.outbound, self.resolver)
+        for key, dest in self.destinations.items():
+            dest.apply_throttle(config.outbound.throttle_for(key))
+        self.poke()
+
+    def poke(self) -> None:
+        """Make the scheduler look at the spool now (same process)."""
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Deliver this shard until cancelled (cancellation leaves claimed jobs to their
+        lease / to ``release_claims`` at the next start: nothing is lost)."""
+        if not self._offset_fixed:
+            self._offset = time.time() - trio.current_time()
+            self._offset_fixed = True
+        if self.release_claims_on_start:
+            released = await trio.to_thread.run_sync(
+                functools.partial(self.spool.release_claims, self.shard, self.nshards)
+            )
+            if released:
+                log.info("shard %d: resumed %d jobs claimed by dead workers",
+                         self.shard, released)
+        listener = self.waker.listen(self.shard) if self.waker is not None else None
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if listener is not None:
+                    nursery.start_soon(self._wake_loop, listener)
+                task_status.started()
+                await self._schedule()
+        finally:
+            self._nursery = None
+            if listener is not None:
+                listener.close()
+
+    async def _wake_loop(self, listener: Any) -> None:
+        while True:
+            await listener.wait()
+            self._wake.set()
+
+    async def _schedule(self) -> None:
+        spool = self.spool
+        while True:
+            self._wake = trio.Event()
+            room = self.max_in_memory - len(self._held)
+            if room > 0:
+                limit = min(self.claim_batch, room)
+                jobs = await trio.to_thread.run_sync(
+                    functools.partial(spool.due_jobs, self.now(), self.shard, self.nshards,
+                                      limit, self.lease)
+                )
+                for job in jobs:
+                    await self._dispatch(job)
+                if len(jobs) >= limit:
+                    await trio.lowlevel.checkpoint()
+                    continue
+            timeout = self.poll_interval
+            if room > 0:
+                nd = await trio.to_thread.run_sync(spool.next_due, self.shard, self.nshards)
+                if nd is not None:
+                    # A floor keeps a due-but-unclaimable entry from spinning the loop.
+                    timeout = min(timeout, max(nd - self.now(), 0.005))
+            self._sleep_until = self.now() + timeout
+            with trio.move_on_after(timeout):
+                await self._wake.wait()
+            self._sleep_until = 0.0
+
+    async def _dispatch(self, job: DeliveryJob) -> None:
+        key = (job.queue_id, job.domain)
+        if key in self._held:
+            return  # lease expired while we still hold it: ours completes it
+        assert self._nursery is not None
+        self._held.add(key)
+        self.claimed += 1
+        dest_key = await self.router.destination_key(job.domain)
+        dest = self.destinations.get(dest_key)
+        if dest is None or dest.closed:
+            dest = Destination(self, dest_key, self.config.outbound.throttle_for(dest_key))
+            self.destinations[dest_key] = dest
+            self._nursery.start_soon(self._run_destination, dest)
+        dest.enqueue(job)
+
+    async def _run_destination(self, dest: Destination) -> None:
+        try:
+            await dest.run()
+        finally:
+            if self.destinations.get(dest.key) is dest:
+                del self.destinations[dest.key]
+
+    def _finish(self, job: DeliveryJob) -> None:
+        self._held.discard((job.queue_id, job.domain))
+        self.completed += 1
+        if len(self._held) == self.max_in_memory - 1:
+            self._wake.set()  # room again: claim more
+
+    # ------------------------------------------------------------------ outcomes
+
+    async def load(self, job: DeliveryJob) -> tuple[Envelope, bytes] | None:
+        """The message of a job, or None (and the job is finished) if it was deleted."""
+        try:
+            return await trio.to_thread.run_sync(self.spool.load, job.queue_id)
+        except MessageNotFound:
+            self._finish(job)
+            return None
+
+    async def record(self, dest: Destination, job: DeliveryJob, envelope: Envelope,
+                     data: bytes, outcomes: list[RecipientOutcome], hop: Hop | None,
+                     seconds: float) -> None:
+        """Store the outcome of one delivery attempt of ``job`` (see module doc)."""
+        await self._settle(dest, job, outcomes, hop, seconds, envelope=envelope, data=data)
+
+    async def transient_all(self, dest: Destination, jobs: list[DeliveryJob], reason: str,
+                            hop: Hop | None) -> None:
+        """The destination failed (connect/DNS): every job is an attempt that failed
+        transiently; it is retried no earlier than the destination's backoff end."""
+        not_before = self.wall(dest.backoff_until)
+        for job in jobs:
+            outs = [RecipientOutcome(i, 451, "4.4.1", reason) for i in job.recipients]
+            await self._settle(dest, job, outs, hop, 0.0, not_before=not_before)
+
+    async def defer_unattempted(self, dest: Destination, jobs: list[DeliveryJob],
+                                until: float, reason: str) -> None:
+        """Jobs that reached a backed-off destination: rescheduled to ``until`` without
+        counting an attempt (they expire as usual past max_age)."""
+        for job in jobs:
+            outs = [RecipientOutcome(i, 451, "4.4.1", reason) for i in job.recipients]
+            await self._settle(dest, job, outs, None, 0.0, not_before=until,
+                               count_attempt=False)
+
+    async def fail_unattempted(self, dest: Destination, jobs: list[DeliveryJob], reply: str,
+                               enhanced: str) -> None:
+        """Permanent routing failure (NXDOMAIN, null MX): bounce every recipient."""
+        code_s, _, text = reply.partition(" ")
+        code = int(code_s) if code_s.isdigit() else 550
+        text = text.partition(" ")[2] if text.startswith(enhanced) else text
+        for job in jobs:
+            outs = [RecipientOutcome(i, code, enhanced, text) for i in job.recipients]
+            await self._settle(dest, job, outs, None, 0.0)
+
+    async def _settle(
+        self,
+        dest: Destination,
+        job: DeliveryJob,
+        outcomes: list[RecipientOutcome],
+        hop: Hop | None,
+        seconds: float,
+        *,
+        envelope: Envelope | None = None,
+        data: bytes | None = None,
+        not_before: float | None = None,
+        count_attempt: bool = True,
+    ) -> None:
+        if envelope is None or data is None:
+            loaded = await self.load(job)
+            if loaded is None:
+                return
+            envelope, data = loaded
+        t = dest.throttle
+        now = self.now()
+        attempts = job.attempts + 1 if count_attempt else job.attempts
+        first_attempt = job.first_attempt
+        if first_attempt is None and count_attempt:
+            first_attempt = now - seconds
+        if count_attempt:
+            retry_at = now + backoff_delay(attempts, t.retry_interval or 300.0,
+                                           t.max_retry_interval or 4000.0)
+            if not_before is not None:
+                retry_at = max(retry_at, not_before)
+        else:
+            retry_at = not_before if not_before is not None else now
+        expired = now >= envelope.received_at + (t.max_age or 5 * 86400.0)
+        delivered: list[int] = []
+        failed: list[int] = []
+        deferred: list[int] = []
+        bounced: list[tuple[RecipientOutcome, bool]] = []  # (outcome, expired?)
+        events: list[Event] = []
+        last_error: str | None = None
+        mx_host = hop.mx_host if hop else ""
+        ip = hop.ip if hop else ""
+        queued = now - envelope.received_at
+        for o in outcomes:
+            rcpt = envelope.recipients[o.index].address
+            common: dict[str, Any] = dict(
+                queue_id=job.queue_id, time=now, recipient=rcpt, destination=dest.key,
+                mx_host=mx_host, ip=ip, reply=o.reply_line, attempt=max(attempts, 1),
+                seconds=seconds, queued_seconds=queued,
+            )
+            kind = o.kind
+            if kind == "delivered":
+                delivered.append(o.index)
+                events.append(Delivery(**common))
+            elif kind == "permanent":
+                failed.append(o.index)
+                bounced.append((o, False))
+                events.append(Bounce(**common))
+            elif expired:
+                failed.append(o.index)
+                bounced.append((o, True))
+                events.append(Expiration(**common))
+            else:
+                deferred.append(o.index)
+                last_error = o.reply_line
+                events.append(TransientFailure(**common, next_attempt=retry_at))
+        dsn: NewMessage | None = None
+        if bounced:
+            dsn = self._build_dsn(envelope, data, bounced, hop, now)
+        await trio.to_thread.run_sync(functools.partial(
+            self.spool.complete, job.queue_id, job.domain, delivered=delivered,
+            failed=failed, deferred=deferred, next_due=retry_at, attempts=attempts,
+            error=last_error, first_attempt=first_attempt,
+            new_messages=[dsn] if dsn is not None else [],
+        ))
+        if dsn is not None:
+            self.dsns += 1
+            dsn_id = dsn.envelope.queue_id
+            for e in events:
+                if isinstance(e, Bounce | Expiration):
+                    e.dsn_queue_id = dsn_id
+            self._wake_owners(dsn)
+        self.events.emit_many(events)
+        if deferred and self._sleep_until > 0.0 and retry_at < self._sleep_until:
+            # The scheduler sleeps until a later time (e.g. this job's lease expiry,
+            # which next_due reported while we held it): make it re-read next_due.
+            self._wake.set()
+        self._finish(job)
+
+    def _build_dsn(self, envelope: Envelope, data: bytes,
+                   bounced: list[tuple[RecipientOutcome, bool]], hop: Hop | None,
+                   now: float) -> NewMessage | None:
+        """The DSN owed to the sender, or None (null sender, a DSN, NOTIFY)."""
+        return build_failure_dsn(envelope, data, bounced, hop, now, self.hostname)
+
+    def _wake_owners(self, msg: NewMessage) -> None:
+        shards = {shard_of(r.domain, self.nshards) for r in msg.envelope.recipients}
+        if self.shard in shards:
+            self._wake.set()
+            shards.discard(self.shard)
+        if shards and self.waker is not None:
+            self.waker.notify(shards)
+
+
+def build_failure_dsn(envelope: Envelope, data: bytes,
+                      bounced: list[tuple[RecipientOutcome, bool]], hop: Hop | None,
+                      now: float, hostname: str) -> NewMessage | None:
+    """The "failed" DSN for bounced/expired recipients via ``dsn.build_dsn`` (None when
+    none is owed: null sender, a DSN itself, NOTIFY)."""
+    failures = []
+    for o, expired in bounced:
+        # Expired: like Postfix, "Action: failed" with the last transient status
+        # (4.4.7 "delivery time expired" when the reply had none).
+        fallback = "4.4.7" if expired else ("5.0.0" if o.code >= 500 else "4.0.0")
+        status = o.enhanced or fallback
+        failures.append(FailedRecipient(
+            index=o.index,
+            status=status,
+            diagnostic=f"smtp; {o.reply_line}" if hop else f"x-local; {o.reply_line}",
+            remote_mta=f"dns; {hop.mx_host}" if hop else "",
+            last_attempt=now,
+        ))
+    return build_dsn(
+        envelope=envelope, data=data, failures=failures, action="failed",
+        reporting_mta=hostname, queue_id=new_queue_id(), arrival=envelope.received_at,
+        now=now,
+    )
