@@ -70,6 +70,8 @@ class LoadResult:
     last_reply: float = 0.0
     #: (monotonic time, cumulative accepted messages), one point per progress tick.
     timeline: list[tuple[float, int]] = field(default_factory=list)
+    #: the same for accepted recipients.
+    timeline_rcpts: list[tuple[float, int]] = field(default_factory=list)
     #: accepted recipients per domain (what the sink must eventually receive).
     per_domain: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
@@ -312,11 +314,12 @@ async def run_load(
                 failed = sum(m.get("failed", m.get("messages_failed", 0))
                              for m in latest.values())
                 now = time.monotonic()
+                rcpts = sum(m["recipients_accepted"] for m in latest.values())
                 if not result.timeline or result.timeline[-1][1] != accepted or (
                         now - result.timeline[-1][0] > progress_every):
                     result.timeline.append((now, accepted))
+                    result.timeline_rcpts.append((now, rcpts))
                 if on_progress is not None:
-                    rcpts = sum(m["recipients_accepted"] for m in latest.values())
                     on_progress(accepted, failed, rcpts)
         finally:
             with trio.CancelScope(shield=True):

@@ -112,7 +112,9 @@ def _rate_series(points: list[list[float]] | list[tuple[float, int]],
 
 
 def write_chart(doc: dict[str, Any], path: Path) -> Path | None:
-    """One subplot per scenario: accepted and delivered msg/s over time, every peer."""
+    """One subplot per scenario: accepted and delivered recipients/s over time, every
+    peer. Recipients, not messages: a server may split a message per destination, so
+    delivered transactions would not compare with accepted messages."""
     try:
         import matplotlib
 
@@ -132,19 +134,20 @@ def write_chart(doc: dict[str, Any], path: Path) -> Path | None:
             if r["scenario"] != scen:
                 continue
             c = colours.get(r["peer"])
-            xs, ys = _rate_series(r["timeline"]["accepted"])
+            tl = r["timeline"]
+            xs, ys = _rate_series(tl.get("accepted_rcpts") or tl["accepted"])
             ax.plot(xs, ys, color=c, linestyle="--", label=f"{r['peer']} accepted")
             if r["peer"] != "direct":
-                xs, ys = _rate_series(r["timeline"]["delivered"])
+                xs, ys = _rate_series(tl.get("delivered_rcpts") or tl["delivered"])
                 ax.plot(xs, ys, color=c, label=f"{r['peer']} delivered")
         ax.set_title(f"{scen}")
         ax.set_xlabel("seconds since first message")
-        ax.set_ylabel("messages/s (1 s bins)")
+        ax.set_ylabel("recipients/s (1 s bins)")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper right", fontsize="small")
     m = doc["machine"]
     fig.suptitle(f"bench {doc['started']}  ({m['cpus']} CPUs, {m['platform']})", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

@@ -270,6 +270,9 @@ async def _measure(scenario: Scenario, peer: Any, sink: Sink, row: dict[str, Any
         "timeline": {
             "accepted": [(round(t - first, 3), n) for t, n in result.timeline],
             "delivered": _cumulative([mono(t) - first for t, _, _ in sink.arrivals]),
+            "accepted_rcpts": [(round(t - first, 3), n) for t, n in result.timeline_rcpts],
+            "delivered_rcpts": _cumulative([mono(t) - first for t, _, _ in sink.arrivals],
+                                           weights=[n for _, _, n in sink.arrivals]),
         },
     })
     row["msg_s"] = row["e2e_msg_s"] if is_e2e else row["inject_msg_s"]
@@ -279,17 +282,20 @@ async def _measure(scenario: Scenario, peer: Any, sink: Sink, row: dict[str, Any
         row["defer"] = _defer_check(scenario, sink, first, load_end, mono)
 
 
-def _cumulative(times: list[float], step: float = 0.25) -> list[tuple[float, int]]:
-    """Exact arrival times -> cumulative count sampled every ``step`` seconds."""
+def _cumulative(times: list[float], step: float = 0.25,
+                weights: list[int] | None = None) -> list[tuple[float, int]]:
+    """Exact arrival times (each counting ``weights[i]``, default 1) -> cumulative count
+    sampled every ``step`` seconds."""
     if not times:
         return []
-    times = sorted(times)
+    pairs = sorted(zip(times, weights or [1] * len(times), strict=True))
     out: list[tuple[float, int]] = [(0.0, 0)]
-    j, t = 0, step
-    while j < len(times):
-        while j < len(times) and times[j] <= t:
+    j, total, t = 0, 0, step
+    while j < len(pairs):
+        while j < len(pairs) and pairs[j][0] <= t:
+            total += pairs[j][1]
             j += 1
-        out.append((round(t, 3), j))
+        out.append((round(t, 3), total))
         t += step
     return out
 
