@@ -458,6 +458,7 @@ class Sink:
                 st.max_concurrent_connections = max(
                     st.max_concurrent_connections, st.current_connections
                 )
+                self._notify()
             b = self.behaviour_for(d)
             if b is Behaviour.ACCEPT or b is Behaviour.TEMPFAIL_DATA or (
                 b is Behaviour.REJECT_DATA
