@@ -67,6 +67,9 @@ class Destination:
         self.backoff_until = 0.0
         self.backoff_reason = ""
         self.closed = False
+        self.created = trio.current_time()
+        #: Jobs settled (any outcome), for the drain estimate.
+        self.done = 0
         #: Counters for tests and stats.
         self.connections_opened = 0
         self.peak_connections = 0
@@ -90,6 +93,22 @@ class Destination:
 
     def _poke(self) -> None:
         self._lot.unpark_all()
+
+    def drain_seconds(self) -> float:
+        """Rough time to work off the jobs held now: from the configured message rate
+        and the throughput observed so far (whichever is lower), 0.5 s .. 600 s."""
+        rates = []
+        configured = rate_from_config(self.throttle.max_message_rate)
+        if configured:
+            rates.append(configured)
+        elapsed = trio.current_time() - self.created
+        if elapsed >= 1.0:
+            rates.append(max(self.done / elapsed, 0.01))
+        if self.backed_off:
+            return min(max(self.backoff_until - trio.current_time(), 0.5), 600.0)
+        if not rates:
+            return 1.0
+        return min(max(len(self.queue) / min(rates), 0.5), 600.0)
 
     @property
     def backed_off(self) -> bool:

@@ -13,7 +13,10 @@ datagram (``wakeup.py``: another worker committed mail for this shard, or we sto
 DSN), the spool's ``next_due``, or ``poll_interval``. At start it releases the claims of
 dead processes of this shard (``Spool.release_claims``), so a restarted worker resumes at
 once instead of waiting for leases to expire. At most ``max_in_memory`` jobs are held;
-beyond that the scheduler stops claiming (backpressure; the rest stay in the spool).
+beyond that the scheduler stops claiming (backpressure; the rest stay in the spool). One
+destination holds at most ``max_per_destination``: a throttled destination with a big
+backlog gets the excess handed back to the spool (due when its queue should have
+drained), so it can never use up the budget and starve other destinations.
 
 Outcomes, per recipient (one ``Spool.complete`` transaction per job, events after it):
 
@@ -84,6 +87,7 @@ class DeliveryEngine:
         poll_interval: float = 1.0,
         claim_batch: int = 1000,
         max_in_memory: int = 20000,
+        max_per_destination: int = 2000,
         lease: float = 600.0,
         release_claims_on_start: bool = True,
     ) -> None:
@@ -100,6 +104,7 @@ class DeliveryEngine:
         self.poll_interval = poll_interval
         self.claim_batch = claim_batch
         self.max_in_memory = max_in_memory
+        self.max_per_destination = max_per_destination
         self.lease = lease
         self.release_claims_on_start = release_claims_on_start
         self.destinations: dict[str, Destination] = {}
@@ -187,8 +192,11 @@ class DeliveryEngine:
                     functools.partial(spool.due_jobs, self.now(), self.shard, self.nshards,
                                       limit, self.lease)
                 )
+                overflow: list[tuple[DeliveryJob, float]] = []
                 for job in jobs:
-                    await self._dispatch(job)
+                    await self._dispatch(job, overflow)
+                if overflow:
+                    await trio.to_thread.run_sync(self._release, overflow)
                 if len(jobs) >= limit:
                     await trio.lowlevel.checkpoint()
                     continue
@@ -203,20 +211,35 @@ class DeliveryEngine:
                 await self._wake.wait()
             self._sleep_until = 0.0
 
-    async def _dispatch(self, job: DeliveryJob) -> None:
+    async def _dispatch(self, job: DeliveryJob,
+                        overflow: list[tuple[DeliveryJob, float]]) -> None:
         key = (job.queue_id, job.domain)
         if key in self._held:
             return  # lease expired while we still hold it: ours completes it
         assert self._nursery is not None
-        self._held.add(key)
         self.claimed += 1
         dest_key = await self.router.destination_key(job.domain)
         dest = self.destinations.get(dest_key)
+        if dest is not None and not dest.closed and len(dest.queue) >= self.max_per_destination:
+            # A backlogged (throttled/slow) destination must not fill the engine's memory
+            # budget and starve the others: hand the job back to the spool until the
+            # queue we hold has had time to drain. Not an attempt, not an event.
+            overflow.append((job, self.now() + dest.drain_seconds()))
+            return
+        self._held.add(key)
         if dest is None or dest.closed:
             dest = Destination(self, dest_key, self.config.outbound.throttle_for(dest_key))
             self.destinations[dest_key] = dest
             self._nursery.start_soon(self._run_destination, dest)
         dest.enqueue(job)
+
+    def _release(self, overflow: list[tuple[DeliveryJob, float]]) -> None:
+        """(Worker thread) Put claimed-but-unwanted jobs back, unchanged but for ``due``."""
+        for job, until in overflow:
+            self.spool.complete(
+                job.queue_id, job.domain, deferred=job.recipients, next_due=until,
+                attempts=job.attempts, error=job.last_error, first_attempt=job.first_attempt,
+            )
 
     async def _run_destination(self, dest: Destination) -> None:
         try:
@@ -356,6 +379,7 @@ class DeliveryEngine:
                     e.dsn_queue_id = dsn_id
             self._wake_owners(dsn)
         self.events.emit_many(events)
+        dest.done += 1
         if deferred and self._sleep_until > 0.0 and retry_at < self._sleep_until:
             # The scheduler sleeps until a later time (e.g. this job's lease expiry,
             # which next_due reported while we held it): make it re-read next_due.

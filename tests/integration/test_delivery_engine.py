@@ -422,3 +422,27 @@ async def test_apply_config_changes_a_running_destination(spool, events):
             await _wait_until(lambda: queue_empty(spool), 5)
         n.cancel_scope.cancel()
     assert events.counts["Delivery"] == 30
+
+
+async def test_backlogged_destination_does_not_starve_others(spool, events):
+    """A throttled domain with a big backlog is capped in memory; the excess goes back to
+    the spool, so jobs of other domains are still claimed and delivered at once."""
+    async with trio.open_nursery() as n:
+        sink, port = await start_sink(n)
+        spool.store_batch([message([f"u{i}@throttled.test"]) for i in range(300)])
+        spool.store_batch([message([f"u{i}@fast.test"]) for i in range(50)])
+        cfg = config({"throttled.test": [f"127.0.0.2:{port}"],
+                      "fast.test": [f"127.0.0.2:{port}"]},
+                     domains={"throttled.test": Throttle(max_message_rate="5/s")})
+        engine = DeliveryEngine(cfg, spool, 0, 1, events, "relay.test", claim_batch=40,
+                                max_in_memory=60, max_per_destination=20)
+        async with running(engine):
+            t0 = trio.current_time()
+            await sink.wait_for(lambda s: s.stats["fast.test"].messages == 50, timeout=10)
+            elapsed = trio.current_time() - t0
+            assert len(engine.destinations["throttled.test"].queue) <= 20
+        n.cancel_scope.cancel()
+    assert elapsed < 5.0
+    assert sink.stats["throttled.test"].messages < 40
+    # Nothing was lost or counted as an attempt: the rest is still queued, untouched.
+    assert events.counts["TransientFailure"] == 0
