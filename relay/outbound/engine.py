@@ -55,8 +55,10 @@ from relay.outbound.throttle import backoff_delay
 from relay.outbound.wakeup import Waker
 from relay.smtp.client import RecipientOutcome
 from relay.spool import (
+    Completion,
     DeliveryJob,
     Envelope,
+    GroupCommitWriter,
     MessageNotFound,
     NewMessage,
     Spool,
@@ -82,6 +84,7 @@ class DeliveryEngine:
         hostname: str,
         *,
         waker: Waker | None = None,
+        writer: GroupCommitWriter | None = None,
         resolver: Resolver | None = None,
         client_ssl_context: ssl.SSLContext | None = None,
         poll_interval: float = 1.0,
@@ -98,6 +101,11 @@ class DeliveryEngine:
         self.events = events
         self.hostname = hostname
         self.waker = waker
+        #: Completions share fsyncs: through the worker's inbound writer when given
+        #: (one fsync for receptions and deliveries of the same moment), else through
+        #: the engine's own batcher.
+        self.writer = writer
+        self._completer = _Completer(spool)
         self.resolver = resolver or Resolver(list(config.outbound.resolvers))
         self.router = Router(config.outbound, self.resolver)
         self.client_ssl_context = client_ssl_context
@@ -169,6 +177,8 @@ class DeliveryEngine:
                 self._nursery = nursery
                 if listener is not None:
                     nursery.start_soon(self._wake_loop, listener)
+                if self.writer is None:
+                    await nursery.start(self._completer.run)
                 task_status.started()
                 await self._schedule()
         finally:
@@ -234,12 +244,14 @@ class DeliveryEngine:
         dest.enqueue(job)
 
     def _release(self, overflow: list[tuple[DeliveryJob, float]]) -> None:
-        """(Worker thread) Put claimed-but-unwanted jobs back, unchanged but for ``due``."""
-        for job, until in overflow:
-            self.spool.complete(
-                job.queue_id, job.domain, deferred=job.recipients, next_due=until,
-                attempts=job.attempts, error=job.last_error, first_attempt=job.first_attempt,
-            )
+        """(Worker thread) Put claimed-but-unwanted jobs back, unchanged but for ``due``,
+        in one transaction."""
+        self.spool.complete_many([
+            Completion(queue_id=job.queue_id, domain=job.domain, deferred=job.recipients,
+                       next_due=until, attempts=job.attempts, error=job.last_error,
+                       first_attempt=job.first_attempt)
+            for job, until in overflow
+        ])
 
     async def _run_destination(self, dest: Destination) -> None:
         try:
@@ -365,12 +377,15 @@ class DeliveryEngine:
         dsn: NewMessage | None = None
         if bounced:
             dsn = self._build_dsn(envelope, data, bounced, hop, now)
-        await trio.to_thread.run_sync(functools.partial(
-            self.spool.complete, job.queue_id, job.domain, delivered=delivered,
-            failed=failed, deferred=deferred, next_due=retry_at, attempts=attempts,
-            error=last_error, first_attempt=first_attempt,
-            new_messages=[dsn] if dsn is not None else [],
-        ))
+        completion = Completion(
+            queue_id=job.queue_id, domain=job.domain, delivered=delivered, failed=failed,
+            deferred=deferred, next_due=retry_at, attempts=attempts, error=last_error,
+            first_attempt=first_attempt, new_messages=[dsn] if dsn is not None else [],
+        )
+        if self.writer is not None:
+            await self.writer.submit_completion(completion)
+        else:
+            await self._completer.submit(completion)
         if dsn is not None:
             self.dsns += 1
             dsn_id = dsn.envelope.queue_id
@@ -424,3 +439,52 @@ def build_failure_dsn(envelope: Envelope, data: bytes,
         reporting_mta=hostname, queue_id=new_queue_id(), arrival=envelope.received_at,
         now=now,
     )
+
+
+class _Completer:
+    """Group commit for delivery outcomes: ``submit`` waits until its completion is in a
+    synced transaction shared with every other completion submitted meanwhile (one
+    fsync for many deliveries). A batch that fails as a whole (e.g. one bad DSN) is
+    retried one completion at a time so one bad record cannot block the others."""
+
+    def __init__(self, spool: Spool, max_batch: int = 512) -> None:
+        self.spool = spool
+        self.max_batch = max_batch
+        self._pending: list[tuple[Completion, trio.Event, list[BaseException]]] = []
+        self._ready = trio.Event()
+        self.commits = 0
+
+    async def submit(self, completion: Completion) -> None:
+        done = trio.Event()
+        errors: list[BaseException] = []
+        self._pending.append((completion, done, errors))
+        self._ready.set()
+        await done.wait()
+        if errors:
+            raise errors[0]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        task_status.started()
+        while True:
+            await self._ready.wait()
+            self._ready = trio.Event()
+            # Whatever arrived while the previous commit ran forms this batch: no timer,
+            # so a lone completion is committed at once and a busy engine batches itself.
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+            if self._pending:
+                self._ready.set()
+            if not batch:
+                continue
+            try:
+                await trio.to_thread.run_sync(self.spool.complete_many, [c for c, _, _ in batch])
+            except Exception:
+                for c, _, errs in batch:
+                    try:
+                        await trio.to_thread.run_sync(self.spool.complete_many, [c])
+                    except Exception as e:
+                        log.exception("cannot record outcome of %s/%s", c.queue_id, c.domain)
+                        errs.append(e)
+            self.commits += 1
+            for _, done, _ in batch:
+                done.set()
