@@ -142,6 +142,8 @@ class RelayPeer:
         self.log_path = self.tmp / "relay.log"
         self.relay_bin = relay_bin or str(Path(sys.executable).with_name("relay"))
         self.proc: subprocess.Popen[bytes] | None = None
+        #: keep the temp dir (config, log, spool) after stopping, for a post-mortem
+        self.keep = False
         if os.environ.get("BENCH_KEEP_TMP"):
             print(f"relay peer files kept in {self.tmp}", file=sys.stderr)
 
@@ -223,7 +225,7 @@ class RelayPeer:
                 self.proc.wait()
         if hasattr(self, "_log"):
             self._log.close()
-        if not os.environ.get("BENCH_KEEP_TMP"):
+        if not (os.environ.get("BENCH_KEEP_TMP") or self.keep):
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -275,6 +277,8 @@ class PostfixPeer:
         self.spool_dir: Path | None = self.queue
         self.maillog = self.tmp / "maillog"
         self.master_pid: int | None = None
+        #: keep the temp dir (config, maillog, queue) after stopping, for a post-mortem
+        self.keep = False
         if os.environ.get("BENCH_KEEP_TMP"):
             print(f"postfix peer files kept in {self.tmp}", file=sys.stderr)
 
@@ -390,7 +394,7 @@ class PostfixPeer:
                     await trio.sleep(0.05)
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
-        if not os.environ.get("BENCH_KEEP_TMP"):
+        if not (os.environ.get("BENCH_KEEP_TMP") or self.keep):
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 

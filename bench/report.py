@@ -74,6 +74,9 @@ def format_table(doc: dict[str, Any]) -> str:
                 f"deferred mail drained "
                 f"{_fmt(d['drain_after_recovery_s'], 1)}s after recovery "
                 f"({d['tempfails_answered']} 451s answered)")
+        if r.get("kept_files"):
+            notes.append(f"{r['scenario']}/{r['peer']}: incomplete; server files kept in "
+                         f"{r['kept_files']}")
         if r.get("errors"):
             notes.append(f"{r['scenario']}/{r['peer']}: client errors: {r['errors'][0]}")
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]

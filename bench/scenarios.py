@@ -276,6 +276,9 @@ async def _measure(scenario: Scenario, peer: Any, sink: Sink, row: dict[str, Any
         },
     })
     row["msg_s"] = row["e2e_msg_s"] if is_e2e else row["inject_msg_s"]
+    if not row["complete"] and hasattr(peer, "keep"):
+        peer.keep = True  # an incomplete run keeps the server's files for a post-mortem
+        row["kept_files"] = str(peer.tmp)
     if scenario.domain_throttle:
         row["throttle"] = _throttle_check(scenario, sink)
     if scenario.recover_after_load:
