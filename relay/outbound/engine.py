@@ -62,6 +62,7 @@ from relay.spool import (
     MessageNotFound,
     NewMessage,
     Spool,
+    SpoolError,
     new_queue_id,
     shard_of,
 )
@@ -382,10 +383,18 @@ class DeliveryEngine:
             deferred=deferred, next_due=retry_at, attempts=attempts, error=last_error,
             first_attempt=first_attempt, new_messages=[dsn] if dsn is not None else [],
         )
-        if self.writer is not None:
-            await self.writer.submit_completion(completion)
-        else:
-            await self._completer.submit(completion)
+        try:
+            if self.writer is not None:
+                await self.writer.submit_completion(completion)
+            else:
+                await self._completer.submit(completion)
+        except SpoolError as e:
+            # Shutdown (writer closed) or a failed commit: the job stays claimed and
+            # comes back when its lease ends (or at the next start): a possible
+            # duplicate delivery, never a loss.
+            log.warning("outcome of %s/%s not recorded: %s", job.queue_id, job.domain, e)
+            self._finish(job)
+            return
         if dsn is not None:
             self.dsns += 1
             dsn_id = dsn.envelope.queue_id
