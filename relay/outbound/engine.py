@@ -41,6 +41,7 @@ import functools
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -383,32 +384,40 @@ class DeliveryEngine:
             deferred=deferred, next_due=retry_at, attempts=attempts, error=last_error,
             first_attempt=first_attempt, new_messages=[dsn] if dsn is not None else [],
         )
+
+        def after_commit() -> None:
+            # Runs synchronously right after the commit (in the committing task), so a
+            # cancellation can never separate a recorded outcome from its events.
+            if dsn is not None:
+                self.dsns += 1
+                dsn_id = dsn.envelope.queue_id
+                for e in events:
+                    if isinstance(e, Bounce | Expiration):
+                        e.dsn_queue_id = dsn_id
+                self._wake_owners(dsn)
+            self.events.emit_many(events)
+            dest.done += 1
+            if deferred and self._sleep_until > 0.0 and retry_at < self._sleep_until:
+                # The scheduler sleeps until a later time (e.g. this job's lease expiry,
+                # which next_due reported while we held it): make it re-read next_due.
+                self._wake.set()
+            self._finish(job)
+
         try:
             if self.writer is not None:
-                await self.writer.submit_completion(completion)
+                # The writer commits in its own task; shield our wait (bounded) so the
+                # events of a committed outcome are not lost to a cancellation.
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + 60):
+                    await self.writer.submit_completion(completion)
+                after_commit()
             else:
-                await self._completer.submit(completion)
+                await self._completer.submit(completion, after_commit)
         except SpoolError as e:
             # Shutdown (writer closed) or a failed commit: the job stays claimed and
             # comes back when its lease ends (or at the next start): a possible
             # duplicate delivery, never a loss.
             log.warning("outcome of %s/%s not recorded: %s", job.queue_id, job.domain, e)
             self._finish(job)
-            return
-        if dsn is not None:
-            self.dsns += 1
-            dsn_id = dsn.envelope.queue_id
-            for e in events:
-                if isinstance(e, Bounce | Expiration):
-                    e.dsn_queue_id = dsn_id
-            self._wake_owners(dsn)
-        self.events.emit_many(events)
-        dest.done += 1
-        if deferred and self._sleep_until > 0.0 and retry_at < self._sleep_until:
-            # The scheduler sleeps until a later time (e.g. this job's lease expiry,
-            # which next_due reported while we held it): make it re-read next_due.
-            self._wake.set()
-        self._finish(job)
 
     def _build_dsn(self, envelope: Envelope, data: bytes,
                    bounced: list[tuple[RecipientOutcome, bool]], hop: Hop | None,
@@ -450,6 +459,9 @@ def build_failure_dsn(envelope: Envelope, data: bytes,
     )
 
 
+_Pending = tuple[Completion, "Callable[[], None]", trio.Event, list[BaseException]]
+
+
 class _Completer:
     """Group commit for delivery outcomes: ``submit`` waits until its completion is in a
     synced transaction shared with every other completion submitted meanwhile (one
@@ -459,14 +471,16 @@ class _Completer:
     def __init__(self, spool: Spool, max_batch: int = 512) -> None:
         self.spool = spool
         self.max_batch = max_batch
-        self._pending: list[tuple[Completion, trio.Event, list[BaseException]]] = []
+        self._pending: list[_Pending] = []
         self._ready = trio.Event()
         self.commits = 0
 
-    async def submit(self, completion: Completion) -> None:
+    async def submit(self, completion: Completion, after_commit: Callable[[], None]) -> None:
+        """Commit ``completion``; ``after_commit`` runs in the committing task right
+        after the commit (even if the submitter was cancelled meanwhile)."""
         done = trio.Event()
         errors: list[BaseException] = []
-        self._pending.append((completion, done, errors))
+        self._pending.append((completion, after_commit, done, errors))
         self._ready.set()
         await done.wait()
         if errors:
@@ -485,15 +499,32 @@ class _Completer:
                 self._ready.set()
             if not batch:
                 continue
+            # Not abandon-on-cancel: a commit in progress always finishes and its
+            # after_commit hooks run before a cancellation is delivered.
             try:
-                await trio.to_thread.run_sync(self.spool.complete_many, [c for c, _, _ in batch])
+                await trio.to_thread.run_sync(self.spool.complete_many,
+                                              [c for c, _, _, _ in batch])
             except Exception:
-                for c, _, errs in batch:
+                # One by one, each followed at once by its hook (no checkpoint between).
+                for item in batch:
+                    c, _, _, errs = item
                     try:
                         await trio.to_thread.run_sync(self.spool.complete_many, [c])
                     except Exception as e:
                         log.exception("cannot record outcome of %s/%s", c.queue_id, c.domain)
-                        errs.append(e)
+                        errs.append(SpoolError(f"cannot record outcome: {e!r}"))
+                    self._finish_one(item)
+            else:
+                for item in batch:
+                    self._finish_one(item)
             self.commits += 1
-            for _, done, _ in batch:
-                done.set()
+
+    @staticmethod
+    def _finish_one(item: _Pending) -> None:
+        _, after, done, errs = item
+        if not errs:
+            try:
+                after()
+            except Exception:
+                log.exception("after-commit hook failed")
+        done.set()
