@@ -11,9 +11,10 @@ engine start to the last ``Spool.complete``.
 
 ``--handoff``: afterwards, a *second process* (the "owner worker") runs the engine while
 this process plays the accepting worker: it submits messages through a GroupCommitWriter
-whose on_commit sends the wake-up datagram, at ``--handoff-rate`` per second on top of a
-fresh backlog, and reports the latency from the durable commit (``submit`` returning) to
-the Delivery event (p50/p99/max) -- hand-off plus delivery, under load.
+whose on_commit sends the wake-up datagram, at ``--handoff-rate`` per second (optionally
+behind a ``--handoff-backlog`` of queued mail), and reports the latency from the durable
+commit (``submit`` returning) to the Delivery event (p50/p99/max): hand-off plus delivery,
+while the owner delivers at that rate.
 
 Loopback only. Prints one JSON object per phase.
 """
@@ -131,16 +132,19 @@ def _owner_worker(spool_path: str, port: int, connections: int, events_path: str
 
 def phase_handoff(args: argparse.Namespace, workdir: Path, port: int) -> dict:
     path = workdir / "spool-handoff"
-    spool = Spool(path, map_size=8 << 30)
-    backlog = args.messages // 2
-    for start in range(0, backlog, 1000):
-        spool.store_batch([_message(i, args.size, args.domains)
-                           for i in range(start, min(backlog, start + 1000))])
+    backlog = args.handoff_backlog
     events_path = workdir / "events-handoff.jsonl"
+    # Fork the owner first: an LMDB environment must never cross a fork.
     ctx = multiprocessing.get_context("fork")
     ready = ctx.Event()
     child = ctx.Process(target=_owner_worker, args=(str(path), port, args.connections,
                                                     str(events_path), ready))
+    child.start()
+    ready.wait(30)
+    spool = Spool(path, map_size=8 << 30)
+    for start in range(0, backlog, 1000):
+        spool.store_batch([_message(i, args.size, args.domains)
+                           for i in range(start, min(backlog, start + 1000))])
     committed: dict[str, float] = {}
     waker = Waker(path)
 
@@ -160,8 +164,6 @@ def phase_handoff(args: argparse.Namespace, workdir: Path, port: int) -> dict:
                 await trio.sleep(interval)
             await writer.aclose()
 
-    child.start()
-    ready.wait(30)
     t0 = time.perf_counter()
     trio.run(produce)
     # Wait (bounded) until every submitted message has a Delivery event.
@@ -200,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--handoff", action="store_true")
     ap.add_argument("--handoff-rate", type=float, default=200.0)
     ap.add_argument("--handoff-messages", type=int, default=1000)
+    ap.add_argument("--handoff-backlog", type=int, default=0,
+                    help="messages queued ahead of the measured ones (FIFO: they add "
+                         "queueing delay on top of the hand-off)")
     args = ap.parse_args(argv)
     sink, port = _start_sink(args.sink_processes)
     try:
