@@ -446,3 +446,25 @@ async def test_backlogged_destination_does_not_starve_others(spool, events):
     assert sink.stats["throttled.test"].messages < 40
     # Nothing was lost or counted as an attempt: the rest is still queued, untouched.
     assert events.counts["TransientFailure"] == 0
+
+
+async def test_mx_rollup_shares_one_connection_limit(spool, events, dnsmasq):
+    """Domains hosted on one MX with mx_rollup: one destination, one connection limit
+    (keyed by the MX host name in [outbound.domains])."""
+    async with trio.open_nursery() as n:
+        sink, port = await start_sink(n, delays={"one.test": 0.03, "two.test": 0.03})
+        dns = dnsmasq(mx={"one.test": [(10, "mx.provider.test")],
+                          "two.test": [(10, "mx.provider.test")]},
+                      hosts={"mx.provider.test": "127.0.0.2"})
+        spool.store_batch([message([f"u{i}@one.test"]) for i in range(30)]
+                          + [message([f"u{i}@two.test"]) for i in range(30)])
+        cfg = config({}, resolvers=[dns.nameserver], smtp_port=port,
+                     domains={"*.test": Throttle(mx_rollup=True),
+                              "mx.provider.test": Throttle(max_connections=2)})
+        engine = DeliveryEngine(cfg, spool, 0, 1, events, "relay.test")
+        async with running(engine):
+            await sink.wait_for(lambda s: s.total_messages == 60, timeout=20)
+            assert set(engine.destinations) == {"mx.provider.test"}
+        n.cancel_scope.cancel()
+    assert sink.max_concurrent_connections == 2
+    assert {e.destination for e in read_events(events)} == {"mx.provider.test"}
