@@ -468,3 +468,26 @@ async def test_mx_rollup_shares_one_connection_limit(spool, events, dnsmasq):
         n.cancel_scope.cancel()
     assert sink.max_concurrent_connections == 2
     assert {e.destination for e in read_events(events)} == {"mx.provider.test"}
+
+
+async def test_restart_resumes_jobs_claimed_by_a_dead_worker(tmp_path, spool, events):
+    """A worker claimed jobs (600 s lease) and died: the restarted engine releases the
+    dead pid's claims at start and delivers at once, not after the lease."""
+    import subprocess
+    import sys
+
+    spool.store_batch([message([f"u{i}@a.test"]) for i in range(10)])
+    claim = ("import sys, time; from relay.spool import Spool; "
+             "s = Spool(sys.argv[1], map_size=1 << 30); "
+             "print(len(s.due_jobs(time.time() + 1, 0, 1, 100, lease=600.0)))")
+    out = subprocess.run([sys.executable, "-c", claim, str(tmp_path / "spool")],
+                         capture_output=True, text=True, timeout=30, check=True)
+    assert out.stdout.strip() == "10"  # claimed by a process that has now exited
+    assert spool.next_due(0, 1) > time.time() + 500
+    async with trio.open_nursery() as n:
+        sink, port = await start_sink(n)
+        cfg = config({"a.test": [f"127.0.0.2:{port}"]})
+        async with running(DeliveryEngine(cfg, spool, 0, 1, events, "relay.test")):
+            await sink.wait_for(lambda s: s.total_messages == 10, timeout=10)
+            await _wait_until(lambda: queue_empty(spool), 5)
+        n.cancel_scope.cancel()
