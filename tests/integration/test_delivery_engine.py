@@ -116,9 +116,13 @@ async def test_delivers_everything_and_empties_the_spool(spool, events):
         sink, port = await start_sink(n, keep_messages=True)
         spool.store_batch([message([f"u{i}@a.test", f"v{i}@b.test"]) for i in range(20)])
         cfg = config({"a.test": [f"127.0.0.2:{port}"], "b.test": [f"127.0.0.2:{port}"]})
-        async with running(DeliveryEngine(cfg, spool, 0, 1, events, "relay.test")):
+        engine = DeliveryEngine(cfg, spool, 0, 1, events, "relay.test")
+        async with running(engine):
             await sink.wait_for(lambda s: s.total_recipients == 40, timeout=10)
             await _wait_until(lambda: queue_empty(spool), 5)
+            # Idle (idle_timeout 0.5 s): connections QUIT, destinations are torn down.
+            await sink.wait_for(lambda s: s.current_connections == 0, timeout=5)
+            await _wait_until(lambda: not engine.destinations, 5)
         n.cancel_scope.cancel()
     evs = read_events(events)
     assert sum(isinstance(e, Delivery) for e in evs) == 40
