@@ -230,15 +230,34 @@ class DeliveryEngine:
             return  # lease expired while we still hold it: ours completes it
         assert self._nursery is not None
         self.claimed += 1
+        self._held.add(key)
+        if self.router.key_needs_dns(job.domain):
+            # mx_rollup: the destination is the primary MX, which takes a lookup. Do it
+            # in its own task so a slow DNS answer never holds up the scheduler (and
+            # with it every other destination).
+            self._nursery.start_soon(self._dispatch_resolved, job)
+            return
+        self._place(job, job.domain, overflow)
+
+    async def _dispatch_resolved(self, job: DeliveryJob) -> None:
         dest_key = await self.router.destination_key(job.domain)
+        overflow: list[tuple[DeliveryJob, float]] = []
+        self._place(job, dest_key, overflow)
+        if overflow:
+            await trio.to_thread.run_sync(self._release, overflow)
+
+    def _place(self, job: DeliveryJob, dest_key: str,
+               overflow: list[tuple[DeliveryJob, float]]) -> None:
+        """Hand a held job to its destination (created on demand), or to ``overflow``."""
+        assert self._nursery is not None
         dest = self.destinations.get(dest_key)
         if dest is not None and not dest.closed and len(dest.queue) >= self.max_per_destination:
             # A backlogged (throttled/slow) destination must not fill the engine's memory
             # budget and starve the others: hand the job back to the spool until the
             # queue we hold has had time to drain. Not an attempt, not an event.
             overflow.append((job, self.now() + dest.drain_seconds()))
+            self._held.discard((job.queue_id, job.domain))
             return
-        self._held.add(key)
         if dest is None or dest.closed:
             dest = Destination(self, dest_key, self.config.outbound.throttle_for(dest_key))
             self.destinations[dest_key] = dest

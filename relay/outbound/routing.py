@@ -85,10 +85,15 @@ class Router:
             out.append((host, port or self.config.smtp_port))
         return out
 
+    def key_needs_dns(self, domain: str) -> bool:
+        """Whether ``destination_key`` must look up MX records (mx_rollup applies)."""
+        domain = domain.lower().rstrip(".")
+        return bool(self.config.throttle_for(domain).mx_rollup) and not self.static_hosts(domain)
+
     async def destination_key(self, domain: str) -> str:
         """Domain, or its primary MX host when ``mx_rollup`` applies (DNS errors: domain)."""
         domain = domain.lower().rstrip(".")
-        if not self.config.throttle_for(domain).mx_rollup or self.static_hosts(domain):
+        if not self.key_needs_dns(domain):
             return domain
         try:
             mxs = await self.resolver.mx(domain)
