@@ -170,8 +170,9 @@ class SpoolConfig(_Base):
     path: str = "var/spool"
     #: LMDB map size: the most the spool may grow to (sparse file; set it large).
     map_size: int | str = "32GiB"
-    #: Group commit: a commit waits at most this long for more messages to share it.
-    commit_window: Annotated[float, msgspec.Meta(ge=0)] = 0.002
+    #: Group commit: a commit waits at most this long for more messages to share it. 0 is
+    #: best on most disks: messages that arrive during a commit share the next one anyway.
+    commit_window: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     #: ... and takes at most this many messages.
     commit_max_messages: PositiveInt = 512
 

@@ -69,7 +69,8 @@ class Worker:
             ssl_context=server_ssl_context(cfg.inbound, self.config_path or "config"),
         )
         self.engine = DeliveryEngine(
-            cfg, spool, self.index, nworkers, events, self.ctx.hostname, waker=waker
+            cfg, spool, self.index, nworkers, events, self.ctx.hostname, waker=waker,
+            writer=writer,
         )
         listeners = bind_listeners(cfg.inbound.listen)
         try:
