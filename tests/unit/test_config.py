@@ -69,3 +69,13 @@ def test_size_and_rate_parsing() -> None:
     assert parse_rate("5/10s") == 0.5
     with pytest.raises(ValueError):
         parse_size("ten")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "conf" / "examples").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_example_configs_decode(path: Path) -> None:
+    cfg = load_config(path)
+    # Examples must show per-domain throttles that actually resolve through the layers.
+    assert cfg.outbound.domains
+    for domain in cfg.outbound.domains:
+        assert cfg.outbound.throttle_for(domain.lstrip("*.")).max_connections
