@@ -17,6 +17,7 @@ Names and defaults follow Postfix where Postfix has an equivalent (``smtpd_recip
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 import socket
@@ -41,6 +42,7 @@ __all__ = [
     "load_config",
     "parse_rate",
     "parse_size",
+    "reload_config",
 ]
 
 
@@ -380,6 +382,16 @@ def decode_config(data: bytes | str, source: str = "<config>") -> Config:
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
     return cfg
+
+
+def reload_config(path: str | os.PathLike[str], log: logging.Logger) -> Config | None:
+    """Re-read a config for SIGHUP: the new Config, or None after logging why the file
+    was refused (the caller then keeps running on the config it has)."""
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        log.error("reload failed, keeping the running config: %s", e)
+        return None
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

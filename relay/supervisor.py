@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from relay.config import Config, ConfigError, load_config
+from relay.config import Config, ConfigError, reload_config
 
 __all__ = ["Supervisor"]
 
@@ -112,10 +112,8 @@ class Supervisor:
         if not self.config_path:
             log.warning("reload: no config file to reload")
             return
-        try:
-            new = load_config(self.config_path)
-        except ConfigError as e:
-            log.error("reload failed, keeping the running config: %s", e)
+        new = reload_config(self.config_path, log)
+        if new is None:
             return
         if new.server.resolved_workers() != self.nworkers:
             log.warning("reload: server.workers changes need a restart")

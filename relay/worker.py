@@ -25,7 +25,7 @@ from pathlib import Path
 
 import trio
 
-from relay.config import Config, ConfigError, load_config
+from relay.config import Config, ConfigError, reload_config
 from relay.events import EventLog
 from relay.inbound.listener import bind_listeners
 from relay.inbound.session import InboundContext, SessionRegistry, serve_session
@@ -125,10 +125,8 @@ class Worker:
     def reload(self) -> None:
         if not self.config_path:
             return
-        try:
-            new = load_config(self.config_path)
-        except ConfigError as e:
-            log.error("reload failed, keeping the running config: %s", e)
+        new = reload_config(self.config_path, log)
+        if new is None:
             return
         try:
             ssl_context = server_ssl_context(new.inbound, self.config_path)
