@@ -871,6 +871,9 @@ def _queue_domain(job: DeliveryJob, addrs: list[str], now: float) -> QueueDomain
 
 
 def _pid_alive(pid: int) -> bool:
+    """Is the claiming process still running? A zombie is dead: after ``kill -9`` of a
+    whole relay its workers are orphans, and where nothing reaps orphans (PID 1 in a
+    container) they stay zombies that ``kill(pid, 0)`` still finds."""
     if pid == os.getpid():
         return True
     try:
@@ -879,4 +882,10 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc: trust kill(0)
+    return state not in (b"Z", b"X")
     return True

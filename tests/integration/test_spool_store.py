@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 import zlib
+from pathlib import Path
 
 import lmdb
 import msgspec
@@ -237,6 +238,29 @@ def test_release_claims_of_dead_worker(tmp_path):
         assert s.due_jobs(time.time(), 0, 1, 10) == []
         assert s.release_claims(0, 1) == 1
         assert len(s.due_jobs(time.time(), 0, 1, 10)) == 1
+
+
+def test_release_claims_of_a_zombie_worker(tmp_path):
+    """A worker killed with the whole relay may linger as an unreaped zombie (PID 1 in
+    a container reaps nothing): its pid still answers kill(0) but its claims are dead."""
+    path = tmp_path / "spool"
+    with Spool(path, MAP) as s:
+        s.store_batch([make_msg("a@x.example")])
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_claim_in_child, args=(str(path), child))
+    p.start()
+    assert parent.recv() == 1
+    deadline = time.monotonic() + 30
+    stat = Path(f"/proc/{p.pid}/stat")
+    while stat.read_bytes().rpartition(b")")[2].split()[0] != b"Z":
+        assert time.monotonic() < deadline, "child did not exit"
+        time.sleep(0.01)  # polling the child's state, bounded by the deadline
+    try:
+        with Spool(path, MAP) as s:
+            assert s.release_claims(0, 1) == 1
+    finally:
+        p.join(30)  # reap it only now
 
 
 def _store_in_child(path: str, n: int, tag: str) -> None:
