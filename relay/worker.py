@@ -79,7 +79,7 @@ class Worker:
                 await services.start(self.engine.run)
                 async with trio.open_nursery() as sessions:
                     await sessions.start(self._accept, listeners, sessions)
-                    services.start_soon(self._signals, services, sessions)
+                    services.start_soon(self._signals, sessions)
                     task_status.started()
                     log.info("worker %d/%d ready (pid %d) on %s", self.index, nworkers,
                              os.getpid(), ", ".join(cfg.inbound.listen))
@@ -108,19 +108,22 @@ class Worker:
                 task_status=task_status,
             )
 
-    async def _signals(self, services: trio.Nursery, sessions: trio.Nursery) -> None:
+    async def _signals(self, sessions: trio.Nursery) -> None:
+        """Handle signals for the worker's whole life. A repeated SIGTERM/SIGINT is
+        ignored rather than left to the default action: Ctrl-C and systemd's
+        control-group kill reach the workers as well as the supervisor, which forwards
+        its own, and a second one must not kill a worker that is draining."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for signum in sigs:
                 if signum == signal.SIGHUP:
                     self.reload()
-                    continue
-                log.info("worker %d: shutting down", self.index)
-                self.accepting.cancel()
-                self.registry.drain()
-                sessions.cancel_scope.deadline = (
-                    trio.current_time() + self.config.server.shutdown_timeout
-                )
-                return
+                elif not self.registry.draining:
+                    log.info("worker %d: shutting down", self.index)
+                    self.accepting.cancel()
+                    self.registry.drain()
+                    sessions.cancel_scope.deadline = (
+                        trio.current_time() + self.config.server.shutdown_timeout
+                    )
 
     def reload(self) -> None:
         if not self.config_path:

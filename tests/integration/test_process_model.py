@@ -73,6 +73,11 @@ def test_sigterm_lets_an_open_transaction_finish(tmp_path: Path) -> None:
         client.mail("a@sender.test")
         client.rcpt("b@dest.test")
         relay.signal(signal.SIGTERM)
+        # Ctrl-C or systemd's control-group kill also reach the workers, repeatedly:
+        # that must not cut the transaction short either.
+        for pid in relay.workers():
+            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGTERM)
         # The listener closes, but the transaction in progress completes with a 250.
         wait_for(lambda: _refused(relay.port), 10, "the listener to close")
         code, msg = client.data(b"Subject: last\r\n\r\nbody\r\n")
