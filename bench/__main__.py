@@ -24,7 +24,7 @@ from typing import Any
 import trio
 
 from bench.report import compute_ratios, format_table, write_report
-from bench.scenarios import SCENARIOS, build_scenarios, run_one
+from bench.scenarios import SCENARIOS, build_scenarios, run_rows
 
 
 def _machine() -> dict[str, Any]:
@@ -116,12 +116,13 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     for name in args.scenario_list:
         for peer in [args.target, *args.peer_list]:
             log(f"== {name} / {peer}: {scenarios[name].description}")
-            row = await run_one(scenarios[name], peer, processes=args.processes,
-                                show_progress=not args.no_progress, log=log)
-            doc["results"].append(row)
-            if not row.get("error"):
-                log(f"   {row['accepted']} accepted, {row['delivered_recipients']} recipients "
-                    f"delivered, {row['msg_s']:.0f} msg/s")
+            rows = await run_rows(scenarios[name], peer, processes=args.processes,
+                                  show_progress=not args.no_progress, log=log)
+            doc["results"].extend(rows)
+            for row in rows:
+                if not row.get("error") and "delivered_recipients" in row:
+                    log(f"   {row['accepted']} accepted, {row['delivered_recipients']} "
+                        f"recipients delivered, {row['msg_s']:.0f} msg/s")
     doc["ratios"] = {p: compute_ratios(doc["results"], args.target, p) for p in args.peer_list}
     return doc
 

@@ -140,7 +140,7 @@ def write_chart(doc: dict[str, Any], path: Path) -> Path | None:
             tl = r["timeline"]
             xs, ys = _rate_series(tl.get("accepted_rcpts") or tl["accepted"])
             ax.plot(xs, ys, color=c, linestyle="--", label=f"{r['peer']} accepted")
-            if r["peer"] != "direct":
+            if r["peer"] != "direct" and (tl.get("delivered_rcpts") or tl.get("delivered")):
                 xs, ys = _rate_series(tl.get("delivered_rcpts") or tl["delivered"])
                 ax.plot(xs, ys, color=c, label=f"{r['peer']} delivered")
         ax.set_title(f"{scen}")

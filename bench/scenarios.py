@@ -16,6 +16,9 @@ Scenarios:
 ``large``   100 KB and 1 MB bodies, end to end.
 ``defer``   a share of the domains answers 451 at RCPT while the load runs, then
             recovers; the queue grows and drains, healthy domains must not slow down.
+``smtp-source``  Postfix's C client ``smtp-source``, 2 KB messages, 20 sessions, with
+            and without ``-d`` (two rows), the peer relaying to Postfix's ``smtp-sink``
+            (``bench/smtp_source.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from bench.metrics import dir_bytes, percentile, sample_tree
 from bench.peers import PeerError, PeerSetup, make_peer
 from bench.sink import Behaviour, Sink
 
-__all__ = ["SCENARIOS", "Scenario", "build_scenarios", "run_one"]
+__all__ = ["SCENARIOS", "Scenario", "build_scenarios", "run_one", "run_rows"]
 
 
 @dataclass
@@ -50,9 +53,16 @@ class Scenario:
     domain_throttle: dict[str, Any] = field(default_factory=dict)
     #: domains whose behaviour turns to ACCEPT once the load ends (defer scenario).
     recover_after_load: list[str] = field(default_factory=list)
+    #: what drives the load: ``loadgen`` (bench/loadgen.py) or ``smtp-source``
+    #: (bench/smtp_source.py; uses ``load.sessions``, ``load.sizes[0]``, ``load.messages``
+    #: and ``load.duration`` only).
+    driver: str = "loadgen"
+    #: smtp-source: messages per variant, sized by the first peer's probe, reused by the
+    #: next peers (the same load for every server of the run).
+    sized: dict[str, int] = field(default_factory=dict)
 
 
-SCENARIOS = ("inject", "e2e", "fanout", "large", "defer")
+SCENARIOS = ("inject", "e2e", "fanout", "large", "defer", "smtp-source")
 
 _SIZES = [(2048, 0.5), (8192, 0.35), (32768, 0.15)]
 _RCPTS = [(1, 0.8), (2, 0.15), (5, 0.05)]
@@ -107,6 +117,10 @@ def build_scenarios(duration: float = 8.0, quick: bool = False, sessions: int = 
         "defer", "20% of domains answer 451 during the load, then recover",
         LoadSpec(duration=duration, domains=plain_domains, **common), drain_timeout=drain,
         behaviours={d: Behaviour.TEMPFAIL for d in deferred}, recover_after_load=deferred)
+    out["smtp-source"] = Scenario(
+        "smtp-source", "smtp-source -s 20 -l 2048, with and without -d, relaying to smtp-sink",
+        LoadSpec(duration=duration, messages=200 if quick else 0, sessions=sessions,
+                 sizes=[(2048, 1.0)]), e2e=False, driver="smtp-source")
     for sc in out.values():
         sc.load.pipelining = pipelining
         sc.load.messages_per_connection = messages_per_connection
@@ -140,6 +154,18 @@ class _Progress:
         if self.tty:
             self.stream.write("\r\x1b[2K")
             self.stream.flush()
+
+
+async def run_rows(scenario: Scenario, peer_name: str, processes: int = 2,
+                   show_progress: bool = True,
+                   log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The result rows of ``scenario`` against ``peer_name``: one for loadgen scenarios,
+    one per variant for ``smtp-source``."""
+    if scenario.driver == "smtp-source":
+        from bench.smtp_source import run_smtp_source
+
+        return await run_smtp_source(scenario, peer_name, show_progress, log)
+    return [await run_one(scenario, peer_name, processes, show_progress, log)]
 
 
 async def run_one(scenario: Scenario, peer_name: str, processes: int = 2,

@@ -156,3 +156,42 @@ async def test_relay_that_cannot_start_is_a_clear_error() -> None:
         async with peer:
             pass
     assert not peer.tmp.exists()  # cleaned up
+
+
+HAVE_SMTP_SOURCE = Path("/usr/sbin/smtp-source").exists() and Path("/usr/sbin/smtp-sink").exists()
+
+
+def _smtp_source_rows(doc: dict, peers: list[str]) -> dict[tuple[str, str], dict]:
+    rows = {(r["scenario"], r["peer"]): r for r in doc["results"]}
+    assert set(rows) == {(v, p) for v in ("smtp-source", "smtp-source -d") for p in peers}
+    for (variant, _peer), row in rows.items():
+        assert not row.get("error"), row.get("error")
+        assert row["complete"] is True and row["exit_status"] == 0
+        assert row["accepted"] == 200  # --quick: -m 200
+        assert row["msg_s"] == pytest.approx(200 / row["elapsed_s"])
+        assert row["cpu_s_per_1000"] > 0 and row["peak_rss_mb"] > 0
+        cmd = row["command"].split()
+        assert cmd[:2] == ["/usr/sbin/smtp-source", "-c"]
+        assert ("-d" in cmd) == variant.endswith("-d")
+        assert cmd[cmd.index("-s") + 1] == "20" and cmd[cmd.index("-l") + 1] == "2048"
+    return rows
+
+
+@pytest.mark.skipif(not HAVE_SMTP_SOURCE, reason="needs postfix's smtp-source (make sysdeps)")
+def test_smtp_source_scenario_against_the_relay(tmp_path: Path) -> None:
+    doc = _run_bench(tmp_path, "--target", "relay", "--scenarios", "smtp-source", timeout=60)
+    assert doc["_rc"] == 0, doc["_stdout"]
+    _smtp_source_rows(doc, ["relay"])
+    assert "smtp-source -d" in doc["_stdout"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (HAVE_SMTP_SOURCE and HAVE_POSTFIX), reason="needs postfix and root")
+def test_smtp_source_scenario_relay_and_postfix_ratios(tmp_path: Path) -> None:
+    doc = _run_bench(tmp_path, "--target", "relay", "--peers", "postfix",
+                     "--scenarios", "smtp-source", timeout=90)
+    rows = _smtp_source_rows(doc, ["relay", "postfix"])
+    for variant in ("smtp-source", "smtp-source -d"):
+        assert doc["ratios"]["postfix"][variant] == pytest.approx(
+            rows[(variant, "relay")]["msg_s"] / rows[(variant, "postfix")]["msg_s"])
+    assert "relay/postfix msg/s ratio: smtp-source" in doc["_stdout"]
