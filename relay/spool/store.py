@@ -508,6 +508,32 @@ class Spool:
             raise MessageNotFound(queue_id)
         return _env_decode(raw_env), data
 
+    def load_many(
+        self, queue_ids: Iterable[str], max_bytes: int
+    ) -> dict[str, tuple[Envelope, bytes]]:
+        """Envelopes and bytes of several messages in one read transaction, in the
+        given order, stopping before the total size would exceed ``max_bytes``. Gone
+        messages are skipped (``load`` reports them). For the delivery engine, which
+        reads the messages of a claim batch together instead of one thread hop each."""
+        out: dict[str, tuple[Envelope, bytes]] = {}
+        if max_bytes <= 0:
+            return out
+        total = 0
+        with self._env.begin() as txn:
+            for queue_id in queue_ids:
+                if queue_id in out:
+                    continue
+                qid = queue_id.encode("ascii")
+                data = txn.get(qid, db=self._msg)
+                raw_env = txn.get(qid, db=self._envdb)
+                if data is None or raw_env is None:
+                    continue
+                total += len(data)
+                if total > max_bytes:
+                    break
+                out[queue_id] = (_env_decode(raw_env), data)
+        return out
+
     def complete(
         self,
         queue_id: str,

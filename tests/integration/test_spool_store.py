@@ -64,6 +64,17 @@ def test_store_and_load_roundtrip(spool):
         spool.load("NOPE")
 
 
+def test_load_many_reads_in_order_within_budget(spool):
+    ms = [make_msg("a@x.example", data=bytes([65 + i]) * 1000) for i in range(4)]
+    spool.store_batch(ms)
+    qids = [m.envelope.queue_id for m in ms]
+    got = spool.load_many(["NOPE", qids[0], qids[1], qids[0], qids[2], qids[3]], 2500)
+    assert list(got) == qids[:2]  # gone ids skipped, duplicates once, stops before 3000
+    assert got[qids[1]] == (ms[1].envelope, ms[1].data)
+    assert spool.load_many(qids, 0) == {}
+    assert list(spool.load_many(qids, 10**6)) == qids
+
+
 def test_rejects_bad_messages_atomically(spool):
     good = make_msg("a@x.example")
     with pytest.raises(ValueError):
