@@ -19,6 +19,23 @@ def has_message_id(data: bytes) -> bool:
     return head.startswith(b"message-id:") or b"\r\nmessage-id:" in head
 
 
+#: (whole second, its RFC 5322 date)
+_last_date: tuple[int, str] = (-1, "")
+
+
+def _rfc5322_date(now: float) -> str:
+    """``email.utils.formatdate(now)``, computed once per second (every message of that
+    second shares it; formatdate builds a datetime and formats it field by field)."""
+    global _last_date
+    second = int(now)
+    if now - second >= 0.999999:
+        # fromtimestamp rounds to the microsecond: this may already be the next second.
+        return email.utils.formatdate(now, localtime=False)
+    if _last_date[0] != second:
+        _last_date = (second, email.utils.formatdate(second, localtime=False))
+    return _last_date[1]
+
+
 def trace_headers(
     *,
     data: bytes,
@@ -36,7 +53,7 @@ def trace_headers(
     The Received line follows RFC 5321 4.4 and Postfix's layout; ``for <rcpt>`` is only
     written for a single recipient so a message to many never discloses the others.
     """
-    date = email.utils.formatdate(now, localtime=False)
+    date = _rfc5322_date(now)
     ip_literal = f"[IPv6:{client_ip}]" if ":" in client_ip else f"[{client_ip}]"
     lines = [f"Received: from {helo or 'unknown'} ({ip_literal})"]
     if tls:

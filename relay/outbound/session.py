@@ -190,10 +190,6 @@ class ClientSession:
 
     # -- I/O helpers
 
-    # The hot path bounds each wait with a bare ``CancelScope(deadline=...)``: trio's
-    # ``fail_after`` is a generator-based context manager that costs several times more
-    # per I/O, and a bulk session does a few of these per message.
-
     def _timed_out(self) -> _Lost:
         return _Lost(f"conversation with {self.mx_host}[{self.ip}] timed out while "
                      f"{self._client.activity}")
@@ -203,48 +199,47 @@ class ClientSession:
         return _Lost(f"lost connection with {self.mx_host}[{self.ip}] while "
                      f"{self._client.activity}{why}")
 
-    async def _send(self, data: bytes, timeout: float) -> None:
-        try:
-            with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
-                await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-            raise self._broken(e) from None
-        if scope.cancelled_caught:
-            raise self._timed_out()
+    async def _converse(self, out: bytes) -> None:
+        """Send ``out``, then read until the client owes no reply, writing whatever it
+        asks to send (the body after 354, commands without PIPELINING). A broken or
+        timed-out connection closes the client (every open recipient transient).
 
-    async def _pump(self) -> None:
-        """Read until the client owes no reply, writing whatever it asks to send."""
+        Every send and every read has its own timeout (``data_timeout`` for the body
+        and its reply, ``command_timeout`` otherwise). They are the deadline of ONE
+        cancel scope, moved before each wait: a new scope per I/O (or ``fail_after``,
+        a generator context manager on top) costs more than the I/O itself, and a bulk
+        session does several per message.
+        """
         client = self._client
         policy = self.policy
-        receive_some = self._stream.receive_some
-        while client.awaiting_reply:
-            timeout = policy.data_timeout if client.awaiting_end_of_data else (
-                policy.command_timeout)
-            data = b""
-            try:
-                with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
-                    data = await receive_some(_RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-                raise self._broken(e) from None
+        stream = self._stream
+        try:
+            with trio.CancelScope() as scope:
+                try:
+                    if out:
+                        scope.deadline = trio.current_time() + (
+                            policy.data_timeout if len(out) > 4096 else policy.command_timeout)
+                        await stream.send_all(out)
+                    while client.awaiting_reply:
+                        scope.deadline = trio.current_time() + (
+                            policy.data_timeout if client.awaiting_end_of_data
+                            else policy.command_timeout)
+                        data = await stream.receive_some(_RECEIVE_SIZE)
+                        if not data:
+                            raise self._broken(None)
+                        out = client.receive_data(data)
+                        if out:
+                            # The body after 354 is the only large write: data timeout.
+                            scope.deadline = trio.current_time() + (
+                                policy.data_timeout if client.awaiting_end_of_data
+                                else policy.command_timeout)
+                            await stream.send_all(out)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                    raise self._broken(e) from None
             if scope.cancelled_caught:
                 raise self._timed_out()
-            if not data:
-                raise self._broken(None)
-            out = client.receive_data(data)
-            if out:
-                # The body after 354 is the only large write: give it the data timeout.
-                await self._send(out, policy.data_timeout if client.awaiting_end_of_data
-                                 else policy.command_timeout)
-
-    async def _converse(self, out: bytes) -> None:
-        """Send ``out`` then pump; a broken connection closes the client (transient)."""
-        try:
-            if out:
-                await self._send(out, self.policy.data_timeout if len(out) > 4096 else (
-                    self.policy.command_timeout))
-            await self._pump()
         except _Lost as e:
-            self._client.connection_lost(421, "4.4.2", e.text)
+            client.connection_lost(421, "4.4.2", e.text)
             await self._abort()
 
     async def _abort(self) -> None:
