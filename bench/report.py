@@ -79,6 +79,11 @@ def format_table(doc: dict[str, Any]) -> str:
                          f"{r['kept_files']}")
         if r.get("errors"):
             notes.append(f"{r['scenario']}/{r['peer']}: client errors: {r['errors'][0]}")
+    costs = [f"{r['scenario']}/{r['peer']} {_fmt(r['loadgen_cpu_s_per_1000'], 2)}"
+             f"+{_fmt(r.get('sink_cpu_s_per_1000'), 2)}"
+             for r in doc["results"] if r.get("loadgen_cpu_s_per_1000") is not None]
+    if costs:
+        notes.append("bench's own CPU s/1k (load generator + sink): " + ", ".join(costs))
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     lines = []
     for i, row in enumerate(rows):

@@ -208,6 +208,9 @@ async def _measure(scenario: Scenario, peer: Any, sink: Sink, row: dict[str, Any
     base = await trio.to_thread.run_sync(sample_tree, roots)
     spool0 = await trio.to_thread.run_sync(dir_bytes, spool)
     t0_mono, t0_trio = time.monotonic(), trio.current_time()
+    # The sink runs on this (trio) thread: its CPU, plus the orchestrator's bookkeeping,
+    # is this thread's CPU time during the run (the /proc sampler runs in other threads).
+    bench_cpu0 = time.thread_time()
     progress = _Progress(f"{scenario.name}/{peer.name}") if show_progress else None
     state: dict[str, Any] = {"accepted": 0, "rcpts": 0, "peak_rss": base.rss_bytes, "peak_spool": 0,
                              "spool_per_msg": math.nan, "peak_queue": 0}
@@ -257,6 +260,7 @@ async def _measure(scenario: Scenario, peer: Any, sink: Sink, row: dict[str, Any
             except TimeoutError:
                 complete = False
         nursery.cancel_scope.cancel()
+    bench_cpu = time.thread_time() - bench_cpu0
     if progress is not None:
         progress.done()
     end = await trio.to_thread.run_sync(sample_tree, roots)
@@ -292,6 +296,10 @@ async def _measure(scenario: Scenario, peer: Any, sink: Sink, row: dict[str, Any
         "peak_spool_mb": state["peak_spool"] / 1e6 if spool is not None else None,
         "peak_queue_estimate": state["peak_queue"],
         "mb_sent": result.bytes_sent / 1e6,
+        # what the bench itself cost the shared CPUs (not charged to the server)
+        "loadgen_cpu_s_per_1000": (result.cpu_seconds / accepted * 1000) if accepted else None,
+        "sink_cpu_s_per_1000": (bench_cpu / sink.total_messages * 1000
+                                if sink.total_messages else None),
         "errors": result.errors[:5],
         "timeline": {
             "accepted": [(round(t - first, 3), n) for t, n in result.timeline],

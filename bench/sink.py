@@ -25,7 +25,11 @@ Speed: input is scanned with ``bytes.find``; replies to pipelined commands are b
 into one send and flushed whenever the input buffer holds no further complete command
 (RFC 2920); message bodies are never split into lines in Python (end of data is found
 with ``find(b"\\r\\n.\\r\\n")`` and dot-unstuffing is one ``replace``, done only when
-messages are kept).
+messages are kept; otherwise the body is not even copied out of the input buffer). A
+plain-TCP session reads with one ``wait_readable`` + ``os.read`` and writes with
+``os.write`` (``_Wire``), and a state change creates no wake-up event unless a task is
+inside ``wait_for``: about 0.13 ms of CPU per message on the dev box, most of it in the
+system calls.
 """
 
 from __future__ import annotations
@@ -100,6 +104,61 @@ class _Close(Exception):
     """Internal: end the session (after flushing what is queued)."""
 
 
+class _Wire:
+    """Reads and writes of one session, as cheap as trio allows.
+
+    On a plain TCP stream a read is one ``wait_readable`` trap plus one ``os.read``, and a
+    write is one ``os.write`` (waiting for ``wait_writable`` only when the socket buffer
+    is full): ``SocketStream``'s conflict detectors, error-translation context managers
+    and extra checkpoints cost more than the system calls on a loaded 2-core box. After
+    STARTTLS (or on any other stream) the stream's own methods are used. Errors surface as
+    ``OSError`` (the session ends), end of input as ``b""``."""
+
+    __slots__ = ("fd", "stream")
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+
+    def upgrade(self, stream: trio.abc.Stream) -> None:
+        self.stream, self.fd = stream, -1
+
+    async def recv(self, n: int, try_first: bool = False) -> bytes:
+        """Up to ``n`` bytes. ``try_first``: read before waiting (more input is likely
+        already there, e.g. the rest of a body); a session never loops without yielding
+        because every command round ends with a waiting read."""
+        fd = self.fd
+        if fd < 0:
+            return await self.stream.receive_some(n)
+        if try_first:
+            try:
+                return os.read(fd, n)
+            except BlockingIOError:
+                pass
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                return os.read(fd, n)
+            except BlockingIOError:  # spurious wake-up
+                continue
+
+    async def send(self, data: bytes) -> None:
+        fd = self.fd
+        if fd < 0:
+            await self.stream.send_all(data)
+            return
+        view = memoryview(data)
+        while True:
+            try:
+                n = os.write(fd, view)
+            except BlockingIOError:
+                n = 0
+            if n == len(view):
+                return
+            view = view[n:]
+            await trio.lowlevel.wait_writable(fd)
+
+
 @dataclass
 class _Session:
     peer: str
@@ -152,6 +211,8 @@ class Sink:
         self.arrivals: list[tuple[float, str, int]] = []
         self.messages: list[tuple[str, list[str], bytes, str]] = []
         self._changed = trio.Event()
+        #: tasks inside ``wait_for``: without any, a state change creates no Event
+        self._waiting = 0
 
     # ------------------------------------------------------------------ public helpers
 
@@ -165,10 +226,14 @@ class Sink:
     async def wait_for(self, predicate: Callable[[Sink], bool], timeout: float) -> None:
         """Wait until ``predicate(self)`` is true; re-evaluated on every state change
         (message accepted, refusal, connection opened/closed). Raises ``TimeoutError``."""
-        with trio.move_on_after(timeout) as scope:
-            while not predicate(self):
-                event = self._changed
-                await event.wait()
+        self._waiting += 1
+        try:
+            with trio.move_on_after(timeout) as scope:
+                while not predicate(self):
+                    event = self._changed
+                    await event.wait()
+        finally:
+            self._waiting -= 1
         if scope.cancelled_caught and not predicate(self):
             raise TimeoutError(f"sink condition not met within {timeout}s")
 
@@ -236,8 +301,9 @@ class Sink:
             task_status.started(bound[1])
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        if self._waiting:
+            self._changed.set()
+            self._changed = trio.Event()
 
     async def _connection(
         self, stream: trio.SocketStream, lstats: ListenerStats, behaviour: Behaviour | None
@@ -285,11 +351,12 @@ class Sink:
     async def _session(
         self, stream: trio.abc.Stream, sess: _Session, behaviour: Behaviour | None
     ) -> None:
+        wire = _Wire(stream)
         if (behaviour or self.default) is Behaviour.GREET_421:
             self.stats["*"].greet_421 += 1
-            await stream.send_all(b"421 4.3.2 " + self.hostname.encode() + b" busy, try later\r\n")
+            await wire.send(b"421 4.3.2 " + self.hostname.encode() + b" busy, try later\r\n")
             return
-        await stream.send_all(b"220 " + self.hostname.encode() + b" ESMTP sink\r\n")
+        await wire.send(b"220 " + self.hostname.encode() + b" ESMTP sink\r\n")
         buf = bytearray()
         out: list[bytes] = []
         while True:
@@ -299,7 +366,7 @@ class Sink:
                 if eol < 0:
                     if len(buf) > _MAX_COMMAND:
                         out.append(b"500 5.5.2 line too long\r\n")
-                        await stream.send_all(b"".join(out))
+                        await wire.send(b"".join(out))
                         return
                     break
                 line = bytes(buf[:eol])
@@ -310,68 +377,74 @@ class Sink:
                         out.append(b"554 5.5.1 no valid recipients\r\n")
                         continue
                     out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
-                    await stream.send_all(b"".join(out))
+                    await wire.send(b"".join(out))
                     out.clear()
-                    body, buf = await self._read_data(stream, buf)
-                    if body is None:
+                    size, body, buf = await self._read_data(wire, buf)
+                    if size < 0:
                         return
-                    reply = await self._end_of_data(sess, body, stuffed=True)
-                    out.append(reply)
+                    out.append(await self._end_of_data(sess, body, size, stuffed=True))
                     continue
                 if verb == b"BDAT":
-                    reply = await self._bdat(stream, sess, line, buf)
+                    reply = await self._bdat(wire, sess, line, buf)
                     if reply is None:
                         return
                     out.append(reply)
                     continue
-                reply = await self._command(stream, sess, line, verb, out)
+                reply = await self._command(wire, sess, line, verb, out)
                 if reply is None:
                     continue
                 if reply == b"STARTTLS":
-                    await stream.send_all(b"".join(out) + b"220 2.0.0 go ahead\r\n")
+                    await wire.send(b"".join(out) + b"220 2.0.0 go ahead\r\n")
                     out.clear()
                     buf.clear()  # RFC 3207: discard anything pipelined after STARTTLS
                     assert self.ssl_context is not None
                     tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
                     await tls.do_handshake()
-                    stream = tls
+                    wire.upgrade(tls)
                     sess.tls = True
                     sess.mail_from, sess.rcpts, sess.greeted = None, [], False
                     continue
                 out.append(reply)
                 if reply.startswith(b"221") or reply.startswith(b"421"):
-                    await stream.send_all(b"".join(out))
+                    await wire.send(b"".join(out))
                     return
             if out:
-                await stream.send_all(b"".join(out))
+                await wire.send(out[0] if len(out) == 1 else b"".join(out))
                 out.clear()
-            chunk = await stream.receive_some(262144)
+            chunk = await wire.recv(65536)
             if not chunk:
                 return
             buf += chunk
 
     async def _read_data(
-        self, stream: trio.abc.Stream, buf: bytearray
-    ) -> tuple[bytes | None, bytearray]:
-        """Read until CRLF.CRLF; return (stuffed body incl. final CRLF, remaining input)."""
+        self, wire: _Wire, buf: bytearray
+    ) -> tuple[int, bytes, bytearray]:
+        """Read until CRLF.CRLF; return (size of the stuffed body incl. its final CRLF or
+        -1 if the session ended, the body itself if messages are kept else b"", remaining
+        input). Nothing is copied out of the input buffer unless the body is kept."""
         start = 0
+        first = True
         while True:
             if start == 0 and buf.startswith(b".\r\n"):  # empty body
-                return b"", buf[3:]
+                return 0, b"", buf[3:]
             end = buf.find(b"\r\n.\r\n", start)
             if end >= 0:
-                body = bytes(buf[: end + 2])
-                return body, buf[end + 5 :]
+                body = bytes(buf[: end + 2]) if self.keep_messages else b""
+                del buf[: end + 5]
+                return end + 2, body, buf
             if len(buf) > self.max_message_size + 65536:
-                return None, buf
+                return -1, b"", buf
             start = max(0, len(buf) - 4)
-            chunk = await stream.receive_some(262144)
+            # the first read after 354 waits (the client needed the reply); later reads of
+            # the same body usually find data already there
+            chunk = await wire.recv(65536, try_first=not first)
+            first = False
             if not chunk:
-                return None, buf
+                return -1, b"", buf
             buf += chunk
 
     async def _bdat(
-        self, stream: trio.abc.Stream, sess: _Session, line: bytes, buf: bytearray
+        self, wire: _Wire, sess: _Session, line: bytes, buf: bytearray
     ) -> bytes | None:
         parts = line.split()
         try:
@@ -380,7 +453,7 @@ class Sink:
             return b"501 5.5.4 syntax: BDAT size [LAST]\r\n"
         last = len(parts) > 2 and parts[2].upper() == b"LAST"
         while len(buf) < size:
-            chunk = await stream.receive_some(max(262144, size - len(buf)))
+            chunk = await wire.recv(max(262144, size - len(buf)))
             if not chunk:
                 return None
             buf += chunk
@@ -395,53 +468,65 @@ class Sink:
             return f"250 2.0.0 {size} octets received\r\n".encode()
         body = bytes(sess.bdat)
         sess.bdat = None
-        return await self._end_of_data(sess, body, stuffed=False)
+        return await self._end_of_data(sess, body, len(body), stuffed=False)
 
-    async def _end_of_data(self, sess: _Session, body: bytes, stuffed: bool) -> bytes:
+    async def _end_of_data(self, sess: _Session, body: bytes, size: int,
+                           stuffed: bool) -> bytes:
+        """Account one message (``size`` bytes; ``body`` only matters when messages are
+        kept) and return the end-of-data reply."""
         rcpts = sess.rcpts
         mail_from = sess.mail_from or ""
         sess.mail_from, sess.rcpts = None, []
-        by_domain: dict[str, int] = {}
-        for r in rcpts:
-            d = _domain(r)
-            by_domain[d] = by_domain.get(d, 0) + 1
-        delay = max((self.delays.get(d, 0.0) for d in by_domain), default=0.0)
-        if delay:
-            await trio.sleep(delay)
-        outcomes = {self.behaviour_for(d) for d in by_domain}
-        if Behaviour.REJECT_DATA in outcomes or Behaviour.TEMPFAIL_DATA in outcomes:
-            reject = Behaviour.REJECT_DATA in outcomes
-            for d, n in by_domain.items():
-                if reject:
-                    self.stats[d].rejects += n
-                else:
-                    self.stats[d].tempfails += n
-            self._notify()
-            return b"554 5.6.0 message refused\r\n" if reject else b"451 4.3.0 try later\r\n"
-        if len(body) > self.max_message_size:
+        if len(rcpts) == 1:  # the common case, without a dict
+            by_domain = {rcpts[0].rpartition("@")[2].lower(): 1}
+        else:
+            by_domain = {}
+            for r in rcpts:
+                d = _domain(r)
+                by_domain[d] = by_domain.get(d, 0) + 1
+        if self.delays:
+            delay = max((self.delays.get(d, 0.0) for d in by_domain), default=0.0)
+            if delay:
+                await trio.sleep(delay)
+        if self.behaviours or self.default is not Behaviour.ACCEPT:
+            outcomes = {self.behaviour_for(d) for d in by_domain}
+            if Behaviour.REJECT_DATA in outcomes or Behaviour.TEMPFAIL_DATA in outcomes:
+                reject = Behaviour.REJECT_DATA in outcomes
+                for d, n in by_domain.items():
+                    if reject:
+                        self.stats[d].rejects += n
+                    else:
+                        self.stats[d].tempfails += n
+                self._notify()
+                return (b"554 5.6.0 message refused\r\n" if reject
+                        else b"451 4.3.0 try later\r\n")
+        if size > self.max_message_size:
             return b"552 5.3.4 message too big\r\n"
         if stuffed and self.keep_messages:
             if body.startswith(b".."):
                 body = body[1:]
             body = body.replace(b"\r\n..", b"\r\n.")
+            size = len(body)
         now = trio.current_time()
         self.total_messages += 1
         self.total_recipients += len(rcpts)
-        self.total_bytes += len(body)
+        self.total_bytes += size
+        stats = self.stats
+        record = self.arrivals.append if self.record_arrivals else None
         for d, n in by_domain.items():
-            st = self.stats[d]
+            st = stats[d]
             st.messages += 1
             st.recipients += n
-            st.bytes += len(body)
-            if self.record_arrivals:
-                self.arrivals.append((now, d, n))
+            st.bytes += size
+            if record is not None:
+                record((now, d, n))
         if self.keep_messages:
             self.messages.append((mail_from, list(rcpts), body, sess.peer))
         self._notify()
         return b"250 2.0.0 Ok: queued\r\n"
 
     async def _command(
-        self, stream: trio.abc.Stream, sess: _Session, line: bytes, verb: bytes, out: list[bytes]
+        self, wire: _Wire, sess: _Session, line: bytes, verb: bytes, out: list[bytes]
     ) -> bytes | None:
         """Reply to one command; ``None`` means nothing to append (already handled)."""
         if verb == b"RCPT":
@@ -478,7 +563,7 @@ class Sink:
                 self._notify()
                 return b"421 4.3.2 busy, closing\r\n"
             if out:  # replies owed for earlier pipelined commands still go out
-                await stream.send_all(b"".join(out))
+                await wire.send(b"".join(out))
                 out.clear()
             if b is Behaviour.DROP:
                 st.drops += 1

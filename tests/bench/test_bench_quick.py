@@ -52,7 +52,9 @@ def test_inject_against_the_sink_counts_match(tmp_path: Path) -> None:
         assert row["delivered_messages"] == row["accepted"]
         assert row["delivered_recipients"] == row["recipients_accepted"]
         assert row["timeline"]["accepted"][-1][1] == row["accepted"]
+        assert row["loadgen_cpu_s_per_1000"] > 0 and row["sink_cpu_s_per_1000"] > 0
     assert "inject" in doc["_stdout"] and "msg/s" in doc["_stdout"]
+    assert "bench's own CPU s/1k" in doc["_stdout"]
 
 
 @pytest.mark.slow
@@ -146,6 +148,48 @@ async def test_loadgen_counts_match_the_sink(pipelining: bool) -> None:
     assert res.per_domain.get("a.test", 0) == sink.stats["a.test"].recipients
     assert len(res.latencies) == res.accepted
     assert sink.connections_opened >= 60 // 7
+    assert res.cpu_seconds > 0
+
+
+def test_prebuilt_transactions_follow_the_spec() -> None:
+    import random
+
+    from bench.loadgen import LoadSpec, build_shapes
+
+    spec = LoadSpec(sizes=[(2048, 0.75), (8192, 0.25)], recipients=[(1, 0.5), (5, 0.5)],
+                    domains=["a.test", "b.test"], domain_weights=[0.9, 0.1])
+    shapes = build_shapes(spec, random.Random(1), count=2000)
+    for sh in shapes:
+        lines = sh.group.split(b"\r\n")[:-1]
+        assert lines[0].startswith(b"MAIL FROM:<bench@sender.test> SIZE=")
+        assert int(lines[0].rsplit(b"=", 1)[1]) == sh.body_len == len(sh.payload) - 3
+        assert lines[-1] == b"DATA" and sh.group == b"".join(sh.commands)
+        rcpts = lines[1:-1]
+        assert len(rcpts) == len(sh.domains) and len(set(rcpts)) == len(rcpts)  # distinct
+        assert [r.rsplit(b"@", 1)[1][:-1].decode() for r in rcpts] == list(sh.domains)
+        assert sh.payload.endswith(b"\r\n.\r\n") and b"\r\n." not in sh.payload[:-3]
+    small = sum(1 for sh in shapes if sh.body_len < 4096) / len(shapes)
+    five = sum(1 for sh in shapes if len(sh.domains) == 5) / len(shapes)
+    a = sum(sh.domains.count("a.test") for sh in shapes) / sum(len(sh.domains) for sh in shapes)
+    assert 0.7 < small < 0.8 and 0.45 < five < 0.55 and 0.87 < a < 0.93
+
+
+async def test_loadgen_gives_up_on_a_server_that_stops_answering() -> None:
+    import trio
+
+    from bench.loadgen import LoadSpec, run_load
+    from bench.sink import Behaviour, Sink
+
+    sink = Sink(behaviours={"stall.test": Behaviour.STALL}, stall_seconds=30)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(sink.serve, "127.0.0.1", 0)
+        spec = LoadSpec(port=port, sessions=2, messages=4, duration=20, timeout=0.3,
+                        domains=["stall.test"])
+        with trio.fail_after(15):
+            res = await run_load(spec, processes=1)
+        nursery.cancel_scope.cancel()
+    assert res.accepted == 0 and res.messages_failed == 4
+    assert "TooSlowError" in res.errors[0]
 
 
 async def test_relay_that_cannot_start_is_a_clear_error() -> None:
