@@ -17,6 +17,7 @@ Signals (delivered by the supervisor):
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -56,10 +57,12 @@ class Worker:
         waker = Waker(cfg.spool.path)
         nworkers = self.nworkers
 
+        # Every commit maps all its recipients' domains to shards: remember the answers
+        # (a bulk sender sends to the same domains all day).
+        owner = functools.lru_cache(maxsize=16384)(lambda domain: shard_of(domain, nworkers))
+
         def wake_owners(messages: list[NewMessage]) -> None:
-            waker.notify({
-                shard_of(r.domain, nworkers) for m in messages for r in m.envelope.recipients
-            })
+            waker.notify({owner(r.domain) for m in messages for r in m.envelope.recipients})
 
         writer = GroupCommitWriter(
             spool, cfg.spool.commit_window, cfg.spool.commit_max_messages, on_commit=wake_owners

@@ -135,6 +135,9 @@ class _Session:
         self.draining = False
         self._window_start: float | None = None
         self._window_bytes = 0
+        #: ctx.may_relay(client_ip), decided at the first RCPT (ctx and ip are fixed
+        #: for the session; the network match parses the address every time).
+        self._may_relay: bool | None = None
 
     def drain(self) -> None:
         self.draining = True
@@ -237,7 +240,9 @@ class _Session:
     # -- decisions --------------------------------------------------------------------
 
     def _decide_recipient(self, event: RecipientRequested) -> None:
-        if self.conn.authenticated_user is not None or self.ctx.may_relay(self.client_ip):
+        if self._may_relay is None:
+            self._may_relay = self.ctx.may_relay(self.client_ip)
+        if self.conn.authenticated_user is not None or self._may_relay:
             self.conn.accept_recipient()
         else:
             self.conn.reject_recipient(Reply(554, "5.7.1", f"<{event.address}>: {RELAY_DENIED}"))

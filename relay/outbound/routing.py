@@ -60,6 +60,9 @@ def match_route(domain: str, routes: dict[str, list[str]]) -> list[str] | None:
     return routes.get("*")
 
 
+_CACHE_MAX = 10000
+
+
 class Router:
     """Resolves a routing domain to hops (see module doc)."""
 
@@ -71,6 +74,10 @@ class Router:
         for route in config.routes:
             # First route for a key wins, like a first-match transport table.
             self._routes.setdefault(route.domain.lower().rstrip("."), list(route.hosts))
+        #: key_needs_dns answers per domain. The engine asks for every claimed job and
+        #: the answer (a full throttle merge plus a route match) only changes with the
+        #: config, which replaces the Router. Cleared when it gets big.
+        self._needs_dns: dict[str, bool] = {}
 
     def static_hosts(self, domain: str) -> list[tuple[str, int]] | None:
         """Configured hosts for ``domain`` (route, else smart host), or None for MX."""
@@ -87,8 +94,15 @@ class Router:
 
     def key_needs_dns(self, domain: str) -> bool:
         """Whether ``destination_key`` must look up MX records (mx_rollup applies)."""
-        domain = domain.lower().rstrip(".")
-        return bool(self.config.throttle_for(domain).mx_rollup) and not self.static_hosts(domain)
+        known = self._needs_dns.get(domain)
+        if known is not None:
+            return known
+        key = domain.lower().rstrip(".")
+        needs = bool(self.config.throttle_for(key).mx_rollup) and not self.static_hosts(key)
+        if len(self._needs_dns) >= _CACHE_MAX:
+            self._needs_dns.clear()
+        self._needs_dns[domain] = needs
+        return needs
 
     async def destination_key(self, domain: str) -> str:
         """Domain, or its primary MX host when ``mx_rollup`` applies (DNS errors: domain)."""
