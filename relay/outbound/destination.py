@@ -73,7 +73,12 @@ class Destination:
         #: Counters for tests and stats.
         self.connections_opened = 0
         self.peak_connections = 0
+        #: The manager waits in ``_lot`` for any change; connections without work wait
+        #: in ``_idle_lot`` for a job. A new job wakes the manager and ONE idle
+        #: connection: waking every idle connection per job made each of them run once
+        #: per message only to park again.
         self._lot = trio.lowlevel.ParkingLot()
+        self._idle_lot = trio.lowlevel.ParkingLot()
 
     # ------------------------------------------------------------------ engine side
 
@@ -81,7 +86,8 @@ class Destination:
         """Take ownership of a claimed job (never called after ``closed``)."""
         assert not self.closed
         self.queue.append(job)
-        self._poke()
+        self._lot.unpark_all()
+        self._idle_lot.unpark()
 
     def apply_throttle(self, throttle: Throttle) -> None:
         """New limits (SIGHUP): buckets keep their earned tokens; a lower connection limit
@@ -92,7 +98,10 @@ class Destination:
         self._poke()
 
     def _poke(self) -> None:
+        """Something changed (backoff, limits, a connection came or went): everybody
+        re-checks."""
         self._lot.unpark_all()
+        self._idle_lot.unpark_all()
 
     def drain_seconds(self) -> float:
         """Rough time to work off the jobs held now: from the configured message rate
@@ -247,11 +256,12 @@ class Destination:
             return self.queue.popleft()
         self.idle += 1
         try:
-            with trio.move_on_after(self.throttle.idle_timeout or 5.0):
+            deadline = trio.current_time() + (self.throttle.idle_timeout or 5.0)
+            with trio.CancelScope(deadline=deadline):
                 while not self.queue:
                     if self.backed_off:
                         return None
-                    await self._lot.park()
+                    await self._idle_lot.park()
         finally:
             self.idle -= 1
         return self.queue.popleft() if self.queue else None
