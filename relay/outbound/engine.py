@@ -18,7 +18,8 @@ destination holds at most ``max_per_destination``: a throttled destination with 
 backlog gets the excess handed back to the spool (due when its queue should have
 drained), so it can never use up the budget and starve other destinations.
 
-Outcomes, per recipient (one ``Spool.complete`` transaction per job, events after it):
+Outcomes, per recipient (one ``Spool.complete`` transaction per job; its events are
+written just before it, so a crash between the two duplicates an event, never loses one):
 
 - 2xx -> delivered (``Delivery``);
 - 4xx, connection/DNS trouble -> deferred to ``now + retry_interval * 2**(attempts-1)``
@@ -451,17 +452,21 @@ class DeliveryEngine:
             first_attempt=first_attempt, new_messages=[dsn] if dsn is not None else [],
         )
 
+        # Events are written BEFORE the commit: they say what happened on the wire, and a
+        # kill -9 between the two then leaves an event for an outcome that is retried
+        # (logged again: at-least-once accounting) instead of a committed outcome with
+        # no event at all.
+        if dsn is not None:
+            for e in events:
+                if isinstance(e, Bounce | Expiration):
+                    e.dsn_queue_id = dsn.envelope.queue_id
+        self.events.emit_many(events)
+
         def after_commit() -> None:
-            # Runs synchronously right after the commit (in the committing task), so a
-            # cancellation can never separate a recorded outcome from its events.
+            # Runs synchronously right after the commit (in the committing task).
             if dsn is not None:
                 self.dsns += 1
-                dsn_id = dsn.envelope.queue_id
-                for e in events:
-                    if isinstance(e, Bounce | Expiration):
-                        e.dsn_queue_id = dsn_id
                 self._wake_owners(dsn)
-            self.events.emit_many(events)
             dest.done += 1
             if deferred and self._sleep_until > 0.0 and retry_at < self._sleep_until:
                 # The scheduler sleeps until a later time (e.g. this job's lease expiry,
