@@ -8,7 +8,8 @@ same run". A C client costs the shared CPUs far less than the Python generator, 
 the tool Postfix users quote numbers with.
 
 Contract: ``await run_smtp_source(scenario, peer_name, ...)`` returns two result rows
-(``smtp-source``: connection reuse; ``smtp-source -d``: one connection per message), each
+(``smtp-source``: a new connection per message; ``smtp-source -d``: "don't disconnect",
+connection reuse), each
 with the same keys as the other scenarios' rows (``msg_s``, ``cpu_s_per_1000``,
 ``peak_rss_mb``, ``complete``...). The peer relays to Postfix's ``smtp-sink`` (the
 cheapest sink there is) in its own process; the command run is::
@@ -173,7 +174,7 @@ async def run_smtp_source(scenario: Scenario, peer_name: str, show_progress: boo
 async def _one_variant(scenario: Scenario, peer: Any, sink: _SmtpSink, row: dict[str, Any],
                        flags: tuple[str, ...], size: int) -> None:
     spec = scenario.load
-    key = " ".join(flags) or "reuse"
+    key = " ".join(flags) or "new-connection"
     timeout = max(60.0, 8 * spec.duration)
     n = spec.messages or scenario.sized.get(key, 0)
     if not n:  # size N from a short probe so that the run takes ~duration seconds
