@@ -653,15 +653,20 @@ class Spool:
                     continue
                 if job.due <= now:
                     continue
-                h = shard_hash(job.domain)
-                idx.remove(h, job.due, jk)
-                job.due = now
-                job.claimed_by = None
-                txn.put(jk, _job_encode(job), db=self._job)
-                idx.add(h, now, jk)
+                self._make_due(txn, idx, jk, job, shard_hash(job.domain), now)
                 count += 1
             idx.finish()
         return count
+
+    def _make_due(self, txn: lmdb.Transaction, idx: _Index, jk: bytes, job: DeliveryJob,
+                  h: int, due: float) -> None:
+        """Reschedule an unclaimed-from-now-on ``job`` to ``due``: its record and its
+        index entry change together, in the caller's write transaction."""
+        idx.remove(h, job.due, jk)
+        job.due = due
+        job.claimed_by = None
+        txn.put(jk, _job_encode(job), db=self._job)
+        idx.add(h, due, jk)
 
     def delete(self, queue_id: str) -> bool:
         """Operator delete: drop the message, its envelope and all its jobs, no DSN.
@@ -706,12 +711,7 @@ class Spool:
                     continue
                 if only_dead and _pid_alive(job.claimed_by):
                     continue
-                jk = bytes(k)
-                idx.remove(h, job.due, jk)
-                job.due = now
-                job.claimed_by = None
-                txn.put(jk, _job_encode(job), db=self._job)
-                idx.add(h, now, jk)
+                self._make_due(txn, idx, bytes(k), job, h, now)
                 count += 1
             idx.finish()
         return count

@@ -17,13 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.peers import free_port
+
 RELAY = [sys.executable, "-m", "relay.cli"]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):  # type: ignore[no-untyped-def]
