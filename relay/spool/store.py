@@ -660,8 +660,8 @@ class Spool:
 
     def _make_due(self, txn: lmdb.Transaction, idx: _Index, jk: bytes, job: DeliveryJob,
                   h: int, due: float) -> None:
-        """Reschedule an unclaimed-from-now-on ``job`` to ``due``: its record and its
-        index entry change together, in the caller's write transaction."""
+        """Make ``job`` due at ``due`` and drop its claim; its record and its index entry
+        change together, in the caller's write transaction."""
         idx.remove(h, job.due, jk)
         job.due = due
         job.claimed_by = None
