@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import trio
 
 from relay.config import Config, ConfigError, reload_config
 from relay.events import EventLog
-from relay.inbound.listener import bind_listeners
+from relay.inbound.listener import bind_listeners, serve_listeners
 from relay.inbound.session import InboundContext, SessionRegistry, serve_session
 from relay.inbound.tls import server_ssl_context
 from relay.outbound.engine import DeliveryEngine
@@ -80,6 +81,7 @@ class Worker:
             async with trio.open_nursery() as services:
                 await services.start(writer.run)
                 await services.start(self.engine.run)
+                services.start_soon(self.registry.watch, lambda: self.ctx)
                 async with trio.open_nursery() as sessions:
                     await sessions.start(self._accept, listeners, sessions)
                     services.start_soon(self._signals, sessions)
@@ -97,17 +99,17 @@ class Worker:
 
     async def _accept(
         self,
-        listeners: list[trio.SocketListener],
+        listeners: list[socket.socket],
         sessions: trio.Nursery,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         ctx_ref: Callable[[], InboundContext] = lambda: self.ctx  # noqa: E731
         with self.accepting:
-            await trio.serve_listeners(
-                lambda stream: serve_session(stream, ctx_ref, self.registry),
-                listeners,  # type: ignore[arg-type]
-                handler_nursery=sessions,
+            await serve_listeners(
+                listeners,
+                lambda sock, peer: serve_session(sock, peer, ctx_ref, self.registry),
+                sessions,
                 task_status=task_status,
             )
 

@@ -3,20 +3,42 @@
 ``trio.open_tcp_listeners`` sets only SO_REUSEADDR, so each worker builds its socket by
 hand: every worker binds the same address after the fork and the kernel spreads incoming
 connections across them. There is no accept lock and nothing shared between workers.
+
+``serve_listeners`` is the accept loop. It drains the whole backlog per wake-up (a bulk
+injector connects in bursts) and hands each connection to the session handler as a plain
+non-blocking socket (see ``relay.wire``); running out of file descriptors pauses
+accepting briefly instead of failing, as trio's own loop does.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import socket
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from relay.config import parse_hostport
+from relay.wire import tune_accepted
 
-__all__ = ["bind_listeners", "listen_address"]
+__all__ = ["bind_listeners", "listen_address", "serve_listeners"]
+
+log = logging.getLogger("relay.inbound")
 
 #: Kernel backlog per worker socket; bulk injectors open many connections at once.
 BACKLOG = 4096
+#: accept() errors that mean "out of resources": wait a little, the backlog keeps the
+#: connections (trio.serve_listeners does the same).
+_CAPACITY_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_CAPACITY_PAUSE = 0.1
+#: accept() errors that belong to one pending connection (accept(2), "Error handling"):
+#: skip it and go on with the next.
+_CONNECTION_ERRORS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
+                      errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH,
+                      errno.EOPNOTSUPP, errno.ENETUNREACH}
+
+Handler = Callable[[socket.socket, tuple[str, int]], Awaitable[None]]
 
 
 def listen_address(spec: str) -> tuple[str, int]:
@@ -44,16 +66,56 @@ def _reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def bind_listeners(specs: list[str]) -> list[trio.SocketListener]:
-    """Bind every configured address with SO_REUSEPORT (call inside trio.run, per worker)."""
-    listeners: list[trio.SocketListener] = []
+def bind_listeners(specs: list[str]) -> list[socket.socket]:
+    """Bind every configured address with SO_REUSEPORT (per worker, after the fork)."""
+    listeners: list[socket.socket] = []
     try:
         for spec in specs:
             host, port = listen_address(spec)
-            sock = trio.socket.from_stdlib_socket(_reuseport_socket(host, port))
-            listeners.append(trio.SocketListener(sock))
+            listeners.append(_reuseport_socket(host, port))
     except BaseException:
-        for listener in listeners:
-            listener.socket.close()
+        for sock in listeners:
+            sock.close()
         raise
     return listeners
+
+
+async def serve_listeners(listeners: list[socket.socket], handler: Handler,
+                          handler_nursery: trio.Nursery, *,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                          ) -> None:
+    """Accept on every listener until cancelled, starting ``handler(sock, peer)`` in
+    ``handler_nursery`` for each connection. The listening sockets are closed when this
+    returns, so a draining worker's share of new connections is refused, not left in a
+    backlog nobody reads."""
+    try:
+        async with trio.open_nursery() as nursery:
+            for sock in listeners:
+                nursery.start_soon(_accept_loop, sock, handler, handler_nursery)
+            task_status.started()
+    finally:
+        for sock in listeners:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+
+
+async def _accept_loop(listener: socket.socket, handler: Handler,
+                       handler_nursery: trio.Nursery) -> None:
+    while True:
+        await trio.lowlevel.wait_readable(listener)
+        while True:
+            try:
+                sock, peer = listener.accept()
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno in _CAPACITY_ERRORS:
+                    log.error("accept on %s: %s; pausing %.1fs", listener.getsockname(),
+                              e.strerror, _CAPACITY_PAUSE)
+                    await trio.sleep(_CAPACITY_PAUSE)
+                    break
+                if e.errno in _CONNECTION_ERRORS:
+                    continue
+                raise
+            tune_accepted(sock)
+            handler_nursery.start_soon(handler, sock, peer)

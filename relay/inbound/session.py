@@ -7,19 +7,29 @@ is exactly the RFC 2920 rule (a pipelined group's replies leave together, and no
 held back once the client is waiting).
 
 Timeouts are per state (RFC 5321 4.5.3.2): ``command_timeout`` while waiting for a
-command, ``data_timeout`` while waiting for DATA/BDAT bytes, and a minimum transfer rate
-inside DATA/BDAT so a client cannot hold a session by trickling one byte at a time.
+command (or for a client to take our reply), ``data_timeout`` while waiting for DATA/BDAT
+bytes, and a minimum transfer rate inside DATA/BDAT so a client cannot hold a session by
+trickling one byte at a time.
+
+They are enforced by one watchdog per worker (``SessionRegistry.watch``), not by a cancel
+scope per read: a session only writes down when its current wait must end, and the
+watchdog, ticking a few times per the shortest timeout (at most once a second), cancels
+the waits that are overdue. A deadline-carrying cancel scope per read cost more than the
+read itself, and a session does several reads per message. A timeout may therefore fire
+up to one tick late, which RFC 5321's "at least" timeouts allow.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import socket
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import trio
 
@@ -42,6 +52,7 @@ from relay.smtp import (
 )
 from relay.spool import GroupCommitWriter, NewMessage
 from relay.spool.records import Envelope
+from relay.wire import Wire
 
 __all__ = ["InboundContext", "SessionRegistry", "serve_session"]
 
@@ -53,6 +64,10 @@ log = logging.getLogger("relay.inbound")
 #: than this from one read of a loopback or LAN socket anyway.
 RECV_SIZE = 64 * 1024
 TLS_HANDSHAKE_TIMEOUT = 30.0
+#: How long the farewell 421 of a stopped session (timeout, too slow, shutdown) may take.
+FAREWELL_TIMEOUT = 5.0
+#: Watchdog tick: a fifth of the shortest timeout, within these bounds.
+WATCH_TICK_MIN, WATCH_TICK_MAX = 0.05, 1.0
 
 RELAY_DENIED = "Relay access denied"
 STORE_FAILED = Reply(451, "4.3.0", "Error: queue file write error, try again later")
@@ -72,6 +87,8 @@ class InboundContext:
     ssl_context: ssl.SSLContext | None
     networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
     hostname: str
+    #: Seconds between two watchdog passes over the sessions (see the module docstring).
+    watch_tick: float = WATCH_TICK_MAX
 
     @classmethod
     def build(
@@ -97,6 +114,7 @@ class InboundContext:
             ssl_context=ssl_context,
             networks=config.relay.networks(),
             hostname=hostname,
+            watch_tick=_watch_tick(config),
         )
 
     def may_relay(self, client_ip: str) -> bool:
@@ -107,6 +125,13 @@ class InboundContext:
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         return any(ip in net for net in self.networks)
+
+
+def _watch_tick(config: Config) -> float:
+    inbound = config.inbound
+    shortest = min(inbound.command_timeout, inbound.data_timeout,
+                   inbound.data_rate_window if inbound.min_data_rate else math.inf)
+    return min(max(shortest / 5, WATCH_TICK_MIN), WATCH_TICK_MAX)
 
 
 @dataclass
@@ -123,26 +148,70 @@ class SessionRegistry:
         for session in list(self.sessions):
             session.drain()
 
+    async def watch(self, ctx_ref: Callable[[], InboundContext]) -> None:
+        """The worker's session watchdog: ends the waits that are past their deadline or
+        too slow (module docstring). Runs until cancelled."""
+        while True:
+            await trio.sleep(ctx_ref().watch_tick)
+            now = trio.current_time()
+            for session in list(self.sessions):
+                session.check(now)
+
+
+_Stop = Literal["timeout", "slow", "drain"]
+
+
+class _Stopped(Exception):
+    """A wait returned normally just as the watchdog stopped it: stop anyway, before the
+    session does anything more (the scope's pending cancel must not land elsewhere,
+    e.g. in the middle of storing a message)."""
+
 
 class _Session:
-    def __init__(self, stream: trio.abc.Stream, ctx: InboundContext, peer: tuple[str, int]):
-        self.stream = stream
+    def __init__(self, wire: Wire, ctx: InboundContext, peer: tuple[str, int]):
+        self.wire = wire
         self.ctx = ctx
         self.client_ip, self.client_port = peer[0], peer[1]
         self.conn = ServerConnection(ctx.settings, tls_active=False)
         self.tls_info: str | None = None
-        self.idle_scope: trio.CancelScope | None = None
         self.draining = False
-        self._window_start: float | None = None
-        self._window_bytes = 0
+        #: What the session is blocked on, and until when (trio time), for the watchdog.
+        self.waiting: Literal["recv", "send"] | None = None
+        self.wait_until = math.inf
+        #: The current min_data_rate window inside DATA/BDAT (None outside).
+        self.window_start: float | None = None
+        self.window_bytes = 0
+        #: Cancelled by the watchdog (or a drain) to end a wait; ``stopped`` says why.
+        self.scope = trio.CancelScope()
+        self.stopped: _Stop | None = None
         #: ctx.may_relay(client_ip), decided at the first RCPT (ctx and ip are fixed
         #: for the session; the network match parses the address every time).
         self._may_relay: bool | None = None
 
     def drain(self) -> None:
         self.draining = True
-        if self.idle_scope is not None:
-            self.idle_scope.cancel()
+        if self.waiting == "recv" and not self.conn.in_transaction:
+            self._stop("drain")
+
+    def check(self, now: float) -> None:
+        """The watchdog's look at a session blocked in I/O (module docstring)."""
+        if self.waiting is None or self.stopped is not None:
+            return  # running, storing or authenticating: not a client wait
+        if now >= self.wait_until:
+            self._stop("timeout")
+        elif self.window_start is not None:
+            inbound = self.ctx.config.inbound
+            if now - self.window_start >= inbound.data_rate_window:
+                if self.window_bytes < inbound.min_data_rate * inbound.data_rate_window:
+                    log.info("client %s too slow in DATA: %d bytes in %.0fs",
+                             self.client_ip, self.window_bytes, now - self.window_start)
+                    self._stop("slow")
+                else:
+                    self.window_start, self.window_bytes = now, 0
+
+    def _stop(self, why: _Stop) -> None:
+        self.stopped = why
+        self.scope.cancel()
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -151,6 +220,24 @@ class _Session:
         if pregreet:
             conn.receive_data(pregreet)
         conn.start()
+        try:
+            with self.scope:
+                await self._converse()
+                return
+        except _Stopped:
+            pass
+        # The watchdog ended a wait: the core queues its 421, which gets a bounded try.
+        if self.stopped == "timeout":
+            conn.timeout_expired()
+        elif self.stopped == "slow":
+            conn.data_rate_too_low()
+        else:
+            conn.shutdown()
+        with trio.move_on_after(FAREWELL_TIMEOUT):
+            await self._flush()
+
+    async def _converse(self) -> None:
+        conn = self.conn
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
@@ -158,10 +245,7 @@ class _Session:
                 if self.draining and not conn.in_transaction:
                     conn.shutdown()
                     continue
-                data = await self._receive()
-                if data is None:
-                    continue  # the core queued a timeout/rate 421; loop to send it
-                conn.receive_data(data)
+                conn.receive_data(await self._receive())
             elif isinstance(event, RecipientRequested):
                 self._decide_recipient(event)
             elif isinstance(event, MessageReceived):
@@ -180,62 +264,38 @@ class _Session:
     async def _flush(self) -> None:
         out = self.conn.data_to_send()
         if out:
-            await self.stream.send_all(out)
+            self.wait_until = trio.current_time() + self.ctx.config.inbound.command_timeout
+            self.waiting = "send"
+            try:
+                await self.wire.send(out)
+            finally:
+                self.waiting = None
+            if self.stopped is not None:
+                raise _Stopped
 
-    async def _receive(self) -> bytes | None:
-        """Next bytes from the client (b"" is EOF), or None when the session must end:
-        a timeout or too slow a transfer (the core then holds the 421 to send), or a
-        drain of an idle session.
-
-        Inside DATA/BDAT the transfer rate is checked per ``data_rate_window``: a client
-        must move at least ``min_data_rate * data_rate_window`` bytes in each window.
-        """
+    async def _receive(self) -> bytes:
+        """Next bytes from the client (b"" is EOF). The wait's deadline depends on the
+        phase; inside DATA/BDAT the bytes also count toward the rate window."""
         inbound = self.ctx.config.inbound
         in_data = self.conn.phase in (Phase.DATA, Phase.BDAT)
         now = trio.current_time()
-        deadline = now + (inbound.data_timeout if in_data else inbound.command_timeout)
-        check_rate = in_data and inbound.min_data_rate > 0
-        if not check_rate:
-            self._window_start = None
-        elif self._window_start is None:
-            self._window_start, self._window_bytes = now, 0
-        while True:
-            window_end = (
-                self._window_start + inbound.data_rate_window if check_rate else deadline
-            )
-            # A bare CancelScope: trio.move_on_at wraps the same thing in a generator
-            # context manager that costs more than the receive itself.
-            with trio.CancelScope(deadline=min(deadline, window_end)) as scope:
-                self.idle_scope = None if self.conn.in_transaction else scope
-                try:
-                    data = await self.stream.receive_some(RECV_SIZE)
-                finally:
-                    self.idle_scope = None
-            now = trio.current_time()
-            if not scope.cancelled_caught:
-                if check_rate:
-                    self._window_bytes += len(data)
-                    if now >= window_end and not self._rate_ok(now):
-                        return None
-                return data
-            if self.draining:
-                return None
-            if now >= deadline:
-                self.conn.timeout_expired()
-                return None
-            if not self._rate_ok(now):
-                return None
-
-    def _rate_ok(self, now: float) -> bool:
-        """At the end of a rate window: judge it, then start the next one."""
-        inbound = self.ctx.config.inbound
-        if self._window_bytes < inbound.min_data_rate * inbound.data_rate_window:
-            log.info("client %s too slow in DATA: %d bytes in %.0fs", self.client_ip,
-                     self._window_bytes, inbound.data_rate_window)
-            self.conn.data_rate_too_low()
-            return False
-        self._window_start, self._window_bytes = now, 0
-        return True
+        if in_data:
+            self.wait_until = now + inbound.data_timeout
+            if self.window_start is None and inbound.min_data_rate > 0:
+                self.window_start, self.window_bytes = now, 0
+        else:
+            self.wait_until = now + inbound.command_timeout
+            self.window_start = None
+        self.waiting = "recv"
+        try:
+            # Inside DATA the rest of the body is probably queued already: read first.
+            data = await self.wire.recv(RECV_SIZE, try_first=in_data)
+        finally:
+            self.waiting = None
+        if self.stopped is not None:
+            raise _Stopped
+        self.window_bytes += len(data)
+        return data
 
     # -- decisions --------------------------------------------------------------------
 
@@ -298,14 +358,15 @@ class _Session:
         """Handshake after the core's 220; False when the handshake failed (session over)."""
         assert self.ctx.ssl_context is not None
         await self._flush()
-        tls_stream = trio.SSLStream(self.stream, self.ctx.ssl_context, server_side=True)
+        tls_stream = trio.SSLStream(self.wire.transport(), self.ctx.ssl_context,
+                                    server_side=True)
         try:
             with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
                 await tls_stream.do_handshake()
         except (trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError) as e:
             log.info("TLS handshake with %s failed: %s", self.client_ip, e)
             return False
-        self.stream = tls_stream
+        self.wire.upgrade(tls_stream)
         ssl_object = tls_stream._ssl_object
         cipher = ssl_object.cipher()
         self.tls_info = f"{ssl_object.version()} with cipher {cipher[0] if cipher else '?'}"
@@ -313,29 +374,23 @@ class _Session:
         return True
 
 
-def _peek_pregreet(stream: trio.SocketStream) -> bytes:
+def _peek_pregreet(sock: socket.socket) -> bytes:
     """Bytes the client sent before our greeting (without consuming them): a client that
     talks first is not speaking SMTP (or is a spam bot), RFC 5321 3.1."""
-    raw = socket.socket(fileno=stream.socket.fileno())
     try:
-        return raw.recv(512, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        return sock.recv(512, socket.MSG_PEEK)
     except (BlockingIOError, InterruptedError, ConnectionError):
         return b""
-    finally:
-        raw.detach()
 
 
 async def serve_session(
-    stream: trio.SocketStream, ctx_ref: Callable[[], InboundContext], registry: SessionRegistry
+    sock: socket.socket, peer: tuple[str, int], ctx_ref: Callable[[], InboundContext],
+    registry: SessionRegistry,
 ) -> None:
-    """Handle one accepted connection to the end; never raises for client misbehaviour."""
+    """Handle one accepted connection (a non-blocking socket) to the end; never raises
+    for client misbehaviour."""
     ctx = ctx_ref()
-    try:
-        peer = stream.socket.getpeername()
-    except OSError:
-        await stream.aclose()
-        return
-    session = _Session(stream, ctx, peer)
+    session = _Session(Wire(sock), ctx, peer)
     ip = session.client_ip
     inbound = ctx.config.inbound
     try:
@@ -345,7 +400,7 @@ async def serve_session(
             len(registry.sessions) >= inbound.max_sessions
             or registry.per_client.get(ip, 0) >= inbound.max_sessions_per_client
         ):
-            await stream.send_all(
+            await session.wire.send(
                 f"421 4.7.0 {ctx.hostname} Error: too many connections\r\n".encode()
             )
             return
@@ -354,15 +409,13 @@ async def serve_session(
         try:
             if inbound.greet_pause:
                 await trio.sleep(inbound.greet_pause)
-            await session.run(_peek_pregreet(stream))
+            await session.run(_peek_pregreet(sock))
         finally:
             registry.sessions.discard(session)
             left = registry.per_client.pop(ip, 1) - 1
             if left:
                 registry.per_client[ip] = left
-    except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as e:
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
         log.debug("session with %s ended: %s", ip, e)
     finally:
-        with trio.move_on_after(1) as scope:
-            scope.shield = True
-            await session.stream.aclose()
+        await session.wire.aclose()
