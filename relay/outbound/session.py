@@ -34,9 +34,9 @@ Postfix-like choices (documented because they are policy):
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
+import socket
 import ssl
 import time
 from typing import Literal
@@ -47,6 +47,7 @@ import trio
 from relay.smtp.client import Phase, RecipientOutcome, SmtpClient, reply_line, reply_text
 from relay.smtp.replies import Reply
 from relay.spool.records import Envelope
+from relay.wire import Wire, tune_accepted
 
 __all__ = [
     "ClientSession",
@@ -60,6 +61,8 @@ __all__ = [
 _RECEIVE_SIZE = 65536
 #: QUIT waits at most this long for the 221 (bounded further by command_timeout).
 _QUIT_WAIT = 5.0
+#: How late a command/data timeout may fire, as a fraction of it (see ``_converse``).
+_TIMEOUT_SLACK = 0.01
 
 
 class SessionPolicy(msgspec.Struct, kw_only=True):
@@ -120,7 +123,7 @@ def _default_context(verify: bool) -> ssl.SSLContext:
     return ctx
 
 
-def _tls_description(stream: trio.SSLStream[trio.SocketStream]) -> str:
+def _tls_description(stream: trio.SSLStream[trio.abc.Stream]) -> str:
     cipher = stream.cipher()
     version = stream.version()
     return f"{version} {cipher[0]}" if cipher else str(version)
@@ -140,9 +143,9 @@ class _Lost(Exception):
 class ClientSession:
     """One open SMTP connection in the READY state (see the module docstring)."""
 
-    def __init__(self, stream: trio.abc.Stream, client: SmtpClient, *, ip: str, port: int,
+    def __init__(self, wire: Wire, client: SmtpClient, *, ip: str, port: int,
                  mx_host: str, policy: SessionPolicy) -> None:
-        self._stream = stream
+        self._wire = wire
         self._client = client
         self.ip = ip
         self.port = port
@@ -205,35 +208,42 @@ class ClientSession:
         timed-out connection closes the client (every open recipient transient).
 
         Every send and every read has its own timeout (``data_timeout`` for the body
-        and its reply, ``command_timeout`` otherwise). They are the deadline of ONE
-        cancel scope, moved before each wait: a new scope per I/O (or ``fail_after``,
-        a generator context manager on top) costs more than the I/O itself, and a bulk
-        session does several per message.
+        and its reply, ``command_timeout`` otherwise), as the deadline of ONE cancel
+        scope. Moving a deadline costs about as much as the I/O it guards, so before
+        each wait the deadline moves only when it is outside ``[timeout, timeout * (1 +
+        _TIMEOUT_SLACK)]`` from now, and then to the end of that range: a wait never
+        times out early, at most 1% late, and a message's several waits move it twice
+        (command, then data timeout) instead of five times.
         """
         client = self._client
-        policy = self.policy
-        stream = self._stream
+        command_timeout = self.policy.command_timeout
+        data_timeout = self.policy.data_timeout
+        wire = self._wire
         try:
             with trio.CancelScope() as scope:
+
+                def guard(timeout: float) -> None:
+                    earliest = trio.current_time() + timeout
+                    latest = earliest + timeout * _TIMEOUT_SLACK
+                    if not earliest <= scope.deadline <= latest:
+                        scope.deadline = latest
+
                 try:
                     if out:
-                        scope.deadline = trio.current_time() + (
-                            policy.data_timeout if len(out) > 4096 else policy.command_timeout)
-                        await stream.send_all(out)
+                        guard(data_timeout if len(out) > 4096 else command_timeout)
+                        await wire.send(out)
                     while client.awaiting_reply:
-                        scope.deadline = trio.current_time() + (
-                            policy.data_timeout if client.awaiting_end_of_data
-                            else policy.command_timeout)
-                        data = await stream.receive_some(_RECEIVE_SIZE)
+                        guard(data_timeout if client.awaiting_end_of_data
+                              else command_timeout)
+                        data = await wire.recv(_RECEIVE_SIZE)
                         if not data:
                             raise self._broken(None)
                         out = client.receive_data(data)
                         if out:
                             # The body after 354 is the only large write: data timeout.
-                            scope.deadline = trio.current_time() + (
-                                policy.data_timeout if client.awaiting_end_of_data
-                                else policy.command_timeout)
-                            await stream.send_all(out)
+                            guard(data_timeout if client.awaiting_end_of_data
+                                  else command_timeout)
+                            await wire.send(out)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                     raise self._broken(e) from None
             if scope.cancelled_caught:
@@ -244,7 +254,7 @@ class ClientSession:
 
     async def _abort(self) -> None:
         self._closed = True
-        await trio.aclose_forcefully(self._stream)
+        await self._wire.aclose(graceful=False)
 
     # -- the engine's API
 
@@ -270,8 +280,7 @@ class ClientSession:
             # Cancelled (or a bug) mid-conversation: the protocol state is unknown.
             if client.awaiting_reply:
                 client.connection_lost(421, "4.4.2", "delivery cancelled")
-                self._closed = True
-                await trio.aclose_forcefully(self._stream)
+                await self._abort()
             raise
         if client.phase in (Phase.CLOSED, Phase.FAILED) and not self._closed:
             await self._abort()  # 421 or protocol error: the server is (or should be) gone
@@ -289,32 +298,22 @@ class ClientSession:
             if out:
                 with trio.move_on_after(min(self.policy.command_timeout, _QUIT_WAIT)):
                     try:
-                        await self._stream.send_all(out)
+                        await self._wire.send(out)
                         while client.awaiting_reply:
-                            data = await self._stream.receive_some(_RECEIVE_SIZE)
+                            data = await self._wire.recv(_RECEIVE_SIZE)
                             if not data:
                                 break
                             client.receive_data(data)
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         pass
         finally:
-            await _close_quietly(self._stream)
+            await self._wire.aclose()
 
     async def __aenter__(self) -> ClientSession:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-
-async def _close_quietly(stream: trio.abc.Stream) -> None:
-    """Close without waiting on a dead peer (an SSLStream's close_notify can block)."""
-    with trio.move_on_after(1.0) as scope:
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError,
-                                 ssl.SSLError):
-            await stream.aclose()
-    if scope.cancelled_caught:
-        await trio.aclose_forcefully(stream)
 
 
 def _reason(e: BaseException) -> str:
@@ -346,32 +345,42 @@ class _TlsHandshakeFailed(Exception):
         self.text = text
 
 
-async def _connect(ip: str, port: int, mx_host: str, policy: SessionPolicy) -> trio.SocketStream:
+async def _connect(ip: str, port: int, mx_host: str, policy: SessionPolicy) -> Wire:
     where = f"{mx_host}[{ip}]:{port}"
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
+        tune_accepted(sock)
+        if policy.source_address:
+            sock.bind((policy.source_address, 0))
         with trio.fail_after(policy.connect_timeout):
-            return await trio.open_tcp_stream(
-                ip, port, local_address=policy.source_address or None)
+            err = sock.connect_ex((ip, port))
+            if err in (errno.EINPROGRESS, errno.EAGAIN):
+                await trio.lowlevel.wait_writable(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
     except trio.TooSlowError:
+        sock.close()
         raise SessionError(421, "4.4.1", f"connect to {where}: Connection timed out",
                            permanent=False) from None
     except OSError as e:
-        # open_tcp_stream wraps per-attempt errors; report the underlying errno's text.
-        group = e.__cause__ if isinstance(e.__cause__, BaseExceptionGroup) else e
-        errs = [x for x in getattr(group, "exceptions", []) if isinstance(x, OSError)] or [e]
-        err = errs[0]
-        text = os.strerror(err.errno) if err.errno else str(err)
-        if err.errno == errno.ETIMEDOUT:
-            text = "Connection timed out"
+        sock.close()
+        text = "Connection timed out" if e.errno == errno.ETIMEDOUT else (
+            os.strerror(e.errno) if e.errno else str(e))
         raise SessionError(421, "4.4.1", f"connect to {where}: {text}",
                            permanent=False) from None
+    except BaseException:
+        sock.close()
+        raise
+    return Wire(sock)
 
 
 async def _open(ip: str, port: int, mx_host: str, policy: SessionPolicy, *,
                 allow_tls: bool) -> ClientSession:
-    stream: trio.abc.Stream = await _connect(ip, port, mx_host, policy)
+    wire = await _connect(ip, port, mx_host, policy)
     client = SmtpClient(policy.helo_name)
-    session = ClientSession(stream, client, ip=ip, port=port, mx_host=mx_host, policy=policy)
+    session = ClientSession(wire, client, ip=ip, port=port, mx_host=mx_host, policy=policy)
     ok = False
     try:
         await session._converse(b"")  # greeting, then EHLO (and HELO) inside the pump
@@ -387,18 +396,19 @@ async def _open(ip: str, port: int, mx_host: str, policy: SessionPolicy, *,
                 await session._converse(client.starttls())
                 if client.phase is Phase.TLS:
                     ctx = policy.ssl_context or _default_context(policy.verify_certificates)
-                    tls_stream = trio.SSLStream(stream, ctx, server_hostname=mx_host)
+                    tls_stream = trio.SSLStream(wire.transport(), ctx,
+                                                server_hostname=mx_host)
                     try:
                         with trio.fail_after(policy.command_timeout):
                             await tls_stream.do_handshake()
                     except (trio.TooSlowError, trio.BrokenResourceError, OSError) as e:
-                        await trio.aclose_forcefully(stream)
+                        await wire.aclose(graceful=False)
                         session._closed = True
                         reason = "timed out" if isinstance(e, trio.TooSlowError) else (
                             _reason(e))
                         raise _TlsHandshakeFailed(
                             f"TLS handshake with {session.peer} failed: {reason}") from None
-                    session._stream = stream = tls_stream
+                    wire.upgrade(tls_stream)
                     session.tls = _tls_description(tls_stream)
                     await session._converse(client.tls_established())
                     _check_ready(session, client, "EHLO after STARTTLS")

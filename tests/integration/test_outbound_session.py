@@ -423,7 +423,7 @@ async def test_server_421_while_idle_fails_next_delivery_transiently(
     port = await start_peer(nursery, b"220 idle.test\r\n", answer)
     with trio.fail_after(5):
         session = await open_session(LOOPBACK, port, MX, policy())
-        await session._stream.send_all(b"NOOP\r\n")  # provoke the unsolicited 421
+        await session._wire.send(b"NOOP\r\n")  # provoke the unsolicited 421
         await sent_421.wait()
         [o] = await session.deliver(envelope("a@x.test"), [0], BODY)
         assert o.kind == "transient"
