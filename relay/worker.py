@@ -63,7 +63,13 @@ class Worker:
         owner = functools.lru_cache(maxsize=16384)(lambda domain: shard_of(domain, nworkers))
 
         def wake_owners(messages: list[NewMessage]) -> None:
-            waker.notify({owner(r.domain) for m in messages for r in m.envelope.recipients})
+            # Our own shard's jobs were stored claimed for our engine (Claimant) and
+            # handed to it after the commit; when it had no room it wakes itself as
+            # room frees up. So only the other workers need a datagram.
+            owners = {owner(r.domain) for m in messages for r in m.envelope.recipients}
+            owners.discard(self.index)
+            if owners:
+                waker.notify(owners)
 
         writer = GroupCommitWriter(
             spool, cfg.spool.commit_window, cfg.spool.commit_max_messages, on_commit=wake_owners
@@ -76,6 +82,7 @@ class Worker:
             cfg, spool, self.index, nworkers, events, self.ctx.hostname, waker=waker,
             writer=writer,
         )
+        writer.claimant = self.engine
         listeners = bind_listeners(cfg.inbound.listen)
         try:
             async with trio.open_nursery() as services:

@@ -213,7 +213,7 @@ class DeliveryEngine:
                 )
                 overflow: list[tuple[DeliveryJob, float]] = []
                 for job in jobs:
-                    await self._dispatch(job, overflow, loaded.get(job.queue_id))
+                    self._dispatch(job, overflow, loaded.get(job.queue_id))
                 if overflow:
                     # Released jobs are due again soon: next_due must be read after.
                     nd = await trio.to_thread.run_sync(self._release_then_next_due, overflow)
@@ -248,8 +248,34 @@ class DeliveryEngine:
         nd = spool.next_due(self.shard, self.nshards) if len(jobs) < limit else None
         return jobs, loaded, nd
 
-    async def _dispatch(self, job: DeliveryJob, overflow: list[tuple[DeliveryJob, float]],
-                        prefetched: tuple[Envelope, bytes] | None = None) -> None:
+    # -- jobs claimed by the inbound commit (relay.spool.Claimant)
+
+    def wants(self, domain_hash: int) -> bool:
+        """Store this domain's new job claimed for us? Yes for our shard while we run
+        and hold fewer than ``max_in_memory`` jobs (beyond that the scheduler's
+        backpressure applies: the job stays due in the spool)."""
+        return (
+            self._nursery is not None
+            and domain_hash % self.nshards == self.shard
+            and len(self._held) < self.max_in_memory
+        )
+
+    def adopt(self, jobs: list[tuple[DeliveryJob, Envelope, bytes]]) -> None:
+        """Deliver jobs that a commit of this worker stored claimed for us; the
+        message bytes are kept while the prefetch budget allows (else read later)."""
+        if self._nursery is None:
+            return  # stopping: the claims are released at the next start
+        overflow: list[tuple[DeliveryJob, float]] = []
+        for job, envelope, data in jobs:
+            room = self._prefetched_bytes + len(data) <= self.prefetch_bytes
+            self._dispatch(job, overflow, (envelope, data) if room else None)
+        if overflow:
+            self._nursery.start_soon(trio.to_thread.run_sync, self._release, overflow)
+
+    # -- placing held jobs
+
+    def _dispatch(self, job: DeliveryJob, overflow: list[tuple[DeliveryJob, float]],
+                  prefetched: tuple[Envelope, bytes] | None = None) -> None:
         key = (job.queue_id, job.domain)
         if key in self._held:
             return  # lease expired while we still hold it: ours completes it

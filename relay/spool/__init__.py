@@ -61,14 +61,18 @@ Leases instead of locks
 ``claimed_by`` (pid), in one synced transaction. If the worker dies the job simply
 becomes due again when the lease expires: at-least-once delivery, duplicates only for
 transactions in flight at the crash. ``release_claims`` (optional, start-up) hands the
-claims of dead pids back immediately. ``complete`` removes delivered/failed recipients,
-reschedules deferred ones, stores DSNs in the same transaction, and clears the claim.
+claims of dead pids back immediately. A job of the receiving worker's own shard is
+usually stored already claimed by the group commit that stores it (``Claimant``), and
+handed to that worker's engine in memory: same record, no second transaction.
+``complete`` removes delivered/failed recipients, reschedules deferred ones, stores DSNs
+in the same transaction, and clears the claim.
 """
 
 from relay.spool.queueid import QUEUE_ID_LENGTH, new_queue_id, queue_id_time
 from relay.spool.records import DeliveryJob, Envelope, NewMessage, Recipient
 from relay.spool.store import (
     SCHEMA_VERSION,
+    Claimant,
     Completion,
     DuplicateQueueId,
     MessageNotFound,
@@ -84,6 +88,7 @@ from relay.spool.writer import GroupCommitWriter, SpoolClosed
 __all__ = [
     "QUEUE_ID_LENGTH",
     "SCHEMA_VERSION",
+    "Claimant",
     "Completion",
     "DeliveryJob",
     "DomainCount",

@@ -17,6 +17,7 @@ import time
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import lmdb
 import msgspec
@@ -34,6 +35,7 @@ from relay.spool.views import (
 
 __all__ = [
     "SCHEMA_VERSION",
+    "Claimant",
     "Completion",
     "DuplicateQueueId",
     "MessageNotFound",
@@ -198,16 +200,39 @@ class _Index:
 
 
 # A message made ready for storing: everything encoded, so the commit thread only puts.
-# (qid, data, envelope msgpack, [(job key, job msgpack, sched key, domain hash)])
-_Prepared = tuple[bytes, bytes, bytes, list[tuple[bytes, bytes, bytes, int]]]
+# (qid, data, envelope msgpack, [(job key, job msgpack, sched key, domain hash)],
+#  the jobs stored already claimed for the Claimant)
+_Prepared = tuple[bytes, bytes, bytes, list[tuple[bytes, bytes, bytes, int]], list[DeliveryJob]]
 
 
-def prepare(msg: NewMessage, now: float | None = None) -> _Prepared:
+class Claimant(Protocol):
+    """Who may take delivery jobs straight from the commit that stores them: the
+    delivery engine of the worker that received the message, for the domains of its
+    own shard. Such a job is written already claimed (``claimed_by`` = this process,
+    due at the lease's end, exactly as ``due_jobs`` would have left it), so local mail
+    skips the scheduler's synced claim transaction and its read of the message. If
+    the process dies before delivering, the claim is released like any other
+    (``release_claims`` at restart, or the lease running out)."""
+
+    lease: float
+
+    def wants(self, domain_hash: int) -> bool:
+        """Claim the job of this domain now (the shard is ours, and there is room)?"""
+        ...
+
+    def adopt(self, jobs: list[tuple[DeliveryJob, Envelope, bytes]]) -> None:
+        """After the commit: deliver these claimed jobs (message bytes as stored)."""
+        ...
+
+
+def prepare(msg: NewMessage, now: float | None = None,
+            claimant: Claimant | None = None) -> _Prepared:
     """Validate and encode one message for ``Spool.write_prepared``.
 
     Raises ValueError for a message the spool must not accept (no recipients, no queue
     id): such a message would never be delivered nor bounced. Groups the recipients by
-    routing domain into one DeliveryJob each, due ``now``.
+    routing domain into one DeliveryJob each, due ``now``; those the ``claimant`` wants
+    are stored claimed by this process instead (and listed last in the result).
     """
     env = msg.envelope
     if not env.queue_id or not env.queue_id.isascii() or _SEP.decode() in env.queue_id:
@@ -220,20 +245,25 @@ def prepare(msg: NewMessage, now: float | None = None) -> _Prepared:
     for i, rcpt in enumerate(env.recipients):
         by_domain.setdefault(rcpt.domain, []).append(i)
     jobs = []
+    claimed: list[DeliveryJob] = []
     for domain, idxs in by_domain.items():
         jk = _job_key(qid, domain)
         job = DeliveryJob(queue_id=env.queue_id, domain=domain, recipients=idxs, due=due)
         h = shard_hash(domain)
-        jobs.append((jk, _job_encode(job), _sched_key(due, h, jk), h))
-    return qid, bytes(msg.data), _env_encode(env), jobs
+        if claimant is not None and claimant.wants(h):
+            job.due = due + claimant.lease
+            job.claimed_by = os.getpid()
+            claimed.append(job)
+        jobs.append((jk, _job_encode(job), _sched_key(job.due, h, jk), h))
+    return qid, bytes(msg.data), _env_encode(env), jobs, claimed
 
 
 _PreparedCompletion = tuple[Completion, list[_Prepared]]
 
 
-def prepare_completion(c: Completion) -> _PreparedCompletion:
+def prepare_completion(c: Completion, claimant: Claimant | None = None) -> _PreparedCompletion:
     """Validate and encode the DSNs of a completion (ValueError for a bad one)."""
-    return c, [prepare(m) for m in c.new_messages]
+    return c, [prepare(m, claimant=claimant) for m in c.new_messages]
 
 
 class Spool:

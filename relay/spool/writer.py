@@ -13,8 +13,9 @@ messages of every session that finished DATA at about the same time together:
   batch, so under load batches grow by themselves to whatever arrives during one fsync,
   and at low load a message waits about ``commit_window`` + one fsync.
 * After the commit, every waiter of the batch wakes at once (one ``trio.Event`` per
-  batch) and ``on_commit(messages)`` runs in the trio thread (e.g. to wake the worker
-  that owns the recipients' shard).
+  batch), the ``claimant`` (the worker's own delivery engine, see ``Claimant``) gets
+  the jobs it asked to have stored claimed, and ``on_commit(messages)`` runs in the
+  trio thread (e.g. to wake the worker that owns the recipients' shard).
 
 Outbound completions (``submit_completion``: delivered/failed/deferred recipients and
 their DSNs) ride in the same batches: a delivery outcome needs a synced commit too
@@ -37,8 +38,15 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from relay.spool.records import NewMessage
-from relay.spool.store import Completion, Spool, SpoolError, prepare, prepare_completion
+from relay.spool.records import DeliveryJob, Envelope, NewMessage
+from relay.spool.store import (
+    Claimant,
+    Completion,
+    Spool,
+    SpoolError,
+    prepare,
+    prepare_completion,
+)
 
 __all__ = ["GroupCommitWriter", "SpoolClosed"]
 
@@ -50,13 +58,15 @@ class SpoolClosed(SpoolError):
 
 
 class _Batch:
-    __slots__ = ("completions", "done", "error", "messages", "prepared", "size")
+    __slots__ = ("claimed", "completions", "done", "error", "messages", "prepared", "size")
 
     def __init__(self) -> None:
         #: Every message this commit stores: inbound ones and DSNs from completions.
         self.messages: list[NewMessage] = []
         self.prepared: list = []
         self.completions: list = []
+        #: Jobs stored claimed for the claimant, with their message.
+        self.claimed: list[tuple[DeliveryJob, Envelope, bytes]] = []
         self.size = 0
         self.done = trio.Event()
         self.error: BaseException | None = None
@@ -89,6 +99,7 @@ class GroupCommitWriter:
         commit_window: float = 0.002,
         max_batch: int = 512,
         on_commit: Callable[[Sequence[NewMessage]], object] | None = None,
+        claimant: Claimant | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -96,6 +107,8 @@ class GroupCommitWriter:
         self.commit_window = commit_window
         self.max_batch = max_batch
         self.on_commit = on_commit
+        #: May be set after construction (the engine is built with the writer).
+        self.claimant = claimant
         self._batches: deque[_Batch] = deque()
         self._pending = trio.Event()  # set when _batches is non-empty
         self._full = trio.Event()  # set when the head batch holds max_batch messages
@@ -120,10 +133,12 @@ class GroupCommitWriter:
         """
         if self._closing:
             raise SpoolClosed("spool writer is shutting down")
-        prepared = prepare(msg)
+        prepared = prepare(msg, claimant=self.claimant)
         batch = self._enqueue()
         batch.messages.append(msg)
         batch.prepared.append(prepared)
+        for job in prepared[4]:
+            batch.claimed.append((job, msg.envelope, prepared[1]))
         await self._wait(batch)
 
     async def submit_completion(self, completion: Completion) -> None:
@@ -134,10 +149,13 @@ class GroupCommitWriter:
         """
         if self._closing:
             raise SpoolClosed("spool writer is shutting down")
-        prepared = prepare_completion(completion)
+        prepared = prepare_completion(completion, self.claimant)
         batch = self._enqueue()
         batch.completions.append(prepared)
         batch.messages.extend(completion.new_messages)
+        for msg, p in zip(completion.new_messages, prepared[1], strict=True):
+            for job in p[4]:
+                batch.claimed.append((job, msg.envelope, p[1]))
         await self._wait(batch)
 
     def _enqueue(self) -> _Batch:
@@ -223,6 +241,12 @@ class GroupCommitWriter:
         self.messages += len(batch.prepared)
         self.completions += len(batch.completions)
         batch.done.set()
+        if self.claimant is not None and batch.claimed:
+            try:
+                self.claimant.adopt(batch.claimed)
+            except Exception:
+                # The jobs stay claimed in the spool: their lease brings them back.
+                log.exception("handing %d claimed jobs to delivery failed", len(batch.claimed))
         if self.on_commit is not None and batch.messages:
             try:
                 self.on_commit(batch.messages)

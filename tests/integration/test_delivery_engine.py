@@ -410,6 +410,39 @@ async def test_wakeup_hands_off_between_workers_promptly(tmp_path, spool, events
     assert max(latencies) < 1.0
 
 
+async def test_own_shard_mail_goes_from_the_commit_to_delivery_without_a_claim(
+        spool, events, monkeypatch):
+    """With the engine as the writer's claimant, a message for its shard is stored
+    already claimed and handed over in memory: delivered promptly with no wake-up, no
+    poll (60 s) and no claim by the scheduler; the spool ends empty."""
+    scheduler_claims: list[str] = []
+    due_jobs = spool.due_jobs
+
+    def spy(*a: object, **k: object) -> list:
+        jobs = due_jobs(*a, **k)
+        scheduler_claims.extend(j.queue_id for j in jobs)
+        return jobs
+
+    monkeypatch.setattr(spool, "due_jobs", spy)
+    async with trio.open_nursery() as n:
+        sink, port = await start_sink(n)
+        cfg = config({"a.test": [f"127.0.0.2:{port}"]})
+        writer = GroupCommitWriter(spool, 0.0, 64)
+        engine = DeliveryEngine(cfg, spool, 0, 1, events, "relay.test", writer=writer,
+                                poll_interval=60.0)
+        writer.claimant = engine
+        await n.start(writer.run)
+        async with running(engine):
+            for i in range(5):
+                await writer.submit(message([f"u{i}@a.test", f"v{i}@a.test"]))
+            await sink.wait_for(lambda s: s.total_messages == 5, timeout=5)
+            await _wait_until(lambda: queue_empty(spool), 5)
+        await writer.aclose()
+        n.cancel_scope.cancel()
+    assert scheduler_claims == []
+    assert events.counts["Delivery"] == 10
+
+
 async def test_apply_config_changes_a_running_destination(spool, events):
     async with trio.open_nursery() as n:
         sink, port = await start_sink(n)

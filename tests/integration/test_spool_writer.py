@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import time
 
+import msgspec
 import pytest
 import trio
 import trio.testing
 
 from relay.spool import (
     Completion,
+    DeliveryJob,
     Envelope,
     GroupCommitWriter,
     NewMessage,
@@ -18,6 +21,7 @@ from relay.spool import (
     SpoolClosed,
     SpoolError,
     new_queue_id,
+    shard_hash,
 )
 
 MAP = 1 << 30
@@ -198,3 +202,69 @@ async def test_completions_share_commits_with_inbound(spool):
                                     + [bounce.envelope.queue_id])
     st = spool.stats()
     assert st.messages == 31 and spool.verify() == []
+
+
+# --------------------------------------------------------------------------- claimant
+
+
+class _Claimant:
+    """Wants the jobs of ``domains``; records what it is handed."""
+
+    lease = 600.0
+
+    def __init__(self, domains: set[str]) -> None:
+        self.hashes = {shard_hash(d) for d in domains}
+        self.adopted: list[tuple[DeliveryJob, Envelope, bytes]] = []
+
+    def wants(self, domain_hash: int) -> bool:
+        return domain_hash in self.hashes
+
+    def adopt(self, jobs: list[tuple[DeliveryJob, Envelope, bytes]]) -> None:
+        self.adopted.extend(jobs)
+
+
+async def test_claimant_jobs_are_stored_claimed_and_handed_over_after_the_commit(spool):
+    claimant = _Claimant({"mine.test"})
+    writer = GroupCommitWriter(spool, 0.0, 64, claimant=claimant)
+    msg = make_msg("a@mine.test")
+    msg.envelope.recipients.append(Recipient(address="b@theirs.test"))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            t0 = time.time()
+            await writer.submit(msg)
+            await writer.aclose()
+    # Handed over: only our domain's job, with the message exactly as stored.
+    assert [(j.domain, j.recipients) for j, _, _ in claimant.adopted] == [("mine.test", [0])]
+    job, env, data = claimant.adopted[0]
+    assert env.queue_id == msg.envelope.queue_id and data == msg.data
+    assert job.claimed_by == os.getpid() and job.due >= t0 + claimant.lease
+    # Stored claimed: the scheduler's own claim finds only the other domain's job ...
+    due = spool.due_jobs(time.time() + 1, 0, 1, 100)
+    assert [j.domain for j in due] == ["theirs.test"]
+    # ... and the claim is a real one: released for a dead pid like any other.
+    with spool.env.begin(write=True) as txn:  # pretend the claiming process died
+        key = msg.envelope.queue_id.encode() + b"\x00mine.test"
+        stored = msgspec.msgpack.decode(txn.get(key, db=spool._job), type=DeliveryJob)
+        assert stored.claimed_by == os.getpid()
+        stored.claimed_by = 2**22 + 12345  # above pid_max: never alive
+        txn.put(key, msgspec.msgpack.encode(stored), db=spool._job)
+    assert spool.release_claims() == 1
+    assert [j.domain for j in spool.due_jobs(time.time() + 1, 0, 1, 100)] == ["mine.test"]
+
+
+async def test_claimant_gets_nothing_from_a_failed_commit(spool, monkeypatch):
+    claimant = _Claimant({"mine.test"})
+    writer = GroupCommitWriter(spool, 0.0, 64, claimant=claimant)
+
+    def boom(*a: object, **k: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool, "write_prepared", boom)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            with pytest.raises(SpoolError):
+                await writer.submit(make_msg("a@mine.test"))
+            nursery.cancel_scope.cancel()
+    assert claimant.adopted == []
