@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="tiny runs (seconds), for tests")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"),
                     help="directory for the JSON and PNG report (default bench/results)")
+    ap.add_argument("--relay-workers", type=int, default=0,
+                    help="the relay's worker processes (default 0: one per CPU)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     args.scenario_list = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -104,7 +106,7 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
                                 pipelining=not args.no_pipelining,
                                 messages_per_connection=args.messages_per_connection,
                                 sizes=args.sizes, recipients=args.recipients,
-                                domains=args.domains)
+                                domains=args.domains, relay_workers=args.relay_workers)
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     doc: dict[str, Any] = {"started": started, "machine": _machine(),
                            "settings": {k: v for k, v in vars(args).items()},

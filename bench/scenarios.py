@@ -60,6 +60,8 @@ class Scenario:
     #: smtp-source: messages per variant, sized by the first peer's probe, reused by the
     #: next peers (the same load for every server of the run).
     sized: dict[str, int] = field(default_factory=dict)
+    #: The relay peer's ``[server] workers`` (0: its default, one per CPU).
+    relay_workers: int = 0
 
 
 SCENARIOS = ("inject", "e2e", "fanout", "large", "defer", "smtp-source")
@@ -73,7 +75,7 @@ def build_scenarios(duration: float = 8.0, quick: bool = False, sessions: int = 
                     messages_per_connection: int = 100,
                     sizes: list[tuple[int, float]] | None = None,
                     recipients: list[tuple[int, float]] | None = None,
-                    domains: int = 20) -> dict[str, Scenario]:
+                    domains: int = 20, relay_workers: int = 0) -> dict[str, Scenario]:
     """The suite. ``quick`` shrinks everything to a few seconds (tests, smoke runs).
     ``sizes``/``recipients``/``domains`` set the mix of inject, e2e and defer (fanout and
     large have their own)."""
@@ -122,6 +124,7 @@ def build_scenarios(duration: float = 8.0, quick: bool = False, sessions: int = 
         LoadSpec(duration=duration, messages=200 if quick else 0, sessions=sessions,
                  sizes=[(2048, 1.0)]), e2e=False, driver="smtp-source")
     for sc in out.values():
+        sc.relay_workers = relay_workers
         sc.load.pipelining = pipelining
         sc.load.messages_per_connection = messages_per_connection
     return out
@@ -188,7 +191,8 @@ async def run_one(scenario: Scenario, peer_name: str, processes: int = 2,
                 continue
             routes[domain] = f"{addr}:{sink_port}"
         setup = PeerSetup(sink_port=sink_port, routes=routes,
-                          domain_throttle=scenario.domain_throttle)
+                          domain_throttle=scenario.domain_throttle,
+                          workers=scenario.relay_workers)
         try:
             peer = make_peer(peer_name, setup)
             async with peer:

@@ -156,7 +156,8 @@ async def run_smtp_source(scenario: Scenario, peer_name: str, show_progress: boo
         return rows
     try:
         async with _SmtpSink() as sink:
-            peer = make_peer(peer_name, PeerSetup(sink_port=sink.port))
+            peer = make_peer(peer_name, PeerSetup(sink_port=sink.port,
+                                                  workers=scenario.relay_workers))
             async with peer:
                 for row, (_name, flags) in zip(rows, VARIANTS, strict=True):
                     await _one_variant(scenario, peer, sink, row, flags, size)

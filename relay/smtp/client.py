@@ -24,6 +24,11 @@ Contract:
 * ``connection_lost(reply)`` is how the driver reports EOF, a reset or a timeout.
 * With PIPELINING, MAIL + every RCPT + DATA go out in one write (RFC 2920) and replies
   are matched in order; without it, commands go one at a time.
+* With PIPELINING and CHUNKING, the body goes in that same write as ``BDAT <size> LAST``
+  (RFC 3030; Exim's client does the same): one round trip per message instead of two,
+  and no dot-stuffing. If MAIL or every RCPT fails, the server discards the chunk and
+  answers the BDAT with an error (RFC 3030 section 2 requires servers that pipeline to
+  read and discard it), and the next transaction starts with RSET.
 * After a transaction that did not reach the end-of-data reply (MAIL failed, every RCPT
   failed, DATA refused), the server still holds a half-open transaction, so the next
   ``begin_transaction`` starts with RSET (pipelined in the same write when the server
@@ -195,9 +200,8 @@ class _Transaction:
 
 
 # Expected-reply tags, in the order commands were written.
-_GREETING, _EHLO, _HELO, _STARTTLS, _RSET, _MAIL, _RCPT, _DATA, _DOT, _DOT_DISCARD, _QUIT = (
-    range(11)
-)
+(_GREETING, _EHLO, _HELO, _STARTTLS, _RSET, _MAIL, _RCPT, _DATA, _DOT, _DOT_DISCARD, _QUIT,
+ _BDAT_LAST) = range(12)
 _ACTIVITY = {
     _GREETING: "receiving the initial server greeting",
     _EHLO: "receiving the EHLO reply",
@@ -210,6 +214,7 @@ _ACTIVITY = {
     _DOT: "sending end of data -- message may be sent more than once",
     _DOT_DISCARD: "sending end of data",
     _QUIT: "sending QUIT",
+    _BDAT_LAST: "sending message body -- message may be sent more than once",
 }
 
 
@@ -252,7 +257,7 @@ class SmtpClient:
     @property
     def awaiting_end_of_data(self) -> bool:
         """The next owed reply is the one to end-of-data (the driver's data_timeout)."""
-        return bool(self._pending) and self._pending[0] in (_DOT, _DOT_DISCARD)
+        return bool(self._pending) and self._pending[0] in (_DOT, _DOT_DISCARD, _BDAT_LAST)
 
     @property
     def activity(self) -> str:
@@ -362,8 +367,16 @@ class SmtpClient:
             # RFC 2920: the whole group in one write; replies come back in this order.
             out.extend(cmd for _i, cmd in txn.pending_rcpts)
             self._pending.extend([_RCPT] * len(txn.pending_rcpts))
-            out.append(b"DATA\r\n")
-            self._pending.append(_DATA)
+            if "CHUNKING" in self.extensions:
+                body, txn.body = data, b""
+                if not body.endswith(b"\r\n"):
+                    body += b"\r\n"
+                out.append(b"BDAT %d LAST\r\n" % len(body))
+                out.append(body)
+                self._pending.append(_BDAT_LAST)
+            else:
+                out.append(b"DATA\r\n")
+                self._pending.append(_DATA)
         return b"".join(out)
 
     def _preflight(
@@ -651,6 +664,17 @@ class SmtpClient:
         self._finish(rset=False)
         return b""
 
+    def _on_bdat_last(self, reply: Reply, leftover: bool) -> bytes:
+        txn = self._txn
+        assert txn is not None
+        if txn.mail_ok:
+            # Recipients refused at RCPT keep that outcome (settle skips them).
+            txn.settle(txn.accepted, reply.code, reply.status, reply_text(reply))
+        # A refused chunk (or one sent after a refused MAIL/RCPT) may leave the server
+        # with a half-open transaction: RSET before the next one, as after DATA.
+        self._finish(rset=not reply.is_success)
+        return b""
+
     def _on_dot_discard(self, reply: Reply, leftover: bool) -> bytes:
         # Everyone already has a RCPT (or MAIL) failure; the server's answer is moot.
         self._finish(rset=False)
@@ -672,6 +696,7 @@ class SmtpClient:
         _DOT: _on_dot,
         _DOT_DISCARD: _on_dot_discard,
         _QUIT: _on_quit,
+        _BDAT_LAST: _on_bdat_last,
     }
 
 

@@ -10,9 +10,11 @@ from relay.spool.records import Envelope, Recipient
 
 EHLO_FULL = (
     b"250-mx.test Hello\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n"
-    b"250-SMTPUTF8\r\n250-STARTTLS\r\n250-DSN\r\n250-CHUNKING\r\n"
+    b"250-SMTPUTF8\r\n250-STARTTLS\r\n250-DSN\r\n"
     b"250 ENHANCEDSTATUSCODES\r\n"
 )
+#: The same plus CHUNKING: the body then rides in the pipelined group as BDAT LAST.
+EHLO_CHUNKING = EHLO_FULL.replace(b"250-DSN\r\n", b"250-DSN\r\n250-CHUNKING\r\n")
 EHLO_PLAIN = b"250-mx.test\r\n250 8BITMIME\r\n"
 
 
@@ -45,8 +47,8 @@ def test_greeting_and_ehlo_in_fragments_parse_multiline_extensions() -> None:
     for i in range(len(b"220 hi\r\n")):
         out += c.receive_data(b"220 hi\r\n"[i:i + 1])
     assert out == b"EHLO relay.test\r\n"
-    for i in range(0, len(EHLO_FULL), 7):
-        assert c.receive_data(EHLO_FULL[i:i + 7]) == b""
+    for i in range(0, len(EHLO_CHUNKING), 7):
+        assert c.receive_data(EHLO_CHUNKING[i:i + 7]) == b""
     assert c.usable and c.esmtp
     assert c.size_limit == 1000
     for ext in ("PIPELINING", "8BITMIME", "SMTPUTF8", "STARTTLS", "DSN", "CHUNKING",
@@ -377,3 +379,60 @@ def test_dot_stuff(body: bytes, wire: bytes) -> None:
         received = received[1:]
     received = received.replace(b"\r\n..", b"\r\n.")
     assert received == (body if body.endswith(b"\r\n") or not body else body + b"\r\n")
+
+
+# -- CHUNKING (RFC 3030) -------------------------------------------------------------------
+
+
+def test_chunking_sends_the_body_as_bdat_last_in_the_pipelined_group() -> None:
+    c = ready(EHLO_CHUNKING)
+    body = b"Subject: x\r\n\r\n.starts with a dot\r\n"
+    out = c.begin_transaction(envelope(2), [0, 1], body)
+    assert out == (
+        b"MAIL FROM:<s@src.test> SIZE=%d\r\n" % len(body)
+        + b"RCPT TO:<r0@dst.test>\r\nRCPT TO:<r1@dst.test>\r\n"
+        + b"BDAT %d LAST\r\n" % len(body) + body  # raw: no dot-stuffing, no terminator
+    )
+    assert c.awaiting_reply and not c.awaiting_end_of_data
+    c.receive_data(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 unknown\r\n")
+    assert c.awaiting_end_of_data  # data_timeout applies to the chunk's reply
+    assert c.receive_data(b"250 2.0.0 queued as X\r\n") == b""
+    assert kinds(c) == [(0, "delivered", 250), (1, "permanent", 550)]
+    assert c.usable
+    # A successful BDAT LAST ends the transaction cleanly: no RSET before the next one.
+    assert c.begin_transaction(envelope(1), [0], b"x\r\n").startswith(b"MAIL FROM:")
+
+
+def test_chunking_appends_a_final_crlf() -> None:
+    c = ready(EHLO_CHUNKING)
+    out = c.begin_transaction(envelope(1), [0], b"Subject: x\r\n\r\nno newline")
+    assert out.endswith(b"BDAT 26 LAST\r\nSubject: x\r\n\r\nno newline\r\n")
+
+
+def test_chunking_every_rcpt_refused_keeps_rcpt_outcomes_and_rsets_next() -> None:
+    c = ready(EHLO_CHUNKING)
+    c.begin_transaction(envelope(2), [0, 1], b"hi\r\n")
+    c.receive_data(b"250 2.1.0 Ok\r\n550 5.1.1 no\r\n450 4.2.1 later\r\n"
+                   b"554 5.5.1 Error: no valid recipients\r\n")
+    assert kinds(c) == [(0, "permanent", 550), (1, "transient", 450)]
+    assert c.begin_transaction(envelope(1), [0], b"x\r\n").startswith(b"RSET\r\nMAIL FROM:")
+
+
+def test_chunking_refused_chunk_fails_the_accepted_recipients() -> None:
+    c = ready(EHLO_CHUNKING)
+    c.begin_transaction(envelope(2), [0, 1], b"hi\r\n")
+    c.receive_data(b"250 Ok\r\n250 Ok\r\n250 Ok\r\n451 4.3.0 queue trouble\r\n")
+    assert kinds(c) == [(0, "transient", 451), (1, "transient", 451)]
+
+
+def test_chunking_mail_refused_settles_everyone_with_the_mail_reply() -> None:
+    c = ready(EHLO_CHUNKING)
+    c.begin_transaction(envelope(2), [0, 1], b"hi\r\n")
+    c.receive_data(b"553 5.1.8 sender rejected\r\n503 5.5.1 need MAIL\r\n"
+                   b"503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n")
+    assert kinds(c) == [(0, "permanent", 553), (1, "permanent", 553)]
+
+
+def test_chunking_is_not_used_without_pipelining() -> None:
+    c = ready(b"250-mx.test\r\n250 CHUNKING\r\n")
+    assert c.begin_transaction(envelope(1), [0], b"hi\r\n") == b"MAIL FROM:<s@src.test>\r\n"
