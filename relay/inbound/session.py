@@ -233,8 +233,10 @@ class _Session:
             conn.data_rate_too_low()
         else:
             conn.shutdown()
-        with trio.move_on_after(FAREWELL_TIMEOUT):
-            await self._flush()
+        out = conn.data_to_send()
+        if out:  # not _flush: the watchdog is done with this session
+            with trio.move_on_after(FAREWELL_TIMEOUT):
+                await self.wire.send(out)
 
     async def _converse(self) -> None:
         conn = self.conn
