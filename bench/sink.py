@@ -26,10 +26,10 @@ into one send and flushed whenever the input buffer holds no further complete co
 (RFC 2920); message bodies are never split into lines in Python (end of data is found
 with ``find(b"\\r\\n.\\r\\n")`` and dot-unstuffing is one ``replace``, done only when
 messages are kept; otherwise the body is not even copied out of the input buffer). A
-plain-TCP session reads with one ``wait_readable`` + ``os.read`` and writes with
-``os.write`` (``_Wire``), and a state change creates no wake-up event unless a task is
-inside ``wait_for``: about 0.13 ms of CPU per message on the dev box, most of it in the
-system calls.
+plain-TCP session reads with one ``wait_readable`` + ``recv`` and writes with one
+``send`` (the relay's own ``relay.wire.Wire``), and a state change creates no wake-up
+event unless a task is inside ``wait_for``: about 0.13 ms of CPU per message on the
+dev box, most of it in the system calls.
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import trio
+
+from relay.inbound.listener import serve_listeners
+from relay.wire import Wire
 
 __all__ = ["Behaviour", "DomainStats", "ListenerStats", "Sink", "main"]
 
@@ -102,61 +105,6 @@ _MAX_COMMAND = 65536
 
 class _Close(Exception):
     """Internal: end the session (after flushing what is queued)."""
-
-
-class _Wire:
-    """Reads and writes of one session, as cheap as trio allows.
-
-    On a plain TCP stream a read is one ``wait_readable`` trap plus one ``os.read``, and a
-    write is one ``os.write`` (waiting for ``wait_writable`` only when the socket buffer
-    is full): ``SocketStream``'s conflict detectors, error-translation context managers
-    and extra checkpoints cost more than the system calls on a loaded 2-core box. After
-    STARTTLS (or on any other stream) the stream's own methods are used. Errors surface as
-    ``OSError`` (the session ends), end of input as ``b""``."""
-
-    __slots__ = ("fd", "stream")
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
-
-    def upgrade(self, stream: trio.abc.Stream) -> None:
-        self.stream, self.fd = stream, -1
-
-    async def recv(self, n: int, try_first: bool = False) -> bytes:
-        """Up to ``n`` bytes. ``try_first``: read before waiting (more input is likely
-        already there, e.g. the rest of a body); a session never loops without yielding
-        because every command round ends with a waiting read."""
-        fd = self.fd
-        if fd < 0:
-            return await self.stream.receive_some(n)
-        if try_first:
-            try:
-                return os.read(fd, n)
-            except BlockingIOError:
-                pass
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            try:
-                return os.read(fd, n)
-            except BlockingIOError:  # spurious wake-up
-                continue
-
-    async def send(self, data: bytes) -> None:
-        fd = self.fd
-        if fd < 0:
-            await self.stream.send_all(data)
-            return
-        view = memoryview(data)
-        while True:
-            try:
-                n = os.write(fd, view)
-            except BlockingIOError:
-                n = 0
-            if n == len(view):
-                return
-            view = view[n:]
-            await trio.lowlevel.wait_writable(fd)
 
 
 @dataclass
@@ -291,13 +239,12 @@ class Sink:
         bound = sock.getsockname()
         key = (bound[0], bound[1])
         lstats = self.listeners.setdefault(key, ListenerStats())
-        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
-        async def handler(stream: trio.SocketStream) -> None:
-            await self._connection(stream, lstats, behaviour)
+        async def handler(conn: socket.socket, peer: tuple[str, int]) -> None:
+            await self._connection(Wire(conn), peer, lstats, behaviour)
 
         async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, handler, [listener])
+            await nursery.start(serve_listeners, [sock], handler, nursery)
             task_status.started(bound[1])
 
     def _notify(self) -> None:
@@ -306,7 +253,8 @@ class Sink:
             self._changed = trio.Event()
 
     async def _connection(
-        self, stream: trio.SocketStream, lstats: ListenerStats, behaviour: Behaviour | None
+        self, wire: Wire, peer: tuple[str, int], lstats: ListenerStats,
+        behaviour: Behaviour | None,
     ) -> None:
         self.current_connections += 1
         self.connections_opened += 1
@@ -319,14 +267,9 @@ class Sink:
             lstats.max_concurrent_connections, lstats.current_connections
         )
         self._notify()
+        sess = _Session(peer=f"{peer[0]}:{peer[1]}")
         try:
-            peer = stream.socket.getpeername()
-            sess = _Session(peer=f"{peer[0]}:{peer[1]}")
-        except OSError:
-            sess = _Session(peer="?")
-        try:
-            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await self._session(stream, sess, behaviour)
+            await self._session(wire, sess, behaviour)
         except (trio.BrokenResourceError, trio.ClosedResourceError, _Close, OSError):
             pass
         except ssl.SSLError:
@@ -337,8 +280,8 @@ class Sink:
             for d in sess.domains_seen:
                 self.stats[d].current_connections -= 1
             self._notify()
-            with trio.CancelScope(shield=True), contextlib.suppress(Exception):
-                await trio.aclose_forcefully(stream)
+            with trio.CancelScope(shield=True):
+                await wire.aclose(graceful=False)
 
     def _ehlo_reply(self, name: str, sess: _Session) -> bytes:
         lines = [f"{self.hostname} hello {name}", f"SIZE {self.max_message_size}"]
@@ -348,10 +291,7 @@ class Sink:
         out = [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]
         return ("\r\n".join(out) + "\r\n").encode()
 
-    async def _session(
-        self, stream: trio.abc.Stream, sess: _Session, behaviour: Behaviour | None
-    ) -> None:
-        wire = _Wire(stream)
+    async def _session(self, wire: Wire, sess: _Session, behaviour: Behaviour | None) -> None:
         if (behaviour or self.default) is Behaviour.GREET_421:
             self.stats["*"].greet_421 += 1
             await wire.send(b"421 4.3.2 " + self.hostname.encode() + b" busy, try later\r\n")
@@ -398,7 +338,7 @@ class Sink:
                     out.clear()
                     buf.clear()  # RFC 3207: discard anything pipelined after STARTTLS
                     assert self.ssl_context is not None
-                    tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
+                    tls = trio.SSLStream(wire.transport(), self.ssl_context, server_side=True)
                     await tls.do_handshake()
                     wire.upgrade(tls)
                     sess.tls = True
@@ -417,7 +357,7 @@ class Sink:
             buf += chunk
 
     async def _read_data(
-        self, wire: _Wire, buf: bytearray
+        self, wire: Wire, buf: bytearray
     ) -> tuple[int, bytes, bytearray]:
         """Read until CRLF.CRLF; return (size of the stuffed body incl. its final CRLF or
         -1 if the session ended, the body itself if messages are kept else b"", remaining
@@ -444,7 +384,7 @@ class Sink:
             buf += chunk
 
     async def _bdat(
-        self, wire: _Wire, sess: _Session, line: bytes, buf: bytearray
+        self, wire: Wire, sess: _Session, line: bytes, buf: bytearray
     ) -> bytes | None:
         parts = line.split()
         try:
@@ -526,7 +466,7 @@ class Sink:
         return b"250 2.0.0 Ok: queued\r\n"
 
     async def _command(
-        self, wire: _Wire, sess: _Session, line: bytes, verb: bytes, out: list[bytes]
+        self, wire: Wire, sess: _Session, line: bytes, verb: bytes, out: list[bytes]
     ) -> bytes | None:
         """Reply to one command; ``None`` means nothing to append (already handled)."""
         if verb == b"RCPT":
