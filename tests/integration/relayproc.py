@@ -155,3 +155,17 @@ def make_relay(
         relay_config(tmp, port, workers=workers, inbound=inbound, extra=extra)
     )
     return RelayProcess(tmp=tmp, port=port, config_path=config_path)
+
+
+def recv_reply(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """Read until the buffer ends with a complete final reply line ("NNN ...\\r\\n")."""
+    sock.settimeout(timeout)
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+        last = data.rstrip(b"\r\n").rsplit(b"\r\n", 1)[-1]
+        if data.endswith(b"\r\n") and len(last) >= 4 and last[3:4] == b" ":
+            return data

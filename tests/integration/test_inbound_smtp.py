@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.integration.relayproc import RelayProcess, make_relay, wait_for
+from tests.integration.relayproc import RelayProcess, make_relay, recv_reply, wait_for
 
 
 @pytest.fixture
@@ -31,20 +31,6 @@ def queue_json(relay: RelayProcess, *args: str):  # type: ignore[no-untyped-def]
     result = relay.cli("queue", *args, "--json", "--config", str(relay.config_path))
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
-
-
-def recv_reply(sock: socket.socket, timeout: float = 5.0) -> bytes:
-    """Read until the buffer ends with a complete final reply line ("NNN ...\\r\\n")."""
-    sock.settimeout(timeout)
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-        last = data.rstrip(b"\r\n").rsplit(b"\r\n", 1)[-1]
-        if data.endswith(b"\r\n") and len(last) >= 4 and last[3:4] == b" ":
-            return data
 
 
 def test_smtplib_message_is_queued_with_envelope_and_trace_headers(relay: RelayProcess) -> None:

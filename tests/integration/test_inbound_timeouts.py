@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from relay.inbound.session import FAREWELL_TIMEOUT, WATCH_TICK_MAX
-from tests.integration.relayproc import RelayProcess, make_relay, wait_for
+from tests.integration.relayproc import RelayProcess, make_relay, recv_reply, wait_for
 
 #: A hang (e.g. a wait that nothing bounds) fails the test instead of the run.
 pytestmark = pytest.mark.timeout(120)
@@ -36,20 +36,6 @@ NOOP_REPLY = b"250 2.0.0 Ok\r\n"
 #: (tcp_rmem, tcp_wmem): it runs until the relay stops reading, so it does, and at least
 #: this much (about 10 MB of replies on a default Linux).
 AT_LEAST = 1024 * 1024
-
-
-def recv_reply(sock: socket.socket, timeout: float = 5.0) -> bytes:
-    """Read until the buffer ends with a complete final reply line ("NNN ...\\r\\n")."""
-    sock.settimeout(timeout)
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-        last = data.rstrip(b"\r\n").rsplit(b"\r\n", 1)[-1]
-        if data.endswith(b"\r\n") and len(last) >= 4 and last[3:4] == b" ":
-            return data
 
 
 def crashes(relay: RelayProcess) -> list[str]:
