@@ -33,7 +33,7 @@ import ssl
 
 import trio
 
-__all__ = ["Wire", "tune_accepted"]
+__all__ = ["Wire", "tune_socket"]
 
 #: Reads in a row that may return without yielding to the scheduler.
 _MAX_STREAK = 8
@@ -41,8 +41,9 @@ _MAX_STREAK = 8
 _TLS_CLOSE_WAIT = 1.0
 
 
-def tune_accepted(sock: socket.socket) -> None:
-    """Non-blocking with Nagle off: a reply must leave at once, not wait for an ACK."""
+def tune_socket(sock: socket.socket) -> None:
+    """Prepare an accepted or outgoing TCP socket for a Wire: non-blocking, with Nagle off
+    (a reply or a pipelined group must leave at once, not wait for an ACK)."""
     sock.setblocking(False)
     with contextlib.suppress(OSError):  # not TCP (a Unix socket): nothing to tune
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

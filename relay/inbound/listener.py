@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from relay.config import parse_hostport
-from relay.wire import tune_accepted
+from relay.wire import tune_socket
 
 __all__ = ["bind_listeners", "listen_address", "serve_listeners"]
 
@@ -117,5 +117,5 @@ async def _accept_loop(listener: socket.socket, handler: Handler,
                 if e.errno in _CONNECTION_ERRORS:
                     continue
                 raise
-            tune_accepted(sock)
+            tune_socket(sock)
             handler_nursery.start_soon(handler, sock, peer)

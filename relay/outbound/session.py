@@ -47,7 +47,7 @@ import trio
 from relay.smtp.client import Phase, RecipientOutcome, SmtpClient, reply_line, reply_text
 from relay.smtp.replies import Reply
 from relay.spool.records import Envelope
-from relay.wire import Wire, tune_accepted
+from relay.wire import Wire, tune_socket
 
 __all__ = [
     "ClientSession",
@@ -350,7 +350,7 @@ async def _connect(ip: str, port: int, mx_host: str, policy: SessionPolicy) -> W
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        tune_accepted(sock)
+        tune_socket(sock)
         if policy.source_address:
             sock.bind((policy.source_address, 0))
         with trio.fail_after(policy.connect_timeout):

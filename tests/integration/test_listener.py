@@ -120,7 +120,7 @@ async def test_many_simultaneous_clients_each_reach_the_handler_with_their_addre
         assert given == ours  # the handler got this client's own address
     assert sorted(handler.peers) == sorted(ours for ours, _, _ in results)
     assert len(set(handler.peers)) == 50
-    assert handler.blocking == [False] * 50  # handed over non-blocking (tune_accepted)
+    assert handler.blocking == [False] * 50  # handed over non-blocking (tune_socket)
 
 
 async def test_a_backlog_queued_before_serving_is_drained() -> None:

@@ -21,7 +21,7 @@ import trio
 import trio.testing
 import trustme
 
-from relay.wire import _MAX_STREAK, _TLS_CLOSE_WAIT, Wire, tune_accepted
+from relay.wire import _MAX_STREAK, _TLS_CLOSE_WAIT, Wire, tune_socket
 
 #: A hang (e.g. a wait that nothing bounds) fails the test instead of the run.
 pytestmark = pytest.mark.timeout(30)
@@ -37,7 +37,7 @@ def tcp_pair() -> Pair:
     with socket.create_server((LOOPBACK, 0)) as listener:
         peer = socket.create_connection(listener.getsockname(), timeout=5)
         ours, _ = listener.accept()
-    tune_accepted(ours)
+    tune_socket(ours)
     return ours, peer
 
 
@@ -478,17 +478,17 @@ async def test_tls_aclose_not_graceful_is_immediate(
     assert ours.fileno() == -1
 
 
-# -- tune_accepted ----------------------------------------------------------------------
+# -- tune_socket ----------------------------------------------------------------------
 
 
-def test_tune_accepted_makes_a_tcp_socket_non_blocking_without_nagle() -> None:
+def test_tune_socket_makes_a_tcp_socket_non_blocking_without_nagle() -> None:
     with socket.create_server((LOOPBACK, 0)) as listener:
         peer = socket.create_connection(listener.getsockname(), timeout=5)
         sock, _ = listener.accept()
     with sock, peer:
         sock.setblocking(True)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
-        tune_accepted(sock)
+        tune_socket(sock)
         assert sock.getblocking() is False
         assert fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
@@ -496,10 +496,10 @@ def test_tune_accepted_makes_a_tcp_socket_non_blocking_without_nagle() -> None:
             sock.recv(10)  # nothing sent: a non-blocking read fails at once
 
 
-def test_tune_accepted_accepts_a_unix_socket() -> None:
+def test_tune_socket_accepts_a_unix_socket() -> None:
     a, b = socket.socketpair()
     with a, b:
         a.setblocking(True)
-        tune_accepted(a)  # no TCP_NODELAY there: must not raise
+        tune_socket(a)  # no TCP_NODELAY there: must not raise
         assert a.getblocking() is False
         assert fcntl.fcntl(a.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
