@@ -77,7 +77,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         server_ssl_context(config.inbound, args.path)
     except ConfigError as e:
         raise CliError(str(e), EX_CONFIG) from None
-    print(f"{args.path}: OK ({config.server.resolved_workers()} workers, "
+    n = config.server.resolved_workers()
+    print(f"{args.path}: OK ({n} worker{'' if n == 1 else 's'}, "
           f"listening on {', '.join(config.inbound.listen)}, spool {config.spool.path})")
     return 0
 

@@ -98,7 +98,8 @@ class ServerConfig(_Base):
 
     #: Our name in the greeting, EHLO reply and Received headers (Postfix ``myhostname``).
     hostname: str = ""
-    #: Worker processes; 0 means one per CPU.
+    #: Worker processes; 0 means one per CPU this process may run on (its affinity
+    #: mask, so ``taskset`` and cgroup cpusets are respected).
     workers: NonNegInt = 0
     #: How long SIGTERM waits for open SMTP transactions before workers are killed.
     shutdown_timeout: Seconds = 30.0
@@ -110,7 +111,12 @@ class ServerConfig(_Base):
         return self.hostname or socket.getfqdn()
 
     def resolved_workers(self) -> int:
-        return self.workers or (os.cpu_count() or 1)
+        if self.workers:
+            return self.workers
+        try:
+            return len(os.sched_getaffinity(0)) or 1
+        except AttributeError:  # not Linux
+            return os.cpu_count() or 1
 
 
 class AuthUser(_Base):

@@ -7,9 +7,10 @@ import os
 import signal
 import smtplib
 import socket
+import subprocess
 from pathlib import Path
 
-from tests.integration.relayproc import make_relay, wait_for
+from tests.integration.relayproc import RELAY, make_relay, wait_for
 
 
 def send_one(port: int, rcpt: str = "b@dest.test") -> bytes:
@@ -114,3 +115,20 @@ def test_check_config_cli_reports_key_and_file_without_traceback(tmp_path: Path)
     nospool = relay.cli("queue", "stats", "--config", str(relay.config_path))
     assert nospool.returncode != 0 and "no spool at" in nospool.stderr
 
+
+
+def test_workers_0_means_one_per_cpu_of_the_affinity_mask(tmp_path: Path) -> None:
+    """``server.workers = 0`` follows the CPUs the relay may run on (taskset, cpusets),
+    not the machine's CPU count."""
+    config = tmp_path / "auto.toml"
+    config.write_text(f'[server]\nworkers = 0\n[spool]\npath = "{tmp_path / "spool"}"\n')
+    everywhere = subprocess.run([*RELAY, "check-config", str(config)], capture_output=True,
+                                text=True, timeout=60)
+    assert everywhere.returncode == 0, everywhere.stderr
+    n = len(os.sched_getaffinity(0))
+    assert f"({n} worker{'' if n == 1 else 's'}," in everywhere.stdout
+    pinned = subprocess.run(["taskset", "-c", str(min(os.sched_getaffinity(0))), *RELAY,
+                             "check-config", str(config)], capture_output=True, text=True,
+                            timeout=60)
+    assert pinned.returncode == 0, pinned.stderr
+    assert "(1 worker," in pinned.stdout
