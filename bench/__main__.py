@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from bench.report import compute_ratios, format_table, write_report
+from bench.report import compute_ratios, format_table, round_ratios, write_report
 from bench.scenarios import SCENARIOS, build_scenarios, run_rows
 
 
@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="tiny runs (seconds), for tests")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"),
                     help="directory for the JSON and PNG report (default bench/results)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the whole list N times; ratios are medians over the rounds")
     ap.add_argument("--relay-workers", type=int, default=0,
                     help="the relay's worker processes (default 0: one per CPU)")
     ap.add_argument("--no-progress", action="store_true")
@@ -97,6 +99,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for p in args.peer_list:
         if p not in ("relay", "postfix", "direct"):
             ap.error(f"unknown peer {p!r}")
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
     return args
 
 
@@ -115,17 +119,22 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    for name in args.scenario_list:
-        for peer in [args.target, *args.peer_list]:
-            log(f"== {name} / {peer}: {scenarios[name].description}")
-            rows = await run_rows(scenarios[name], peer, processes=args.processes,
-                                  show_progress=not args.no_progress, log=log)
-            doc["results"].extend(rows)
-            for row in rows:
-                if not row.get("error") and "delivered_recipients" in row:
-                    log(f"   {row['accepted']} accepted, {row['delivered_recipients']} "
-                        f"recipients delivered, {row['msg_s']:.0f} msg/s")
+    for round_no in range(1, args.repeat + 1):
+        for name in args.scenario_list:
+            for peer in [args.target, *args.peer_list]:
+                tag = f" (round {round_no}/{args.repeat})" if args.repeat > 1 else ""
+                log(f"== {name} / {peer}{tag}: {scenarios[name].description}")
+                rows = await run_rows(scenarios[name], peer, processes=args.processes,
+                                      show_progress=not args.no_progress, log=log)
+                for row in rows:
+                    row["round"] = round_no
+                    if not row.get("error") and "delivered_recipients" in row:
+                        log(f"   {row['accepted']} accepted, {row['delivered_recipients']} "
+                            f"recipients delivered, {row['msg_s']:.0f} msg/s")
+                doc["results"].extend(rows)
     doc["ratios"] = {p: compute_ratios(doc["results"], args.target, p) for p in args.peer_list}
+    doc["ratio_rounds"] = {p: round_ratios(doc["results"], args.target, p)
+                           for p in args.peer_list}
     return doc
 
 

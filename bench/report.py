@@ -3,7 +3,9 @@
 Contract: ``write_report(doc, out_dir)`` writes ``bench-<stamp>.json`` and
 ``bench-<stamp>.png`` (plus ``latest.json``/``latest.png`` copies) and returns their
 paths; ``format_table(doc)`` is the text printed on the terminal. ``doc`` is the dict
-built by ``bench.__main__`` (``machine``, ``settings``, ``results``, ``ratios``).
+built by ``bench.__main__`` (``machine``, ``settings``, ``results``, ``ratios``). With
+``--repeat N`` every result row carries its ``round`` (1..N), and a ratio is the median
+of the per-round ratios: on a shared box one run's ratio says little.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import statistics
 from pathlib import Path
 from typing import Any
 
-__all__ = ["compute_ratios", "format_table", "write_chart", "write_report"]
+__all__ = ["compute_ratios", "format_table", "round_ratios", "write_chart", "write_report"]
 
 
 def _fmt(v: Any, nd: int = 0) -> str:
@@ -25,16 +28,28 @@ def _fmt(v: Any, nd: int = 0) -> str:
     return str(v)
 
 
-def compute_ratios(results: list[dict[str, Any]], target: str, peer: str) -> dict[str, Any]:
-    """msg/s of ``target`` divided by ``peer``'s, per scenario (same run)."""
-    by = {(r["scenario"], r["peer"]): r for r in results}
-    out: dict[str, Any] = {}
-    for (scen, p), r in by.items():
+def round_ratios(results: list[dict[str, Any]], target: str,
+                 peer: str) -> dict[str, list[float | None]]:
+    """msg/s of ``target`` divided by ``peer``'s, per scenario, one value per round (the
+    two rows of a round ran back to back; None where either failed)."""
+    by = {(r["scenario"], r["peer"], r.get("round", 1)): r for r in results}
+    out: dict[str, list[float | None]] = {}
+    for (scen, p, rnd), r in sorted(by.items(), key=lambda kv: kv[0][2]):
         if p != target:
             continue
-        other = by.get((scen, peer))
+        other = by.get((scen, peer, rnd))
         a, b = r.get("msg_s"), (other or {}).get("msg_s")
-        out[scen] = (a / b) if a and b else None
+        out.setdefault(scen, []).append((a / b) if a and b else None)
+    return out
+
+
+def compute_ratios(results: list[dict[str, Any]], target: str, peer: str) -> dict[str, Any]:
+    """Per scenario, the median over rounds of ``round_ratios`` (None if no round has
+    both rows)."""
+    out: dict[str, Any] = {}
+    for scen, values in round_ratios(results, target, peer).items():
+        ok = [v for v in values if v is not None]
+        out[scen] = statistics.median(ok) if ok else None
     return out
 
 
@@ -46,7 +61,10 @@ def format_table(doc: dict[str, Any]) -> str:
             ("msgs", "accepted", 0), ("ok", "complete", 0)]
     rows = [[c[0] for c in cols]]
     notes: list[str] = []
+    rounds = doc.get("settings", {}).get("repeat", 1) > 1
     for r in doc["results"]:
+        if rounds:
+            r = {**r, "scenario": f"{r['scenario']} #{r.get('round', 1)}"}
         if r.get("error"):
             rows.append([r["scenario"], r["peer"], "ERROR"] + [""] * (len(cols) - 3))
             notes.append(f"{r['scenario']}/{r['peer']}: {r['error'].splitlines()[0]}")
@@ -93,7 +111,11 @@ def format_table(doc: dict[str, Any]) -> str:
             lines.append("  ".join("-" * w for w in widths))
     for peer, ratios in doc.get("ratios", {}).items():
         parts = [f"{s} {_fmt(v, 2)}x" for s, v in ratios.items()]
-        lines.append(f"\n{doc['settings']['target']}/{peer} msg/s ratio: " + ", ".join(parts))
+        label = "median msg/s ratio over the rounds" if rounds else "msg/s ratio"
+        lines.append(f"\n{doc['settings']['target']}/{peer} {label}: " + ", ".join(parts))
+        if rounds:
+            for s, values in doc.get("ratio_rounds", {}).get(peer, {}).items():
+                lines.append(f"  {s}: " + ", ".join(f"{_fmt(v, 2)}x" for v in values))
     if notes:
         lines.append("")
         lines += notes
@@ -130,7 +152,8 @@ def write_chart(doc: dict[str, Any], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    results = [r for r in doc["results"] if not r.get("error")]
+    # Only the first round: more would overlay lines of the same peer.
+    results = [r for r in doc["results"] if not r.get("error") and r.get("round", 1) == 1]
     scenarios = list(dict.fromkeys(r["scenario"] for r in results))
     if not scenarios:
         return None

@@ -14,7 +14,7 @@ import pytest
 
 from bench.metrics import percentile, sample_tree
 from bench.peers import PeerSetup, PostfixPeer, RelayPeer
-from bench.report import _rate_series, compute_ratios, format_table
+from bench.report import _rate_series, compute_ratios, format_table, round_ratios
 from bench.scenarios import _cumulative, build_scenarios
 from relay.config import decode_config
 
@@ -124,6 +124,18 @@ def test_helpers() -> None:
     text = format_table({"results": results, "ratios": {"postfix": ratios},
                          "settings": {"target": "relay"}})
     assert "ERROR" in text and "relay: did not start" in text and "1.50x" in text
+    # Rounds: each ratio pairs the rows of its own round; the summary is their median.
+    rounds = [{"scenario": "e2e", "peer": "relay", "msg_s": m, "round": i}
+              for i, m in enumerate([300.0, 900.0, 400.0], 1)]
+    rounds += [{"scenario": "e2e", "peer": "postfix", "msg_s": m, "round": i}
+               for i, m in enumerate([100.0, 300.0, 400.0], 1)]
+    assert round_ratios(rounds, "relay", "postfix") == {"e2e": [3.0, 3.0, 1.0]}
+    assert compute_ratios(rounds, "relay", "postfix") == {"e2e": 3.0}
+    text = format_table({"results": rounds, "ratios": {"postfix": {"e2e": 3.0}},
+                         "ratio_rounds": {"postfix": {"e2e": [3.0, 3.0, 1.0]}},
+                         "settings": {"target": "relay", "repeat": 3}})
+    assert "e2e #2" in text and "median msg/s ratio over the rounds: e2e 3.00x" in text
+    assert "e2e: 3.00x, 3.00x, 1.00x" in text
 
 
 @pytest.mark.parametrize("pipelining", [True, False])
