@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import ssl
 import time
 from collections.abc import Callable
@@ -118,6 +119,8 @@ class DeliveryEngine:
         self.max_in_memory = max_in_memory
         self.max_per_destination = max_per_destination
         self.lease = lease
+        #: For Claimant: the engine lives in the process that stores its claims.
+        self.pid = os.getpid()
         self.release_claims_on_start = release_claims_on_start
         #: Messages read together with their claim (one thread hop and one read
         #: transaction per claim batch instead of one per job), at most about this many

@@ -215,6 +215,8 @@ class Claimant(Protocol):
     (``release_claims`` at restart, or the lease running out)."""
 
     lease: float
+    #: This process's pid (``claimed_by``), read once: ``os.getpid`` is a system call.
+    pid: int
 
     def wants(self, domain_hash: int) -> bool:
         """Claim the job of this domain now (the shard is ours, and there is room)?"""
@@ -252,7 +254,7 @@ def prepare(msg: NewMessage, now: float | None = None,
         h = shard_hash(domain)
         if claimant is not None and claimant.wants(h):
             job.due = due + claimant.lease
-            job.claimed_by = os.getpid()
+            job.claimed_by = claimant.pid
             claimed.append(job)
         jobs.append((jk, _job_encode(job), _sched_key(job.due, h, jk), h))
     return qid, bytes(msg.data), _env_encode(env), jobs, claimed

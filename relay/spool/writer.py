@@ -71,6 +71,10 @@ class _Batch:
         self.done = trio.Event()
         self.error: BaseException | None = None
 
+    def add_claimed(self, jobs: list[DeliveryJob], envelope: Envelope, data: bytes) -> None:
+        """Remember the jobs ``prepare`` stored claimed, for the claimant."""
+        self.claimed.extend((job, envelope, data) for job in jobs)
+
 
 class GroupCommitWriter:
     """Batches ``submit``ted messages into shared synced commits (see module docstring).
@@ -137,8 +141,7 @@ class GroupCommitWriter:
         batch = self._enqueue()
         batch.messages.append(msg)
         batch.prepared.append(prepared)
-        for job in prepared[4]:
-            batch.claimed.append((job, msg.envelope, prepared[1]))
+        batch.add_claimed(prepared[4], msg.envelope, prepared[1])
         await self._wait(batch)
 
     async def submit_completion(self, completion: Completion) -> None:
@@ -154,8 +157,7 @@ class GroupCommitWriter:
         batch.completions.append(prepared)
         batch.messages.extend(completion.new_messages)
         for msg, p in zip(completion.new_messages, prepared[1], strict=True):
-            for job in p[4]:
-                batch.claimed.append((job, msg.envelope, p[1]))
+            batch.add_claimed(p[4], msg.envelope, p[1])
         await self._wait(batch)
 
     def _enqueue(self) -> _Batch:

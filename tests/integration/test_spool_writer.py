@@ -211,6 +211,7 @@ class _Claimant:
     """Wants the jobs of ``domains``; records what it is handed."""
 
     lease = 600.0
+    pid = os.getpid()
 
     def __init__(self, domains: set[str]) -> None:
         self.hashes = {shard_hash(d) for d in domains}
