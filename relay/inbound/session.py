@@ -70,6 +70,8 @@ FAREWELL_TIMEOUT = 5.0
 WATCH_TICK_MIN, WATCH_TICK_MAX = 0.05, 1.0
 
 RELAY_DENIED = "Relay access denied"
+#: Client addresses whose relay verdict a context remembers (InboundContext.may_relay).
+RELAY_VERDICTS_MAX = 4096
 STORE_FAILED = Reply(451, "4.3.0", "Error: queue file write error, try again later")
 
 
@@ -89,6 +91,10 @@ class InboundContext:
     hostname: str
     #: Seconds between two watchdog passes over the sessions (see the module docstring).
     watch_tick: float = WATCH_TICK_MAX
+    #: may_relay's answers by client address: a bulk relay hears from a few sending
+    #: hosts all day, and parsing the address and matching the networks cost as much
+    #: as the rest of a RCPT. Emptied when full; a reload builds a new context.
+    _relay_verdicts: dict[str, bool] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(
@@ -118,6 +124,16 @@ class InboundContext:
         )
 
     def may_relay(self, client_ip: str) -> bool:
+        """Whether ``client_ip`` is in ``relay.allow_networks``."""
+        verdict = self._relay_verdicts.get(client_ip)
+        if verdict is None:
+            verdict = self._match_networks(client_ip)
+            if len(self._relay_verdicts) >= RELAY_VERDICTS_MAX:
+                self._relay_verdicts.clear()
+            self._relay_verdicts[client_ip] = verdict
+        return verdict
+
+    def _match_networks(self, client_ip: str) -> bool:
         try:
             ip = ipaddress.ip_address(client_ip)
         except ValueError:
@@ -184,9 +200,6 @@ class _Session:
         #: Cancelled by the watchdog (or a drain) to end a wait; ``stopped`` says why.
         self.scope = trio.CancelScope()
         self.stopped: _Stop | None = None
-        #: ctx.may_relay(client_ip), decided at the first RCPT (ctx and ip are fixed
-        #: for the session; the network match parses the address every time).
-        self._may_relay: bool | None = None
 
     def drain(self) -> None:
         self.draining = True
@@ -302,9 +315,7 @@ class _Session:
     # -- decisions --------------------------------------------------------------------
 
     def _decide_recipient(self, event: RecipientRequested) -> None:
-        if self._may_relay is None:
-            self._may_relay = self.ctx.may_relay(self.client_ip)
-        if self.conn.authenticated_user is not None or self._may_relay:
+        if self.conn.authenticated_user is not None or self.ctx.may_relay(self.client_ip):
             self.conn.accept_recipient()
         else:
             self.conn.reject_recipient(Reply(554, "5.7.1", f"<{event.address}>: {RELAY_DENIED}"))

@@ -38,9 +38,17 @@ class Waker:
         self._sock.setblocking(False)
         #: Datagrams sent (tests, stats).
         self.sent = 0
+        #: address() by shard: notify runs after every commit, the shards never change.
+        self._addresses: dict[int, str | bytes] = {}
 
     def address(self, shard: int) -> str | bytes:
         """The socket address of ``shard`` (filesystem path or abstract name)."""
+        addr = self._addresses.get(shard)
+        if addr is None:
+            addr = self._addresses[shard] = self._address(shard)
+        return addr
+
+    def _address(self, shard: int) -> str | bytes:
         path = str(self.dir / f"{shard}.sock")
         if len(path.encode()) <= _MAX_SUN_PATH:
             return path

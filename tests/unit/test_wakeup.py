@@ -48,3 +48,14 @@ async def test_a_restarted_listener_replaces_a_stale_socket(tmp_path):
         with trio.fail_after(5):
             await second.wait()
     waker.close()
+
+
+def test_addresses_are_stable_per_shard_and_distinct(tmp_path):
+    waker = Waker(tmp_path / "spool")
+    first = [waker.address(shard) for shard in range(4)]
+    assert len(set(first)) == 4
+    assert [waker.address(shard) for shard in range(4)] == first
+    other = Waker(tmp_path / "spool")  # another process computes the same names
+    assert [other.address(shard) for shard in range(4)] == first
+    waker.close()
+    other.close()
