@@ -117,13 +117,16 @@ async def test_recv_returns_data_then_empty_at_eof(pair: Pair) -> None:
         assert await wire.recv(1024, try_first=True) == b""
 
 
-async def test_recv_waits_for_data_that_arrives_later(pair: Pair) -> None:
+@pytest.mark.parametrize("try_first", [False, True])
+async def test_recv_on_an_empty_socket_waits_for_data_that_arrives_later(
+    pair: Pair, try_first: bool,
+) -> None:
     ours, peer = pair
     wire = Wire(ours)
     result: list[bytes] = []
 
     async def reader() -> None:
-        result.append(await wire.recv(1024))
+        result.append(await wire.recv(1024, try_first=try_first))
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -170,23 +173,6 @@ async def test_try_first_reads_without_yielding_but_yields_every_max_streak(
             else:
                 with trio.testing.assert_no_checkpoints():
                     assert await wire.recv(1, try_first=True) == b"y"
-
-
-async def test_try_first_on_an_empty_socket_waits(pair: Pair) -> None:
-    ours, peer = pair
-    wire = Wire(ours)
-    result: list[bytes] = []
-
-    async def reader() -> None:
-        result.append(await wire.recv(1024, try_first=True))
-
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
-            await trio.testing.wait_all_tasks_blocked()
-            assert result == []
-            peer.sendall(b"late")
-    assert result == [b"late"]
 
 
 async def test_a_client_keeping_the_socket_full_cannot_starve_other_tasks(
