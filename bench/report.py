@@ -92,6 +92,13 @@ def format_table(doc: dict[str, Any]) -> str:
                 f"deferred mail drained "
                 f"{_fmt(d['drain_after_recovery_s'], 1)}s after recovery "
                 f"({d['tempfails_answered']} 451s answered)")
+        if r.get("delivered_during_run") is not None and r.get("accepted"):
+            # Delivery runs during the acceptance measurement on every peer: how much of
+            # it each did within the window says how much of its CPU went to delivery.
+            done = r["delivered_during_run"]
+            notes.append(f"{r['scenario']}/{r['peer']}: delivered {done:,} to the sink while"
+                         f" the load ran ({100 * done / r['accepted']:.0f}% of"
+                         f" {r['accepted']:,} accepted)")
         if r.get("kept_files"):
             notes.append(f"{r['scenario']}/{r['peer']}: incomplete; server files kept in "
                          f"{r['kept_files']}")

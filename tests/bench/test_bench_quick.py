@@ -136,6 +136,12 @@ def test_helpers() -> None:
                          "settings": {"target": "relay", "repeat": 3}})
     assert "e2e #2" in text and "median msg/s ratio over the rounds: e2e 3.00x" in text
     assert "e2e: 3.00x, 3.00x, 1.00x" in text
+    # smtp-source rows say how much each peer delivered while the load ran.
+    text = format_table({"results": [
+        {"scenario": "smtp-source", "peer": "postfix", "msg_s": 476.0, "accepted": 5100,
+         "delivered_during_run": 2707}], "settings": {"target": "relay"}})
+    assert "smtp-source/postfix: delivered 2,707 to the sink while the load ran (53% of " \
+           "5,100 accepted)" in text
 
 
 @pytest.mark.parametrize("pipelining", [True, False])
