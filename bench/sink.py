@@ -133,6 +133,7 @@ class Sink:
         max_message_size: int = 100 * 1024 * 1024,
         hostname: str = "sink.test",
         record_arrivals: bool = True,
+        chunking: bool = True,
     ) -> None:
         #: recipient domain (lower case) -> behaviour; may be changed while serving.
         self.behaviours: dict[str, Behaviour] = {
@@ -147,6 +148,8 @@ class Sink:
         self.max_message_size = max_message_size
         self.hostname = hostname
         self.record_arrivals = record_arrivals
+        #: Offer CHUNKING (clients then send BDAT); False: DATA only, like smtp-sink.
+        self.ehlo_keywords = tuple(k for k in _EHLO_KEYWORDS if chunking or k != "CHUNKING")
 
         self.stats: defaultdict[str, DomainStats] = defaultdict(DomainStats)
         self.total_messages = 0
@@ -285,7 +288,7 @@ class Sink:
 
     def _ehlo_reply(self, name: str, sess: _Session) -> bytes:
         lines = [f"{self.hostname} hello {name}", f"SIZE {self.max_message_size}"]
-        lines += _EHLO_KEYWORDS
+        lines += self.ehlo_keywords
         if self.ssl_context is not None and not sess.tls:
             lines.append("STARTTLS")
         out = [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]

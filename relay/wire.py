@@ -15,6 +15,9 @@ Contract:
   the scheduler at least every ``_MAX_STREAK`` reads, so a client that keeps the socket
   full cannot starve the other tasks.
 * ``send(data)`` writes everything, waiting only while the socket buffer is full.
+* ``try_send(data)`` writes what the socket takes at once and returns how many bytes
+  that was (0 over TLS: only ``send`` writes there). It never waits, so a caller whose
+  write nearly always fits needs no timeout around it.
 * Both raise ``OSError`` (``ConnectionError`` for resets and broken pipes) when the
   connection fails, and are cancellation points while they wait.
 * ``upgrade(stream)`` moves the conversation onto a trio stream (``SSLStream`` after
@@ -101,6 +104,14 @@ class Wire:
                 return
             view = view[sent:]
             await trio.lowlevel.wait_writable(sock)
+
+    def try_send(self, data: bytes) -> int:
+        if self.stream is not None:
+            return 0
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
 
     async def aclose(self, *, graceful: bool = True) -> None:
         if self.stream is not None and not graceful:

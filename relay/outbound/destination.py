@@ -10,7 +10,10 @@ Inside its nursery:
   them, up to ``max_connections``, each paced by the connection-rate bucket;
 - **connection tasks**: resolve hops, try them in order (next MX/IP on failure), then take
   jobs from the shared queue, one transaction per job (split by
-  ``max_recipients_per_message``), each paced by the message-rate bucket; QUIT after
+  ``max_recipients_per_message``), each paced by the message-rate bucket. With a server
+  that pipelines, the next transaction rides behind the current one's end of data
+  (RFC 2920 3.1, see ``relay.smtp.client``): a message then costs one round trip, and
+  recording an outcome (a synced commit) overlaps the next message on the wire. QUIT after
   ``max_deliveries_per_connection`` transactions (the manager reconnects if jobs remain)
   or after ``idle_timeout`` without work;
 - **backoff**: when no hop accepts a connection (refused, timeout, 421/5xx greeting) or
@@ -39,12 +42,30 @@ from relay.outbound.routing import Hop
 from relay.outbound.session import ClientSession, SessionError, SessionPolicy, open_session
 from relay.outbound.throttle import TokenBucket, backoff_delay, rate_from_config
 from relay.smtp.client import RecipientOutcome
-from relay.spool.records import DeliveryJob
+from relay.spool.records import DeliveryJob, Envelope
 
 if TYPE_CHECKING:
     from relay.outbound.engine import DeliveryEngine
 
 __all__ = ["Destination"]
+
+
+class _Run:
+    """One job on one connection: its message, the recipient chunks not begun yet (one
+    transaction each, at most ``max_recipients_per_message`` recipients), how many of
+    its transactions are in flight, and the outcomes so far."""
+
+    __slots__ = ("chunks", "data", "envelope", "job", "open", "outcomes", "started")
+
+    def __init__(self, job: DeliveryJob, envelope: Envelope, data: bytes, cap: int) -> None:
+        self.job = job
+        self.envelope = envelope
+        self.data = data
+        self.started = trio.current_time()
+        rcpts = list(job.recipients)
+        self.chunks = deque(rcpts[i:i + cap] for i in range(0, len(rcpts), cap))
+        self.open = 0
+        self.outcomes: list[RecipientOutcome] = []
 
 
 class Destination:
@@ -73,6 +94,8 @@ class Destination:
         #: Counters for tests and stats.
         self.connections_opened = 0
         self.peak_connections = 0
+        #: Transactions begun behind another one's end of data (RFC 2920 3.1).
+        self.begun_behind = 0
         #: The manager waits in ``_lot`` for any change; connections without work wait
         #: in ``_idle_lot`` for a job. A new job wakes the manager and ONE idle
         #: connection: waking every idle connection per job made each of them run once
@@ -267,32 +290,84 @@ class Destination:
         return self.queue.popleft() if self.queue else None
 
     async def _serve(self, session: ClientSession, hop: Hop) -> None:
-        while session.usable:
-            cap = self.throttle.max_deliveries_per_connection or 100
-            if session.deliveries >= cap:
-                return
-            job = await self._next_job()
-            if job is None:
-                return
-            await self._deliver(session, hop, job)
+        """Deliver over one connection until it is no longer usable, the deliveries cap
+        is reached, or no job comes within ``idle_timeout``.
 
-    async def _deliver(self, session: ClientSession, hop: Hop, job: DeliveryJob) -> None:
-        engine = self.engine
-        started = trio.current_time()
-        loaded = await engine.load(job)
-        if loaded is None:
-            return
-        envelope, data = loaded
-        cap = self.throttle.max_recipients_per_message or 100
-        outcomes: list[RecipientOutcome] = []
-        pending = list(job.recipients)
-        while pending:
-            chunk, pending = pending[:cap], pending[cap:]
-            if not session.usable:
-                outcomes.extend(RecipientOutcome(i, 421, "4.4.2", "connection lost")
-                                for i in chunk)
+        At most two transactions are in flight: the current one and, once its body is
+        out, the next one behind its end of data (when the server pipelines and a job
+        is at hand without waiting, and the message-rate bucket has a token now).
+        Outcomes are taken in begin order; a job is recorded once every chunk of it has
+        its outcomes.
+        """
+        in_flight: deque[_Run] = deque()  # the job of each begun transaction, in order
+        run: _Run | None = None  # the job whose chunks are being begun
+        behind_ok = True  # worth reading only until one may be begun behind
+        while True:
+            finished: list[_Run] = []
+            while session.transaction_done:
+                done = in_flight.popleft()
+                done.outcomes.extend(session.take_outcomes())
+                done.open -= 1
+                if not done.open and not done.chunks:
+                    finished.append(done)
+                behind_ok = True
+            began = False
+            if session.can_begin and (behind_ok or not in_flight):
+                # Wait for a job (or a token) only when there is nothing else to do.
+                wait = not in_flight and not finished
+                if run is None or not run.chunks:
+                    run = await self._next_run(session, wait)
+                if run is not None and run.chunks and await self._paced(wait):
+                    session.begin(run.envelope, run.chunks.popleft(), run.data)
+                    run.open += 1
+                    in_flight.append(run)
+                    self.begun_behind += len(in_flight) > 1
+                    began = True
+                elif in_flight:
+                    behind_ok = False  # nothing to begin behind it now: read its reply
+            # What was just begun goes out before the outcomes are recorded: the server
+            # works on the next message while we wait for the commit.
+            await session.flush()
+            for done in finished:
+                await self._record(done, hop)
+            if began or finished:
                 continue
+            if in_flight:
+                await session.progress(until_behind=behind_ok)
+                continue
+            if run is not None and run.chunks and not session.can_begin:
+                # The connection went away in the middle of a job.
+                run.outcomes.extend(RecipientOutcome(i, 421, "4.4.2", "connection lost")
+                                    for chunk in run.chunks for i in chunk)
+                run.chunks.clear()
+                await self._record(run, hop)
+            return
+
+    async def _next_run(self, session: ClientSession, wait: bool) -> _Run | None:
+        """The next job with its message, or None: the connection's deliveries cap is
+        reached, or no job is queued (``wait``: none came within ``idle_timeout``)."""
+        cap = self.throttle.max_deliveries_per_connection or 100
+        while session.deliveries < cap:
+            if wait:
+                job = await self._next_job()
+            else:
+                job = self.queue.popleft() if self.queue else None
+            if job is None:
+                return None
+            loaded = await self.engine.load(job)
+            if loaded is not None:
+                envelope, data = loaded
+                return _Run(job, envelope, data,
+                            self.throttle.max_recipients_per_message or 100)
+        return None
+
+    async def _paced(self, wait: bool) -> bool:
+        """Take a token from the message-rate bucket (``wait``: sleeping for it)."""
+        if wait:
             await self.message_bucket.acquire()
-            outcomes.extend(await session.deliver(envelope, chunk, data))
-        await engine.record(self, job, envelope, data, outcomes, hop,
-                            trio.current_time() - started)
+            return True
+        return self.message_bucket.try_acquire()
+
+    async def _record(self, run: _Run, hop: Hop) -> None:
+        await self.engine.record(self, run.job, run.envelope, run.data, run.outcomes, hop,
+                                 trio.current_time() - run.started)

@@ -14,6 +14,12 @@ Contract for the engine:
   connection or a timeout makes every in-flight recipient transient (``421 4.4.2``)
   and ``usable`` False. Only cancellation and programming errors propagate.
 * ``aclose`` sends QUIT (bounded wait for the 221) and closes; it is idempotent.
+* For bulk sending, transactions may overlap (RFC 2920 3.1, ``SmtpClient``): ``begin``
+  one, ``progress(until_behind=True)`` until its body is out and ``can_begin`` says the
+  next may ride behind its end of data, ``begin`` that one, and take each finished
+  transaction's outcomes (``transaction_done``/``take_outcomes``) in begin order. The
+  bytes owed at that moment (the body) wait in the session and go out in ONE write with
+  the next transaction's commands; ``flush`` writes them if nothing else is begun.
 
 Postfix-like choices (documented because they are policy):
 
@@ -156,6 +162,8 @@ class ClientSession:
         #: Monotonic time the session last finished something (for the engine's idle cap).
         self.idle_since = time.monotonic()
         self._closed = False
+        #: Bytes the client owes the server, held back to share a write (``begin``).
+        self._unsent: list[bytes] = []
 
     # -- what the engine may look at
 
@@ -168,6 +176,17 @@ class ClientSession:
     def usable(self) -> bool:
         """False after 421, a lost connection, a timeout, a protocol error, or aclose."""
         return not self._closed and self._client.usable
+
+    @property
+    def can_begin(self) -> bool:
+        """``begin`` may be called now: READY with nothing in flight, or the current
+        transaction waits only for its end-of-data reply and the server pipelines."""
+        return not self._closed and (self._client.usable or self._client.can_begin_behind)
+
+    @property
+    def transaction_done(self) -> bool:
+        """A begun transaction has finished; ``take_outcomes`` returns its outcomes."""
+        return self._client.transaction_done
 
     @property
     def extensions(self) -> dict[str, str]:
@@ -202,9 +221,14 @@ class ClientSession:
         return _Lost(f"lost connection with {self.mx_host}[{self.ip}] while "
                      f"{self._client.activity}{why}")
 
-    async def _converse(self, out: bytes) -> None:
-        """Send ``out``, then read until the client owes no reply, writing whatever it
-        asks to send (the body after 354, commands without PIPELINING). A broken or
+    async def _converse(self, out: bytes = b"", *, until_behind: bool = False,
+                        send_only: bool = False) -> None:
+        """Write what is owed (held bytes, then ``out``), then read, writing whatever the
+        client asks to send (the body after 354, commands without PIPELINING), until a
+        begun transaction has finished or no reply is owed. With ``until_behind`` it
+        also stops as soon as the client can begin a transaction behind the current
+        one; the bytes owed at that moment stay held for the next write. ``send_only``
+        writes what is owed and returns without reading. A broken or
         timed-out connection closes the client (every open recipient transient).
 
         Every send and every read has its own timeout (``data_timeout`` for the body
@@ -219,6 +243,10 @@ class ClientSession:
         command_timeout = self.policy.command_timeout
         data_timeout = self.policy.data_timeout
         wire = self._wire
+        if self._unsent:
+            self._unsent.append(out)
+            out = b"".join(self._unsent)
+            self._unsent.clear()
         try:
             with trio.CancelScope() as scope:
 
@@ -229,26 +257,30 @@ class ClientSession:
                         scope.deadline = latest
 
                 try:
-                    if out:
-                        guard(data_timeout if len(out) > 4096 else command_timeout)
-                        await wire.send(out)
-                    while client.awaiting_reply:
+                    while True:
+                        if until_behind and client.can_begin_behind:
+                            if out:
+                                self._unsent.append(out)
+                            return
+                        if out:
+                            # The body is the only large write: data timeout.
+                            guard(data_timeout if len(out) > 4096 or client.awaiting_end_of_data
+                                  else command_timeout)
+                            await wire.send(out)
+                        if send_only or client.transaction_done or not client.awaiting_reply:
+                            return
                         guard(data_timeout if client.awaiting_end_of_data
                               else command_timeout)
                         data = await wire.recv(_RECEIVE_SIZE)
                         if not data:
                             raise self._broken(None)
                         out = client.receive_data(data)
-                        if out:
-                            # The body after 354 is the only large write: data timeout.
-                            guard(data_timeout if client.awaiting_end_of_data
-                                  else command_timeout)
-                            await wire.send(out)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                     raise self._broken(e) from None
             if scope.cancelled_caught:
                 raise self._timed_out()
         except _Lost as e:
+            self._unsent.clear()
             client.connection_lost(421, "4.4.2", e.text)
             await self._abort()
 
@@ -260,7 +292,8 @@ class ClientSession:
 
     async def deliver(self, envelope: Envelope, recipients: list[int],
                       data: bytes) -> list[RecipientOutcome]:
-        """ONE transaction for ``recipients`` (indexes into ``envelope.recipients``).
+        """ONE transaction for ``recipients`` (indexes into ``envelope.recipients``), with
+        nothing else in flight.
 
         Per-recipient outcomes come from the RCPT replies; recipients accepted at RCPT
         get the end-of-data reply; a MAIL or DATA failure applies to all; a lost
@@ -271,11 +304,26 @@ class ClientSession:
             why = reply_line(self._client.error) if self._client.error else "session closed"
             return [RecipientOutcome(i, 421, "4.4.2", f"session not usable: {why}")
                     for i in recipients]
+        self.begin(envelope, recipients, data)
+        while not self.transaction_done:
+            await self.progress()
+        return self.take_outcomes()
+
+    def begin(self, envelope: Envelope, recipients: list[int], data: bytes) -> None:
+        """Begin a transaction (only while ``can_begin``); its commands are written by
+        the next ``progress`` or ``flush``. If the message cannot be offered to this
+        server at all (SIZE, 8BITMIME, SMTPUTF8), it is finished at once."""
+        out = self._client.begin_transaction(envelope, recipients, data)
+        if out:
+            self._unsent.append(out)
+
+    async def progress(self, *, until_behind: bool = False, send_only: bool = False) -> None:
+        """Write what is owed and read until a begun transaction has finished (or, with
+        ``until_behind``, until ``can_begin`` allows one behind the current one; with
+        ``send_only``, not at all). Never raises for remote failures (see ``deliver``)."""
         client = self._client
         try:
-            out = client.begin_transaction(envelope, recipients, data)
-            if client.awaiting_reply:
-                await self._converse(out)
+            await self._converse(until_behind=until_behind, send_only=send_only)
         except BaseException:
             # Cancelled (or a bug) mid-conversation: the protocol state is unknown.
             if client.awaiting_reply:
@@ -284,8 +332,28 @@ class ClientSession:
             raise
         if client.phase in (Phase.CLOSED, Phase.FAILED) and not self._closed:
             await self._abort()  # 421 or protocol error: the server is (or should be) gone
+
+    async def flush(self) -> None:
+        """Write the bytes held back for the next write, if any (without reading). They
+        nearly always fit in the socket buffer: then no timeout needs arming."""
+        if not self._unsent or self._closed:
+            return
+        out = b"".join(self._unsent)
+        self._unsent.clear()
+        try:
+            sent = self._wire.try_send(out)
+        except OSError as e:
+            self._client.connection_lost(421, "4.4.2", self._broken(e).text)
+            await self._abort()
+            return
+        if sent < len(out):
+            self._unsent.append(out[sent:])
+            await self.progress(send_only=True)
+
+    def take_outcomes(self) -> list[RecipientOutcome]:
+        """The outcomes of the oldest finished transaction (see ``transaction_done``)."""
         self.idle_since = time.monotonic()
-        return client.take_outcomes()
+        return self._client.take_outcomes()
 
     async def aclose(self) -> None:
         """QUIT (waiting at most a few seconds for the 221), then close. Idempotent."""

@@ -111,10 +111,17 @@ async def start_sink(nursery: trio.Nursery, host: str = "127.0.0.2", port: int =
 # --------------------------------------------------------------------------- basics
 
 
-async def test_delivers_everything_and_empties_the_spool(spool, events):
+#: The sink with CHUNKING (BDAT: a message is one round trip already) and without it
+#: (DATA, like Postfix's smtp-sink: the next transaction rides behind the end of data).
+CHUNKING = pytest.mark.parametrize("chunking", [True, False], ids=["bdat", "data"])
+
+
+@CHUNKING
+async def test_delivers_everything_and_empties_the_spool(spool, events, chunking):
     async with trio.open_nursery() as n:
-        sink, port = await start_sink(n, keep_messages=True)
-        spool.store_batch([message([f"u{i}@a.test", f"v{i}@b.test"]) for i in range(20)])
+        sink, port = await start_sink(n, keep_messages=True, chunking=chunking)
+        msgs = [message([f"u{i}@a.test", f"v{i}@b.test"]) for i in range(20)]
+        spool.store_batch(msgs)
         cfg = config({"a.test": [f"127.0.0.2:{port}"], "b.test": [f"127.0.0.2:{port}"]})
         engine = DeliveryEngine(cfg, spool, 0, 1, events, "relay.test")
         async with running(engine):
@@ -122,8 +129,14 @@ async def test_delivers_everything_and_empties_the_spool(spool, events):
             await _wait_until(lambda: queue_empty(spool), 5)
             # Idle (idle_timeout 0.5 s): connections QUIT, destinations are torn down.
             await sink.wait_for(lambda s: s.current_connections == 0, timeout=5)
+            behind = sum(d.begun_behind for d in engine.destinations.values())
             await _wait_until(lambda: not engine.destinations, 5)
         n.cancel_scope.cancel()
+    assert (behind > 0) is not chunking
+    # Each message arrived whole, once per domain, with its own recipient.
+    got = sorted((rcpts, body) for _, rcpts, body, _ in sink.messages)
+    assert got == sorted([([f"u{i}@a.test"], m.data) for i, m in enumerate(msgs)]
+                         + [([f"v{i}@b.test"], m.data) for i, m in enumerate(msgs)])
     evs = read_events(events)
     assert sum(isinstance(e, Delivery) for e in evs) == 40
     d = next(e for e in evs if isinstance(e, Delivery))
@@ -131,9 +144,10 @@ async def test_delivers_everything_and_empties_the_spool(spool, events):
     assert d.destination in ("a.test", "b.test")
 
 
-async def test_recipients_per_message_and_deliveries_per_connection(spool, events):
+@CHUNKING
+async def test_recipients_per_message_and_deliveries_per_connection(spool, events, chunking):
     async with trio.open_nursery() as n:
-        sink, port = await start_sink(n)
+        sink, port = await start_sink(n, chunking=chunking)
         t = Throttle(max_recipients_per_message=2, max_deliveries_per_connection=3,
                      max_connections=1)
         spool.store_batch([message([f"u{j}-{i}@a.test" for j in range(5)]) for i in range(4)])
@@ -166,9 +180,10 @@ async def test_max_connections_never_exceeded(spool, events):
     assert sink.stats["b.test"].max_concurrent_connections == 5
 
 
-async def test_message_rate_never_exceeded(spool, events):
+@CHUNKING
+async def test_message_rate_never_exceeded(spool, events, chunking):
     async with trio.open_nursery() as n:
-        sink, port = await start_sink(n)
+        sink, port = await start_sink(n, chunking=chunking)
         spool.store_batch([message([f"u{i}@a.test"]) for i in range(40)]
                           + [message([f"u{i}@b.test"]) for i in range(40)])
         cfg = config({"a.test": [f"127.0.0.2:{port}"], "b.test": [f"127.0.0.2:{port}"]},
@@ -231,10 +246,11 @@ async def test_null_mx_and_nxdomain_bounce_at_once(spool, events, dnsmasq):
 # --------------------------------------------------------------------------- outcomes
 
 
-async def test_5xx_bounces_with_a_parseable_dsn_to_the_sender(spool, events):
+@CHUNKING
+async def test_5xx_bounces_with_a_parseable_dsn_to_the_sender(spool, events, chunking):
     async with trio.open_nursery() as n:
         sink, port = await start_sink(n, behaviours={"reject.test": Behaviour.REJECT},
-                                      keep_messages=True)
+                                      keep_messages=True, chunking=chunking)
         m = message(["bob@reject.test", "ok@reject-ok.test"])
         spool.store_batch([m])
         cfg = config({"reject.test": [f"127.0.0.2:{port}"],

@@ -103,6 +103,65 @@ async def test_connection_reused_for_several_deliveries(nursery: trio.Nursery) -
     assert sink.total_messages == 5
 
 
+async def test_next_transaction_rides_behind_the_end_of_data(nursery: trio.Nursery) -> None:
+    """RFC 2920 3.1 against a DATA-only pipelining server (the sink without CHUNKING):
+    the second transaction is begun while the first waits for its end-of-data reply,
+    both are delivered intact (dot-stuffing included), outcomes come in begin order."""
+    sink, port = await start_sink(nursery, chunking=False,
+                                  behaviours={"reject.test": Behaviour.REJECT})
+    with trio.fail_after(10):
+        session = await open_session(LOOPBACK, port, MX, policy())
+        assert session.can_begin and not session.transaction_done
+        session.begin(envelope("a@one.test"), [0], BODY)
+        await session.progress(until_behind=True)
+        assert session.can_begin and not session.transaction_done  # only its dot reply owed
+        session.begin(envelope("b@two.test", "c@reject.test"), [0, 1], BODY + b"2\r\n")
+        assert not session.can_begin
+        outcomes = []
+        while len(outcomes) < 2:
+            if session.transaction_done:
+                outcomes.append([(o.index, o.kind) for o in session.take_outcomes()])
+            else:
+                await session.progress()
+        assert outcomes == [[(0, "delivered")], [(0, "delivered"), (1, "permanent")]]
+        assert session.usable and session.deliveries == 2
+        await session.aclose()
+    assert [(m[1], m[2]) for m in sink.messages] == [
+        (["a@one.test"], BODY), (["b@two.test"], BODY + b"2\r\n")]
+
+
+async def test_lost_connection_with_a_transaction_behind(nursery: trio.Nursery) -> None:
+    """The server closes after the first message's 250: the first is delivered, the one
+    behind it gets a transient 421 and the session is unusable."""
+    mails = 0
+
+    def answer(line: bytes) -> bytes | None:
+        nonlocal mails
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            return b"250-peer.test\r\n250 PIPELINING\r\n"
+        if verb == b"MAIL":
+            mails += 1
+            return b"250 ok\r\n" if mails == 1 else None
+        return b"354 go\r\n" if verb == b"DATA" else b"250 ok\r\n"
+
+    port = await start_peer(nursery, b"220 peer.test\r\n", answer)
+    with trio.fail_after(10):
+        session = await open_session(LOOPBACK, port, MX, policy())
+        session.begin(envelope("a@one.test"), [0], BODY)
+        await session.progress(until_behind=True)
+        session.begin(envelope("b@two.test"), [0], BODY)
+        await session.progress()
+        [first] = session.take_outcomes()
+        while not session.transaction_done:
+            await session.progress()
+        [second] = session.take_outcomes()
+    assert first.kind == "delivered"
+    assert (second.kind, second.code) == ("transient", 421)
+    assert "lost connection" in second.text
+    assert not session.usable and not session.can_begin
+
+
 async def test_per_recipient_outcomes(nursery: trio.Nursery) -> None:
     sink, port = await start_sink(nursery, behaviours={"temp.test": Behaviour.TEMPFAIL,
                                                        "bad.test": Behaviour.REJECT})

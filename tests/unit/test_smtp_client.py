@@ -257,6 +257,97 @@ def test_quit() -> None:
     assert c.phase is Phase.CLOSED and c.quit() == b""
 
 
+# -- the next transaction behind the end of data (RFC 2920 3.1) ---------------------------
+
+
+def _body_sent(c: SmtpClient, n: int = 1, data: bytes = b"a\r\n") -> None:
+    """Begin a transaction of ``n`` recipients and answer up to its 354."""
+    c.begin_transaction(envelope(n), list(range(n)), data)
+    assert c.receive_data(b"250 ok\r\n" * (n + 1) + b"354 go\r\n") == dot_stuff(data)
+
+
+def test_next_transaction_rides_behind_the_end_of_data() -> None:
+    c = ready()
+    assert not c.can_begin_behind  # nothing in flight
+    c.begin_transaction(envelope(1), [0], b"a\r\n")
+    assert not c.can_begin_behind  # its body has not been sent yet
+    assert c.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n") == b"a\r\n.\r\n"
+    assert c.can_begin_behind
+    out = c.begin_transaction(envelope(2), [0, 1], b"b\r\n")
+    assert out == (b"MAIL FROM:<s@src.test> SIZE=3\r\n"
+                   b"RCPT TO:<r0@dst.test>\r\nRCPT TO:<r1@dst.test>\r\nDATA\r\n")
+    assert not c.can_begin_behind  # one behind at most
+    assert c.transactions == 2
+    # The server answers the first dot and the second group in one flight.
+    body = c.receive_data(b"250 2.0.0 queued A\r\n250 ok\r\n250 ok\r\n"
+                          b"550 5.1.1 unknown\r\n354 go\r\n")
+    assert body == b"b\r\n.\r\n"
+    assert c.transaction_done
+    assert kinds(c) == [(0, "delivered", 250)]
+    assert not c.transaction_done and c.awaiting_end_of_data
+    c.receive_data(b"250 2.0.0 queued B\r\n")
+    assert kinds(c) == [(0, "delivered", 250), (1, "permanent", 550)]
+    assert c.usable and not c.awaiting_reply
+
+
+@pytest.mark.parametrize(("ehlo", "replies"), [
+    (EHLO_PLAIN, [b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"]),  # one at a time
+    (EHLO_CHUNKING, [b"250 ok\r\n250 ok\r\n"]),  # BDAT LAST: one round trip already
+], ids=["without-pipelining", "with-chunking"])
+def test_no_transaction_behind_without_pipelining_or_with_chunking(
+        ehlo: bytes, replies: list[bytes]) -> None:
+    c = ready(ehlo)
+    c.begin_transaction(envelope(1), [0], b"a\r\n")
+    for reply in replies:
+        c.receive_data(reply)
+    assert c.awaiting_end_of_data and c.phase is Phase.TRANSACTION
+    assert not c.can_begin_behind
+    with pytest.raises(RuntimeError):
+        c.begin_transaction(envelope(1), [0], b"b\r\n")
+
+
+def test_rejected_end_of_data_does_not_disturb_the_transaction_behind() -> None:
+    c = ready()
+    _body_sent(c)
+    c.begin_transaction(envelope(1), [0], b"b\r\n")
+    assert c.receive_data(b"554 5.7.1 spam\r\n250 ok\r\n250 ok\r\n354 go\r\n") == \
+        b"b\r\n.\r\n"
+    c.receive_data(b"250 ok\r\n")
+    assert kinds(c) == [(0, "permanent", 554)]
+    assert kinds(c) == [(0, "delivered", 250)]
+    # No RSET was owed: the next transaction starts with MAIL.
+    assert c.begin_transaction(envelope(1), [0], b"c\r\n").startswith(b"MAIL FROM:")
+
+
+def test_421_or_lost_connection_settles_both_transactions_in_order() -> None:
+    c = ready()
+    _body_sent(c, 2)
+    c.begin_transaction(envelope(1), [0], b"b\r\n")
+    c.receive_data(b"421 4.3.2 shutting down\r\n")
+    assert kinds(c) == [(0, "transient", 421), (1, "transient", 421)]
+    assert kinds(c) == [(0, "transient", 421)]
+    assert not c.usable and not c.transaction_done
+
+    c = ready()
+    _body_sent(c)
+    c.begin_transaction(envelope(1), [0], b"b\r\n")
+    c.receive_data(b"250 ok\r\n250 ok\r\n")  # A delivered; B's MAIL accepted
+    c.connection_lost(421, "4.4.2", "lost connection")
+    assert kinds(c) == [(0, "delivered", 250)]
+    assert kinds(c) == [(0, "transient", 421)]
+
+
+def test_transaction_behind_that_fails_preflight_comes_after_the_current_one() -> None:
+    c = ready()  # SIZE 1000
+    _body_sent(c)
+    assert c.begin_transaction(envelope(1), [0], b"x" * 1001) == b""
+    assert not c.transaction_done  # the current one is still waiting for its reply
+    c.receive_data(b"250 ok\r\n")
+    assert kinds(c) == [(0, "delivered", 250)]
+    assert kinds(c) == [(0, "permanent", 552)]
+    assert c.phase is Phase.READY and c.transactions == 1
+
+
 # -- preflight checks and MAIL/RCPT parameters -------------------------------------------
 
 
