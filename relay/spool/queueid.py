@@ -37,9 +37,22 @@ _DECODE = {c: i for i, c in enumerate(_ALPHABET)}
 QUEUE_ID_LENGTH = 18
 
 _lock = threading.Lock()
+#: ``pid`` is -1 until the first id of this process (and again in a forked child).
 _state = {"pid": -1, "last_ms": 0, "counter": 0}
 #: Digits of the current pid (4) and of the last millisecond (9): shared by many ids.
 _cache = {"pid": "", "ms": -1, "ms_digits": ""}
+
+
+def _forget_process() -> None:
+    """In a forked child: start over with its own pid, counter and a fresh lock (the
+    parent's may have been held by another thread at the fork). Registered with
+    ``os.register_at_fork`` so that ``new_queue_id`` needs no ``getpid`` system call."""
+    global _lock
+    _lock = threading.Lock()
+    _state["pid"] = -1
+
+
+os.register_at_fork(after_in_child=_forget_process)
 
 
 # Two digits per 10 bits. The three fields are 45, 20 and 25 bits wide, multiples of
@@ -63,8 +76,8 @@ def new_queue_id() -> str:
     """
     now_ms = time.time_ns() // 1_000_000
     with _lock:
-        pid = os.getpid()
-        if pid != _state["pid"]:
+        if _state["pid"] < 0:
+            pid = os.getpid()
             _state["pid"] = pid
             _state["counter"] = secrets.randbits(25)
             _state["last_ms"] = 0
