@@ -96,12 +96,14 @@ class Destination:
         self.peak_connections = 0
         #: Transactions begun behind another one's end of data (RFC 2920 3.1).
         self.begun_behind = 0
-        #: The manager waits in ``_lot`` for any change; connections without work wait
-        #: in ``_idle_lot`` for a job. A new job wakes the manager and ONE idle
-        #: connection: waking every idle connection per job made each of them run once
-        #: per message only to park again.
+        #: The manager waits in ``_lot`` for any change. Connections without work wait
+        #: on an Event each in ``_idlers``, most recently idle last; a new job wakes the
+        #: LAST one (and the manager only if more jobs wait than idle connections could
+        #: take). So under a steady flow the same few connections stay busy, and take
+        #: jobs behind each other's end of data, while the rest reach idle_timeout and
+        #: QUIT; waking them in turn cost every connection a wake-up per message.
         self._lot = trio.lowlevel.ParkingLot()
-        self._idle_lot = trio.lowlevel.ParkingLot()
+        self._idlers: list[trio.Event] = []
 
     # ------------------------------------------------------------------ engine side
 
@@ -109,8 +111,10 @@ class Destination:
         """Take ownership of a claimed job (never called after ``closed``)."""
         assert not self.closed
         self.queue.append(job)
-        self._lot.unpark_all()
-        self._idle_lot.unpark()
+        if self._idlers:
+            self._idlers.pop().set()
+        if len(self.queue) > self.idle:
+            self._lot.unpark_all()
 
     def apply_throttle(self, throttle: Throttle) -> None:
         """New limits (SIGHUP): buckets keep their earned tokens; a lower connection limit
@@ -124,7 +128,9 @@ class Destination:
         """Something changed (backoff, limits, a connection came or went): everybody
         re-checks."""
         self._lot.unpark_all()
-        self._idle_lot.unpark_all()
+        idlers, self._idlers = self._idlers, []
+        for event in idlers:
+            event.set()
 
     def drain_seconds(self) -> float:
         """Rough time to work off the jobs held now: from the configured message rate
@@ -284,7 +290,13 @@ class Destination:
                 while not self.queue:
                     if self.backed_off:
                         return None
-                    await self._idle_lot.park()
+                    woken = trio.Event()
+                    self._idlers.append(woken)
+                    try:
+                        await woken.wait()
+                    finally:
+                        if not woken.is_set():  # idle_timeout or cancelled
+                            self._idlers.remove(woken)
         finally:
             self.idle -= 1
         return self.queue.popleft() if self.queue else None

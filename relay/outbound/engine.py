@@ -491,8 +491,16 @@ class DeliveryEngine:
                     e.dsn_queue_id = dsn.envelope.queue_id
         self.events.emit_many(events)
 
-        def after_commit() -> None:
+        def after_commit(error: BaseException | None = None) -> None:
             # Runs synchronously right after the commit (in the committing task).
+            if error is not None:
+                # Shutdown (writer closed) or a failed commit: the job stays claimed and
+                # comes back when its lease ends (or at the next start): a possible
+                # duplicate delivery, never a loss.
+                log.warning("outcome of %s/%s not recorded: %s", job.queue_id, job.domain,
+                            error)
+                self._finish(job)
+                return
             if dsn is not None:
                 self.dsns += 1
                 self._wake_owners(dsn)
@@ -505,19 +513,12 @@ class DeliveryEngine:
 
         try:
             if self.writer is not None:
-                # The writer commits in its own task; shield our wait (bounded) so the
-                # events of a committed outcome are not lost to a cancellation.
-                with trio.CancelScope(shield=True, deadline=trio.current_time() + 60):
-                    await self.writer.submit_completion(completion)
-                after_commit()
+                # Not waited for: the connection goes on while the writer commits.
+                self.writer.submit_completion(completion, after_commit)
             else:
                 await self._completer.submit(completion, after_commit)
         except SpoolError as e:
-            # Shutdown (writer closed) or a failed commit: the job stays claimed and
-            # comes back when its lease ends (or at the next start): a possible
-            # duplicate delivery, never a loss.
-            log.warning("outcome of %s/%s not recorded: %s", job.queue_id, job.domain, e)
-            self._finish(job)
+            after_commit(e)
 
     def _build_dsn(self, envelope: Envelope, data: bytes,
                    bounced: list[tuple[RecipientOutcome, bool]], hop: Hop | None,

@@ -21,6 +21,8 @@ Outbound completions (``submit_completion``: delivered/failed/deferred recipient
 their DSNs) ride in the same batches: a delivery outcome needs a synced commit too
 (else a crash re-delivers), and LMDB has one writer lock for all processes, so one
 fsync per completion would cap the whole machine at ~1/fsync-latency deliveries/s.
+A completion does not make its submitter wait: ``on_done`` is called from the commit
+instead, so a delivery connection goes on with its next message meanwhile.
 
 Shutdown: ``await writer.aclose()`` refuses new submissions (``SpoolClosed``), commits
 everything already submitted, and makes ``run`` return; then cancel the nursery as
@@ -58,13 +60,16 @@ class SpoolClosed(SpoolError):
 
 
 class _Batch:
-    __slots__ = ("claimed", "completions", "done", "error", "messages", "prepared", "size")
+    __slots__ = ("claimed", "completions", "done", "error", "messages", "on_done", "prepared",
+                 "size")
 
     def __init__(self) -> None:
         #: Every message this commit stores: inbound ones and DSNs from completions.
         self.messages: list[NewMessage] = []
         self.prepared: list = []
         self.completions: list = []
+        #: One per completion: called with None once committed, else with the error.
+        self.on_done: list[Callable[[BaseException | None], object]] = []
         #: Jobs stored claimed for the claimant, with their message.
         self.claimed: list[tuple[DeliveryJob, Envelope, bytes]] = []
         self.size = 0
@@ -144,21 +149,25 @@ class GroupCommitWriter:
         batch.add_claimed(prepared[4], msg.envelope, prepared[1])
         await self._wait(batch)
 
-    async def submit_completion(self, completion: Completion) -> None:
-        """``Spool.complete`` through the group commit: returns once the outcome (and
-        its DSNs, atomically with it) is committed. Outbound workers use this instead
-        of one synced transaction per delivery: completions and inbound messages of
-        the same moment share one fsync. Raises like ``submit``.
+    def submit_completion(self, completion: Completion,
+                          on_done: Callable[[BaseException | None], object]) -> None:
+        """``Spool.complete`` through the group commit, without waiting: the outcome (and
+        its DSNs, atomically with it) goes into the open batch, and ``on_done(None)`` runs
+        in the writer's task right after that batch's commit; ``on_done(error)`` if the
+        commit failed or the writer stopped first (the job then stays claimed until its
+        lease ends: a possible duplicate delivery, never a loss). Completions and inbound
+        messages of the same moment share one fsync. Raises SpoolClosed during shutdown
+        and ValueError for a record the spool refuses, like ``submit``.
         """
         if self._closing:
             raise SpoolClosed("spool writer is shutting down")
         prepared = prepare_completion(completion, self.claimant)
         batch = self._enqueue()
         batch.completions.append(prepared)
+        batch.on_done.append(on_done)
         batch.messages.extend(completion.new_messages)
         for msg, p in zip(completion.new_messages, prepared[1], strict=True):
             batch.add_claimed(p[4], msg.envelope, p[1])
-        await self._wait(batch)
 
     def _enqueue(self) -> _Batch:
         batches = self._batches
@@ -200,6 +209,7 @@ class GroupCommitWriter:
                 b = self._batches.popleft()
                 b.error = err
                 b.done.set()
+                self._call_on_done(b)
             self._closing = True
             self._stopped.set()
 
@@ -235,6 +245,7 @@ class GroupCommitWriter:
             batch.error = e
             self.failed_commits += 1
             batch.done.set()
+            self._call_on_done(batch)
             if isinstance(e, Exception):
                 log.error("spool commit of %d items failed: %r", batch.size, e)
                 return
@@ -243,6 +254,7 @@ class GroupCommitWriter:
         self.messages += len(batch.prepared)
         self.completions += len(batch.completions)
         batch.done.set()
+        self._call_on_done(batch)
         if self.claimant is not None and batch.claimed:
             try:
                 self.claimant.adopt(batch.claimed)
@@ -254,6 +266,14 @@ class GroupCommitWriter:
                 self.on_commit(batch.messages)
             except Exception:
                 log.exception("spool on_commit callback failed")
+
+    @staticmethod
+    def _call_on_done(batch: _Batch) -> None:
+        for on_done in batch.on_done:
+            try:
+                on_done(batch.error)
+            except Exception:
+                log.exception("completion callback failed")
 
     async def aclose(self) -> None:
         """Stop accepting, commit what was submitted, wait for ``run`` to return."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from bench.sink import Behaviour, Sink
 from relay.config import Config, OutboundConfig, Route, Throttle
@@ -159,6 +160,33 @@ async def test_recipients_per_message_and_deliveries_per_connection(spool, event
     assert sorted(k for _, _, k in sink.arrivals) == [1] * 4 + [2] * 8
     assert sink.connections_opened == 4
     assert sink.max_concurrent_connections == 1
+
+
+async def test_a_new_job_wakes_the_most_recently_idle_connection():
+    """Idle connections are a stack: under a steady trickle the same connection takes
+    every job (the others reach idle_timeout and QUIT) instead of all taking turns."""
+    from relay.outbound.destination import Destination
+    from relay.spool import DeliveryJob
+
+    dest = Destination(None, "a.test", Throttle(idle_timeout=30.0))  # type: ignore[arg-type]
+    taken: list[tuple[str, str]] = []
+
+    async def connection(name: str) -> None:
+        while (job := await dest._next_job()) is not None:
+            taken.append((name, job.queue_id))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            for name in ("first", "second", "third"):
+                n.start_soon(connection, name)
+                await trio.testing.wait_all_tasks_blocked()
+            assert dest.idle == 3
+            for i in range(3):
+                dest.enqueue(DeliveryJob(queue_id=f"Q{i}", domain="a.test", recipients=[0],
+                                         due=0.0))
+                await trio.testing.wait_all_tasks_blocked()
+            n.cancel_scope.cancel()
+    assert taken == [("third", "Q0"), ("third", "Q1"), ("third", "Q2")]
 
 
 # --------------------------------------------------------------------------- throttles

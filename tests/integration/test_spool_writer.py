@@ -167,6 +167,43 @@ async def test_cancelled_writer_fails_waiters_instead_of_hanging(spool):
     assert outcome == ["closed"] * 3
 
 
+async def test_completion_callbacks_hear_of_failed_commits_and_a_stopped_writer(
+        spool, monkeypatch):
+    """A completion's submitter does not wait, so its callback must always be called:
+    with the error when the commit fails, SpoolClosed when the writer stops first."""
+    spool.store_batch([make_msg(f"u{i}@example.com") for i in range(2)])
+    a, b = spool.due_jobs(time.time() + 1, 0, 1, 10)
+    heard: list[BaseException | None] = []
+
+    def completion(j: DeliveryJob) -> Completion:
+        return Completion(queue_id=j.queue_id, domain=j.domain, delivered=j.recipients)
+
+    def boom(*args):
+        raise OSError(5, "Input/output error")
+
+    with trio.fail_after(10):
+        writer = GroupCommitWriter(spool, commit_window=0.0)
+        with monkeypatch.context() as m:
+            m.setattr(spool, "write_prepared", boom)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(writer.run)
+                writer.submit_completion(completion(a), heard.append)
+                await writer.aclose()
+        assert len(heard) == 1 and isinstance(heard[0], OSError)
+
+        writer = GroupCommitWriter(spool, commit_window=60.0)  # it would linger
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            writer.submit_completion(completion(b), heard.append)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert len(heard) == 2 and isinstance(heard[1], SpoolClosed)
+        with pytest.raises(SpoolClosed):
+            writer.submit_completion(completion(b), heard.append)
+    assert len(heard) == 2
+    assert spool.stats().messages == 2  # nothing was recorded: both still queued
+
+
 async def test_completions_share_commits_with_inbound(spool):
     stored: list[str] = []
     writer = GroupCommitWriter(spool, commit_window=0.005, max_batch=1000,
@@ -180,12 +217,21 @@ async def test_completions_share_commits_with_inbound(spool):
     bounce = make_msg("s@example.org")
     bounce.envelope.sender = ""
 
+    committed: list[str] = []
+
     async def complete(j) -> None:
         failed = j.queue_id == jobs[0].queue_id
-        await writer.submit_completion(Completion(
+
+        def on_done(error: BaseException | None) -> None:
+            assert error is None
+            assert spool.show(j.queue_id) is None  # committed when told so
+            committed.append(j.queue_id)
+
+        writer.submit_completion(Completion(
             queue_id=j.queue_id, domain=j.domain, delivered=[] if failed else j.recipients,
-            failed=j.recipients if failed else [], new_messages=[bounce] if failed else []))
-        assert spool.show(j.queue_id) is None  # visible on return
+            failed=j.recipients if failed else [], new_messages=[bounce] if failed else []),
+            on_done)
+        await trio.lowlevel.checkpoint()
 
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
@@ -196,6 +242,7 @@ async def test_completions_share_commits_with_inbound(spool):
                 for m in second:
                     work.start_soon(writer.submit, m)
             await writer.aclose()
+    assert sorted(committed) == sorted(j.queue_id for j in jobs)
     assert writer.completions == 30 and writer.messages == 30
     assert writer.commits < 10
     assert sorted(stored) == sorted([m.envelope.queue_id for m in second]
