@@ -280,9 +280,14 @@ class ClientSession:
             if scope.cancelled_caught:
                 raise self._timed_out()
         except _Lost as e:
-            self._unsent.clear()
-            client.connection_lost(421, "4.4.2", e.text)
-            await self._abort()
+            await self._lose(e.text)
+
+    async def _lose(self, why: str) -> None:
+        """The conversation is over: every open recipient gets ``421 4.4.2 why``
+        (transient), and the connection is dropped."""
+        self._unsent.clear()
+        self._client.connection_lost(421, "4.4.2", why)
+        await self._abort()
 
     async def _abort(self) -> None:
         self._closed = True
@@ -327,8 +332,7 @@ class ClientSession:
         except BaseException:
             # Cancelled (or a bug) mid-conversation: the protocol state is unknown.
             if client.awaiting_reply:
-                client.connection_lost(421, "4.4.2", "delivery cancelled")
-                await self._abort()
+                await self._lose("delivery cancelled")
             raise
         if client.phase in (Phase.CLOSED, Phase.FAILED) and not self._closed:
             await self._abort()  # 421 or protocol error: the server is (or should be) gone
@@ -343,8 +347,7 @@ class ClientSession:
         try:
             sent = self._wire.try_send(out)
         except OSError as e:
-            self._client.connection_lost(421, "4.4.2", self._broken(e).text)
-            await self._abort()
+            await self._lose(self._broken(e).text)
             return
         if sent < len(out):
             self._unsent.append(out[sent:])
