@@ -93,19 +93,15 @@ class Wire:
         if self.stream is not None:
             await self.stream.send_all(data)
             return
-        sock = self.sock
         view = memoryview(data)
         while True:
-            try:
-                sent = sock.send(view)
-            except BlockingIOError:
-                sent = 0
+            sent = self.try_send(view)
             if sent == len(view):
                 return
             view = view[sent:]
-            await trio.lowlevel.wait_writable(sock)
+            await trio.lowlevel.wait_writable(self.sock)
 
-    def try_send(self, data: bytes) -> int:
+    def try_send(self, data: bytes | memoryview) -> int:
         if self.stream is not None:
             return 0
         try:
