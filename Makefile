@@ -1,5 +1,6 @@
 # Two commands a new user needs: `make run` and `make test` (see README.md).
-PYTHON ?= python3
+# The interpreter: see scripts/pick-python (the distribution's optimised build first).
+PYTHON ?= $(shell scripts/pick-python)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -7,8 +8,16 @@ CONFIG ?= conf/relay.toml
 
 .PHONY: setup sysdeps run test lint bench clean
 
+# A venv made by another interpreter than $(PYTHON) is rebuilt (--clear) on it.
+REALPY := import os, sys; print(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))
+PYTHON_EXE := $(shell $(PYTHON) -c '$(REALPY)' 2>/dev/null)
+VENV_EXE   := $(shell $(BIN)/python -c '$(REALPY)' 2>/dev/null)
+ifneq ($(PYTHON_EXE),$(VENV_EXE))
+.PHONY: $(STAMP)
+endif
+
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test,bench]'
 	touch $@
