@@ -4,16 +4,21 @@ Why not ``trio.SocketStream``: an SMTP session is many tiny round trips (a new-c
 client costs seven per message), and per operation ``SocketStream`` adds a conflict
 detector, an error-translating generator context manager and two checkpoints (one of
 them a full pass through the scheduler) on top of the system call. On a loaded 2-core
-box that overhead costs more than the system calls themselves. ``Wire`` does one
-``wait_readable``/``wait_writable`` trap plus the ``recv``/``send`` call, nothing else.
+box that overhead costs more than the system calls themselves. ``Wire`` does the
+``recv``/``send`` call and, only when the socket is not ready, one
+``wait_readable``/``wait_writable`` trap (``recv`` yields once before, see below);
+nothing else.
 
 Contract:
 
-* ``recv(n)`` returns up to ``n`` bytes, ``b""`` at end of input. It waits for
-  readability first (after a reply, the client's next command is not there yet) unless
-  ``try_first`` says more input is probably queued (the rest of a body). It yields to
-  the scheduler at least every ``_MAX_STREAK`` reads, so a client that keeps the socket
-  full cannot starve the other tasks.
+* ``recv(n)`` returns up to ``n`` bytes, ``b""`` at end of input. It first yields to the
+  scheduler (the peer is still answering what we just wrote; the other tasks run
+  meanwhile), then reads, and only when nothing has come registers with epoll and
+  waits. Under load the answer is usually there by then, which saves the epoll
+  registration and its wake-up: measured, 5% less CPU per message with a connection
+  per message. ``try_first`` (more input is probably queued: the rest of a body) reads
+  without yielding, but still yields at least every ``_MAX_STREAK`` reads, so a client
+  that keeps the socket full cannot starve the other tasks.
 * ``send(data)`` writes everything, waiting only while the socket buffer is full.
 * ``try_send(data)`` writes what the socket takes at once and returns how many bytes
   that was (0 over TLS: only ``send`` writes there). It never waits, so a caller whose
@@ -73,21 +78,18 @@ class Wire:
         if self.stream is not None:
             return await self.stream.receive_some(n)
         sock = self.sock
-        if try_first and self._streak < _MAX_STREAK:
+        yielded = not try_first or self._streak >= _MAX_STREAK
+        if yielded:
+            await trio.lowlevel.checkpoint()
+        while True:
             try:
                 data = sock.recv(n)
             except BlockingIOError:
-                pass
-            else:
-                self._streak += 1
-                return data
-        self._streak = 0
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            try:
-                return sock.recv(n)
-            except BlockingIOError:  # spurious wake-up
+                await trio.lowlevel.wait_readable(sock)
+                yielded = True
                 continue
+            self._streak = 0 if yielded else self._streak + 1
+            return data
 
     async def send(self, data: bytes) -> None:
         if self.stream is not None:
