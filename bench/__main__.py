@@ -28,8 +28,11 @@ from bench.scenarios import SCENARIOS, build_scenarios, run_rows
 
 
 def _machine() -> dict[str, Any]:
+    # The relay runs on this interpreter too (its script sits beside sys.executable), and
+    # an optimised build (PGO/LTO) changes its CPU per message by a tenth: record which.
     info: dict[str, Any] = {"cpus": os.cpu_count(), "platform": platform.platform(),
-                            "python": platform.python_version()}
+                            "python": platform.python_version(),
+                            "python_executable": os.path.realpath(sys.executable)}
     try:
         with open("/proc/meminfo") as f:
             info["mem_mb"] = int(f.readline().split()[1]) // 1024

@@ -184,7 +184,8 @@ def write_chart(doc: dict[str, Any], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(loc="upper right", fontsize="small")
     m = doc["machine"]
-    fig.suptitle(f"bench {doc['started']}  ({m['cpus']} CPUs, {m['platform']})", fontsize=10)
+    fig.suptitle(f"bench {doc['started']}  ({m['cpus']} CPUs, {m['platform']}, "
+                 f"Python {m.get('python', '?')})", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=90)
     plt.close(fig)
