@@ -16,6 +16,7 @@ Names and defaults follow Postfix where Postfix has an equivalent (``smtpd_recip
 
 from __future__ import annotations
 
+import binascii
 import ipaddress
 import logging
 import os
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
+
+from relay.syntax import ascii_int
 
 __all__ = [
     "AuthUser",
@@ -50,7 +53,7 @@ class ConfigError(Exception):
     """A config file that cannot be used; the message names the file and the key."""
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*([0-9]{1,15})\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE | re.ASCII)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
@@ -67,7 +70,10 @@ def parse_size(value: int | str) -> int:
     return int(m.group(1)) * _SIZE_UNITS[unit]
 
 
-_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d*)\s*(s|sec|m|min|h|hour|d|day)\s*$")
+_RATE_RE = re.compile(
+    r"^\s*([0-9]{1,12}(?:\.[0-9]{1,12})?)\s*/\s*([0-9]{0,9})\s*(s|sec|m|min|h|hour|d|day)\s*$",
+    re.ASCII,
+)
 _RATE_SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hour": 3600, "d": 86400,
                  "day": 86400}
 
@@ -158,6 +164,13 @@ class InboundConfig(_Base):
     #: Offer AUTH on a connection without TLS (Postfix smtpd_tls_auth_only = no).
     allow_plaintext_auth: bool = False
     auth_users: list[AuthUser] = msgspec.field(default_factory=list)
+    #: A bare LF (no CR) in a command or in content: "reject" it (500 / 550 5.6.0), or
+    #: "normalize" it to CRLF (Postfix 3.9 smtpd_forbid_bare_newline). Either way end of
+    #: data is only CRLF.CRLF and a bare CR is refused.
+    bare_newline: Literal["reject", "normalize"] = "reject"
+    #: Received: plus Delivered-To: headers a message may carry before it is refused as
+    #: a mail loop, 554 5.4.6 (RFC 5321 6.3; Postfix hopcount_limit).
+    max_hops: PositiveInt = 50
 
     def max_message_bytes(self) -> int:
         return parse_size(self.max_message_size)
@@ -319,10 +332,7 @@ def _semantic_checks(cfg: Config) -> None:
     if bool(cfg.inbound.tls_cert) != bool(cfg.inbound.tls_key):
         raise ValueError("inbound.tls_cert/tls_key: set both or neither")
     for i, user in enumerate(cfg.inbound.auth_users):
-        if not (user.password.startswith("plain$") or user.password.startswith("scrypt$")):
-            raise ValueError(
-                f"inbound.auth_users[{i}].password: must start with 'scrypt$' or 'plain$'"
-            )
+        check(f"inbound.auth_users[{i}].password", _check_password_hash, user.password)
     throttles = {"outbound.default": cfg.outbound.default}
     throttles.update({f"outbound.domains.{k!r}": v for k, v in cfg.outbound.domains.items()})
     for key, t in throttles.items():
@@ -337,6 +347,28 @@ def _semantic_checks(cfg: Config) -> None:
         check("outbound.smart_host", parse_hostport, cfg.outbound.smart_host)
     for i, r in enumerate(cfg.outbound.resolvers):
         check(f"outbound.resolvers[{i}]", parse_hostport, r)
+
+
+def _check_password_hash(stored: str) -> None:
+    """``plain$secret``, or ``scrypt$N$r$p$salt_b64$hash_b64`` as `relay hash-password`
+    writes it (N a power of two; r, p small), so a typo is a config error, not a failure
+    at the first AUTH."""
+    scheme, _, rest = stored.partition("$")
+    if scheme == "plain":
+        return
+    if scheme != "scrypt":
+        raise ValueError("must start with 'scrypt$' or 'plain$'")
+    parts = rest.split("$")
+    numbers = [ascii_int(p, max_digits=8) for p in parts[:3]]
+    n, r, p = (x or 0 for x in numbers) if len(parts) == 5 else (0, 0, 0)
+    if not (1 < n <= 2**24 and n & (n - 1) == 0 and 0 < r <= 64 and 0 < p <= 64):
+        raise ValueError("not a scrypt hash as `relay hash-password` prints it "
+                         "(scrypt$N$r$p$salt$hash)")
+    try:
+        binascii.a2b_base64(parts[3], strict_mode=True)
+        binascii.a2b_base64(parts[4], strict_mode=True)
+    except binascii.Error:
+        raise ValueError("salt or hash is not valid base64") from None
 
 
 def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int | None]:
@@ -359,9 +391,10 @@ def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, in
         raise ValueError(f"invalid address {value!r}: empty host")
     if not port_s:
         return host, default_port
-    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+    port = ascii_int(port_s, max_digits=5)
+    if port is None or not 0 < port < 65536:
         raise ValueError(f"invalid port in {value!r}")
-    return host, int(port_s)
+    return host, port
 
 
 _KEY_RE = re.compile(r"^\$\.?")

@@ -69,6 +69,7 @@ from relay.spool import (
     new_queue_id,
     shard_of,
 )
+from relay.syntax import ascii_int
 
 __all__ = ["DeliveryEngine"]
 
@@ -402,7 +403,7 @@ class DeliveryEngine:
                                enhanced: str) -> None:
         """Permanent routing failure (NXDOMAIN, null MX): bounce every recipient."""
         code_s, _, text = reply.partition(" ")
-        code = int(code_s) if code_s.isdigit() else 550
+        code = ascii_int(code_s, max_digits=3) or 550
         text = text.partition(" ")[2] if text.startswith(enhanced) else text
         for job in jobs:
             outs = [RecipientOutcome(i, code, enhanced, text) for i in job.recipients]

@@ -48,8 +48,12 @@ Local decisions, documented because an RFC leaves a choice:
   8BITMIME: if the bytes are in fact ASCII (``bytes.isascii``, C speed) the message is
   sent without ``BODY=``; otherwise it fails permanently with ``554 5.6.3`` (RFC 6152
   allows bouncing instead of downgrading; MIME downgrade is not implemented).
-  BINARYMIME is sent as ``BODY=8BITMIME`` over DATA: inbound rejects bare CR/LF, so the
-  content is line-based and survives DATA.
+  BINARYMIME (refused by the relay's own server, but a spool may hold it) is sent as
+  ``BODY=8BITMIME``.
+* Content always leaves as CRLF lines (``crlf_lines``): a bare CR or LF, whatever put it
+  in the spool, is turned into CRLF before dot-stuffing, so no end-of-data lookalike
+  (``LF . LF``, ``CR LF . LF``, ...) can reach a server that ends data on one (SMTP
+  smuggling). The same bytes go out over BDAT, and SIZE counts them.
 * SMTPUTF8 is *needed* only when the envelope was received with SMTPUTF8 and an address
   or a header is really non-ASCII (Postfix's autodetect). Needed and not offered:
   permanent ``554 5.6.7``. Offered and the envelope had it: the parameter is sent.
@@ -71,11 +75,13 @@ import msgspec
 from relay.smtp.address import format_orcpt, xtext_encode
 from relay.smtp.replies import Reply, ReplyParseError, parse_reply
 from relay.spool.records import Envelope
+from relay.syntax import ascii_int
 
 __all__ = [
     "Phase",
     "RecipientOutcome",
     "SmtpClient",
+    "crlf_lines",
     "dot_stuff",
     "parse_ehlo_extensions",
     "reply_line",
@@ -153,6 +159,15 @@ def dot_stuff(data: bytes) -> bytes:
     head = b"." if stuffed[:1] == b"." else b""
     tail = b".\r\n" if not stuffed or stuffed.endswith(b"\r\n") else b"\r\n.\r\n"
     return b"".join((head, stuffed, tail))
+
+
+def crlf_lines(data: bytes) -> bytes:
+    """``data`` with every line ending CRLF: a bare CR or bare LF becomes CRLF. Three
+    C-speed counts for the usual, already clean message; the copy only when needed."""
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") == crlf and data.count(b"\r") == crlf:
+        return data
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 
 
 def parse_ehlo_extensions(reply: Reply) -> dict[str, str]:
@@ -305,8 +320,7 @@ class SmtpClient:
     @property
     def size_limit(self) -> int:
         """The server's SIZE (0 = none announced or unlimited)."""
-        value = self.extensions.get("SIZE", "")
-        return int(value) if value.isdigit() else 0
+        return ascii_int(self.extensions.get("SIZE"), max_digits=18) or 0
 
     # ------------------------------------------------------------------ commands
 
@@ -367,6 +381,7 @@ class SmtpClient:
             raise ValueError("a transaction needs at least one recipient")
         pipelined = "PIPELINING" in self.extensions
         txn = _Transaction(envelope, list(recipients), pipelined)
+        data = crlf_lines(data)
 
         failure = self._preflight(envelope, recipients, data)
         if failure is not None:

@@ -34,8 +34,8 @@ __all__ = [
     "BAD_SENDER",
     "BARE_CR_LF_IN_COMMAND",
     "BARE_CR_LF_IN_DATA",
-    "BDAT_BINARYMIME_WITH_DATA",
     "BDAT_MIXED_WITH_DATA",
+    "BINARYMIME_NOT_SUPPORTED",
     "BYE",
     "COMMAND_NOT_IMPLEMENTED",
     "DUPLICATE_PARAMETER",
@@ -77,7 +77,7 @@ __all__ = [
 ]
 
 _CRLF_RE = re.compile(r"[\r\n]")
-_STATUS_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
+_STATUS_RE = re.compile(r"^([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: |$)")
 
 
 class Reply:
@@ -252,7 +252,7 @@ NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
 NOT_ALLOWED_DURING_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
 BDAT_MIXED_WITH_DATA = Reply(503, "5.5.1", "Error: DATA and BDAT cannot be mixed")
-BDAT_BINARYMIME_WITH_DATA = Reply(503, "5.5.1", "Error: BODY=BINARYMIME requires BDAT")
+BINARYMIME_NOT_SUPPORTED = Reply(555, "5.5.4", "Unsupported option: BODY=BINARYMIME")
 BAD_BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT count [LAST]")
 TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
 PARAMS_NEED_EHLO = Reply(555, "5.5.4", "Error: ESMTP parameters require EHLO")

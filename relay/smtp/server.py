@@ -40,8 +40,13 @@ Contract:
   the I/O layer fed since the last ``NEED_DATA`` (plus that bounded remainder).
 
 SMTP smuggling: end of data is only ``CRLF . CRLF`` (or ``. CRLF`` as the first line). A
-bare CR or LF in a command line gets 500 and the line is not executed; in message content
-the whole message is rejected at its real end with 550 5.6.0.
+bare CR in a command line gets 500 and the line is not executed; in message content the
+whole message is rejected at its real end with 550 5.6.0. A bare LF is treated the same
+way with ``bare_newline="reject"`` (the default). With ``"normalize"`` (Postfix 3.9's
+``smtpd_forbid_bare_newline = normalize``) a command line may end in a bare LF, and a
+bare LF in content is stored as CRLF; end of data is still only ``CRLF . CRLF``, and a
+line that normalising turns into a lone ``.`` is unstuffed like any other dotted line, so
+no end-of-data lookalike survives into the spool.
 
 Choices where the RFCs leave room (the Postfix behaviour unless said otherwise):
 
@@ -54,9 +59,10 @@ Choices where the RFCs leave room (the Postfix behaviour unless said otherwise):
   so long bulk sessions with an occasional rejected recipient are not cut off.
 * After a failed BDAT chunk the transaction stays failed: further chunks are read,
   discarded and answered with the same error until ``BDAT ... LAST`` (or RSET) ends it.
-* BDAT messages are held to the same bare CR/LF and line-length rules as DATA (they may be
-  relayed with DATA later), except with ``BODY=BINARYMIME``. BINARYMIME is accepted on
-  MAIL but not advertised.
+* BDAT messages are held to the same bare CR/LF and line-length rules as DATA: they may
+  be relayed with DATA later. ``BODY=BINARYMIME`` is refused on MAIL (555 5.5.4): it is
+  not advertised, and RFC 3030 lets a binary message go only to a server that offers
+  BINARYMIME, which the relay cannot promise for the next hop.
 * HTTP verbs (GET, POST, HEAD, PUT, CONNECT) as commands end the session with 421, like
   Postfix's ``smtpd_forbidden_commands``.
 """
@@ -95,6 +101,7 @@ from relay.smtp.events import (
 )
 from relay.smtp.replies import Reply
 from relay.spool.records import Recipient
+from relay.syntax import ascii_int
 
 if TYPE_CHECKING:
     from relay.config import InboundConfig
@@ -111,8 +118,8 @@ MIN_RECIPIENTS = 100
 ENVID_MAX = 100
 
 _HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT"})
-_BDAT_RE = re.compile(r"(\d{1,20})(?: +(LAST))? *", re.IGNORECASE)
-_BODY_TYPES = frozenset({"7BIT", "8BITMIME", "BINARYMIME"})
+_BDAT_RE = re.compile(r"([0-9]{1,20})(?: +(LAST))? *", re.IGNORECASE | re.ASCII)
+_BODY_TYPES = frozenset({"7BIT", "8BITMIME"})
 _AUTH_MECHANISMS = ("PLAIN", "LOGIN")
 _LOGIN_USERNAME = Reply(334, None, "VXNlcm5hbWU6")  # base64 "Username:"
 _LOGIN_PASSWORD = Reply(334, None, "UGFzc3dvcmQ6")  # base64 "Password:"
@@ -156,12 +163,16 @@ class ServerSettings:
     tls_available: bool = False
     allow_plaintext_auth: bool = False
     auth_enabled: bool = False
+    #: "reject" bare LF in commands and content, or "normalize" it to CRLF (module doc).
+    bare_newline: str = "reject"
 
     def __post_init__(self) -> None:
         if self.max_message_size <= 0:
             raise ValueError("max_message_size must be positive")
         if self.max_line_length < 1 or self.max_errors < 1 or self.max_recipients < 1:
             raise ValueError("limits must be positive")
+        if self.bare_newline not in ("reject", "normalize"):
+            raise ValueError("bare_newline must be 'reject' or 'normalize'")
 
     @classmethod
     def from_config(
@@ -178,6 +189,7 @@ class ServerSettings:
             tls_available=tls_available,
             allow_plaintext_auth=config.allow_plaintext_auth,
             auth_enabled=bool(config.auth_users),
+            bare_newline=config.bare_newline,
         )
 
 
@@ -220,6 +232,7 @@ class ServerConnection:
         self._errors = 0
         self._discarding_line = False
         self._recipient_limit = max(settings.max_recipients, MIN_RECIPIENTS)
+        self._normalize = settings.bare_newline == "normalize"
         # AUTH exchange
         self._auth_mechanism = ""
         self._auth_step = ""
@@ -496,13 +509,14 @@ class ServerConnection:
                 else:
                     self._error(R.LINE_TOO_LONG)
                 return None
-        if idx == 0 or buf[idx - 1] != 13 or buf.find(b"\r", 0, idx - 1) >= 0:
+        end = idx - 1 if idx and buf[idx - 1] == 13 else idx  # where the text ends
+        if buf.find(b"\r", 0, end) >= 0 or (end == idx and not self._normalize):
             del buf[: idx + 1]
             if self._phase is Phase.AUTH:
                 self._phase = Phase.COMMAND
             self._error(R.BARE_CR_LF_IN_COMMAND)
             return None
-        text = buf[: idx - 1].decode("utf-8", "surrogateescape")
+        text = buf[:end].decode("utf-8", "surrogateescape")
         del buf[: idx + 1]
         if self._phase is Phase.AUTH:
             return self._auth_response(text)
@@ -574,14 +588,17 @@ class ServerConnection:
                 return None
             for key, value in params.items():
                 if key == "SIZE":
-                    if value is None or not value.isdigit() or len(value) > 20:
+                    size = ascii_int(value, max_digits=20)
+                    if size is None:
                         self._error(R.syntax("SIZE=<number>"))
                         return None
-                    size = int(value)
                 elif key == "BODY":
                     body = (value or "").upper()
+                    if body == "BINARYMIME":
+                        self._error(R.BINARYMIME_NOT_SUPPORTED)
+                        return None
                     if body not in _BODY_TYPES:
-                        self._error(R.syntax("BODY=7BIT|8BITMIME|BINARYMIME"))
+                        self._error(R.syntax("BODY=7BIT|8BITMIME"))
                         return None
                 elif key == "SMTPUTF8":
                     if value is not None:
@@ -698,8 +715,6 @@ class ServerConnection:
         err = self._transaction_ready_error()
         if err is None and self._chunking:
             err = R.BDAT_MIXED_WITH_DATA
-        if err is None and self._body == "BINARYMIME":
-            err = R.BDAT_BINARYMIME_WITH_DATA
         if err is not None:
             self._error(err)
             return None
@@ -764,25 +779,32 @@ class ServerConnection:
         if not self._bdat_last:
             self._send(Reply(250, "2.0.0", f"Ok: {self._bdat_size} octets received"))
             return None
-        msg = self._msg
-        if self._body != "BINARYMIME":
-            err = self._content_error(msg)
-            if err is not None:
-                self._reset_transaction()
-                self._error(err)
-                return None
-        return self._message_received(bytes(msg), chunked=True)
+        checked = self._checked_content(self._msg)
+        if isinstance(checked, Reply):
+            self._reset_transaction()
+            self._error(checked)
+            return None
+        if len(checked) > self.settings.max_message_size:  # grown by normalising
+            self._reset_transaction()
+            self._error(R.MESSAGE_TOO_BIG)
+            return None
+        return self._message_received(bytes(checked), chunked=True)
 
-    def _content_error(self, content: bytearray) -> Reply | None:
-        """Bare CR/LF and line-length checks over a whole message, at C speed."""
+    def _checked_content(self, content: bytearray) -> bytearray | Reply:
+        """Bare CR/LF and line-length checks over a whole message, at C speed: the
+        error reply, or the content (a normalised copy when bare LFs were normalised)."""
         crlf = content.count(b"\r\n")
-        if content.count(b"\r") != crlf or content.count(b"\n") != crlf:
+        if content.count(b"\r") != crlf:
             return R.BARE_CR_LF_IN_DATA
+        if content.count(b"\n") != crlf:
+            if not self._normalize:
+                return R.BARE_CR_LF_IN_DATA
+            content = bytearray(content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
         # Without bare CRs, a line of more than max_line_length octets plus its CR is a
         # run of more than max_line_length + 1 octets without LF.
         if _has_long_run(content, self.settings.max_line_length + 1):
             return R.LINE_TOO_LONG_IN_DATA
-        return None
+        return content
 
     def _message_received(self, data: bytes, *, chunked: bool) -> MessageReceived:
         self._msg = bytearray()
@@ -843,10 +865,14 @@ class ServerConnection:
         self._phase = Phase.COMMAND
         if self._too_big:
             return self._reject_message(R.MESSAGE_TOO_BIG)
-        err = self._content_error(msg)
-        if err is not None:
-            return self._reject_message(err)
-        dots = self._dots + msg.count(b"\r\n.", self._dot_scan)
+        checked = self._checked_content(msg)
+        if isinstance(checked, Reply):
+            return self._reject_message(checked)
+        if checked is msg:
+            dots = self._dots + msg.count(b"\r\n.", self._dot_scan)
+        else:  # normalised: lines after a bare LF may start with a dot too
+            msg = checked
+            dots = msg.count(b"\r\n.")
         del msg[:2]  # the virtual CRLF (O(1) at the front of a bytearray)
         if msg[:1] == b".":
             del msg[:1]

@@ -33,6 +33,22 @@ def test_embedded_default_config_is_valid_and_matches_builtin_defaults() -> None
         ),
         (b'[inbound]\ntls_cert = "a.pem"\n', "inbound.tls_cert/tls_key"),
         (b"[inbound\n", "x.toml: not valid TOML"),
+        # Unicode digits pass str.isdigit() and \\d: config numbers are ASCII only.
+        ('[inbound]\nmax_message_size = "\u00b2MiB"\n'.encode(), "inbound.max_message_size:"),
+        ('[inbound]\nmax_message_size = "\u0663"\n'.encode(), "inbound.max_message_size:"),
+        ('[inbound]\nlisten = ["127.0.0.1:\u00b25"]\n'.encode(),
+         "inbound.listen[0]: invalid port"),
+        ('[outbound]\nsmart_host = "mx.test:\u0662\u0665"\n'.encode(),
+         "outbound.smart_host: invalid port"),
+        ('[outbound.default]\nmax_message_rate = "\u0661\u0660/min"\n'.encode(),
+         "outbound.default.max_message_rate: invalid rate"),
+        (b'[inbound]\nbare_newline = "fix"\n', "inbound.bare_newline:"),
+        (b'[[inbound.auth_users]]\nusername = "a"\npassword = "scrypt$\xc2\xb2$8$1$AA==$AA=="\n',
+         "inbound.auth_users[0].password: not a scrypt hash"),
+        (b'[[inbound.auth_users]]\nusername = "a"\npassword = "scrypt$16384$8$1$!!$AA=="\n',
+         "inbound.auth_users[0].password: salt or hash is not valid base64"),
+        (b'[[inbound.auth_users]]\nusername = "a"\npassword = "md5$x"\n',
+         "inbound.auth_users[0].password: must start with"),
     ],
 )
 def test_errors_name_the_file_and_the_key(toml: bytes, expected: str) -> None:

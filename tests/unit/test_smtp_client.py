@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.smtp.client import Phase, SmtpClient, dot_stuff
+from relay.smtp.client import Phase, SmtpClient, crlf_lines, dot_stuff
 from relay.spool.records import Envelope, Recipient
 
 EHLO_FULL = (
@@ -527,3 +527,57 @@ def test_chunking_mail_refused_settles_everyone_with_the_mail_reply() -> None:
 def test_chunking_is_not_used_without_pipelining() -> None:
     c = ready(b"250-mx.test\r\n250 CHUNKING\r\n")
     assert c.begin_transaction(envelope(1), [0], b"hi\r\n") == b"MAIL FROM:<s@src.test>\r\n"
+
+
+# -- hostile servers and hostile content ---------------------------------------------------
+
+
+@pytest.mark.parametrize("size", ["²", "١٢٣", "\uff11\uff10", "-5", "1e9", "9" * 40])
+def test_size_keyword_that_is_not_ascii_digits_means_no_limit(size: str) -> None:
+    """``'²'.isdigit()`` is True and ``int('²')`` raises: a server's EHLO reply must not
+    crash the delivering worker; an unreadable SIZE is treated as no limit announced."""
+    ehlo = f"250-mx.test\r\n250-PIPELINING\r\n250 SIZE {size}\r\n".encode()
+    c = ready(ehlo)
+    assert c.size_limit == 0
+    out = c.begin_transaction(envelope(1), [0], b"x\r\n")
+    assert out.startswith(b"MAIL FROM:<s@src.test> SIZE=3\r\n")
+
+
+#: Every end-of-data lookalike that some server has honoured (SMTP smuggling, 2023).
+LOOKALIKES = [
+    b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r", b"\n.\r",
+    b"\r.\n", b"\n\r.\r\n", b"\r\n\n.\n", b"\r\n.\r\r\n", b"\n..\n", b"\r\r\n.\r\r\n",
+]
+
+
+def _data_on_the_wire(c: SmtpClient, data: bytes) -> bytes:
+    c.begin_transaction(envelope(1), [0], data)
+    return c.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n")
+
+
+@pytest.mark.parametrize("fake_end", LOOKALIKES)
+def test_no_end_of_data_lookalike_leaves_over_data(fake_end: bytes) -> None:
+    """Whatever the spool holds (an old spool, a future intake path), what goes out
+    after 354 is CRLF lines with one terminator, at the end."""
+    c = ready()
+    wire = _data_on_the_wire(c, b"Subject: x\r\n\r\nbody" + fake_end + b"MAIL FROM:<x@y>\r\n")
+    assert wire.endswith(b"\r\n.\r\n")
+    assert wire.count(b"\n") == wire.count(b"\r\n") == wire.count(b"\r")
+    assert wire.find(b"\r\n.\r\n") == len(wire) - 5
+    assert b"\r\nMAIL FROM:<x@y>\r\n" in wire  # content kept, as an ordinary line
+
+
+@pytest.mark.parametrize("fake_end", LOOKALIKES)
+def test_bdat_body_is_sent_as_crlf_lines_and_size_counts_them(fake_end: bytes) -> None:
+    c = ready(EHLO_CHUNKING)
+    body = b"a" + fake_end + b"b\r\n"
+    out = c.begin_transaction(envelope(1), [0], body)
+    sent = out.split(b" LAST\r\n", 1)[1]
+    assert sent.count(b"\n") == sent.count(b"\r\n") == sent.count(b"\r")
+    assert f"BDAT {len(sent)} LAST".encode() in out
+    assert f"SIZE={len(sent)}".encode() in out
+
+
+def test_clean_content_is_not_copied() -> None:
+    data = b"Subject: x\r\n\r\nok\r\n"
+    assert crlf_lines(data) is data

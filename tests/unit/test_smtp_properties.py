@@ -133,6 +133,7 @@ _fragments = st.sampled_from(
         b"EHLO x\r\n",
         b"HELO x\r\n",
         b"MAIL FROM:<a@b.example>\r\n",
+        b"MAIL FROM:<a@b.example> BODY=8BITMIME SMTPUTF8\r\n",
         b"MAIL FROM:<a@b.example> BODY=BINARYMIME SMTPUTF8\r\n",
         b"RCPT TO:<c@d.example>\r\n",
         b"RCPT TO:<\xc3\xa9@d.example> NOTIFY=NEVER\r\n",

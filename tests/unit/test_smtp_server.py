@@ -324,7 +324,14 @@ def test_space_after_colon_is_tolerated() -> None:
         (b"MAIL FROM:<a@b.example> =x\r\n", "501 5.5.4"),
         (b"MAIL FROM:<j\xc3\xb6rg@b.example>\r\n", "553 5.6.7"),
         (b"MAIL FROM:<jorg@b\xff.example> SMTPUTF8\r\n", "501 5.1.7"),
-        (b"MAIL FROM:<a@b.example> BODY=binarymime\r\n", "250 2.1.0"),
+        (b"MAIL FROM:<a@b.example> BODY=binarymime\r\n", "555 5.5.4"),
+        (b"MAIL FROM:<a@b.example> BODY=8bitmime\r\n", "250 2.1.0"),
+        # Unicode digits: isdigit() is True for these, int() raises or reads "3".
+        ("MAIL FROM:<a@b.example> SIZE=²\r\n".encode(), "501 5.5.4"),
+        ("MAIL FROM:<a@b.example> SIZE=١٢\r\n".encode(), "501 5.5.4"),
+        ("MAIL FROM:<a@b.example> SIZE=\uff11\r\n".encode(), "501 5.5.4"),
+        (b"MAIL FROM:<a@b.example> SIZE=+1\r\n", "501 5.5.4"),
+        (b"MAIL FROM:<a@b.example> SIZE=1_0\r\n", "501 5.5.4"),
         (b"MAIL FROM:<a@b.example> SMTPUTF8 BODY=7BIT AUTH=a+2Bb@c\r\n", "250 2.1.0"),
         (b"MAIL FROM:<j\xc3\xb6rg@b\xc3\xbc.example> SMTPUTF8\r\n", "250 2.1.0"),
         (b"mail from:<@x.example,@y.example:a@b.example>\r\n", "250 2.1.0"),
@@ -705,9 +712,6 @@ def test_bdat_and_data_do_not_mix() -> None:
         b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nBDAT 3\r\nabcDATA\r\n"
     )
     assert codes(text)[-1] == "503 5.5.1"
-    d = session()
-    text = d.feed(b"MAIL FROM:<a@b.example> BODY=BINARYMIME\r\nRCPT TO:<c@d.example>\r\nDATA\r\n")
-    assert codes(text)[-1] == "503 5.5.1"
 
 
 def test_bdat_without_transaction_still_consumes_the_chunk() -> None:
@@ -745,13 +749,80 @@ def test_bdat_huge_count_is_discarded_not_buffered() -> None:
     assert codes(d.feed(b"NOOP\r\n")) == ["250 2.0.0"]
 
 
-def test_bdat_bare_lf_rejected_unless_binarymime() -> None:
+def test_bdat_bare_lf_rejected_and_binarymime_refused() -> None:
+    """RFC 3030: a BINARYMIME message may only be relayed to a BINARYMIME server; the
+    relay offers no such promise for the next hop, so it does not take one."""
     d = session()
     d.feed(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n")
     assert codes(d.feed(b"BDAT 4 LAST\r\na\nb\n")) == ["550 5.6.0"]
-    d.feed(b"MAIL FROM:<a@b.example> BODY=BINARYMIME\r\nRCPT TO:<c@d.example>\r\n")
+    assert codes(d.feed(b"MAIL FROM:<a@b.example> BODY=BINARYMIME\r\n")) == ["555 5.5.4"]
+    assert not d.conn.in_transaction
+    assert not d.of_type(MessageReceived)
+
+
+@pytest.mark.parametrize("count", ["²", "١٢", "\uff13", "1²"])
+def test_bdat_count_in_unicode_digits_is_a_syntax_error(count: str) -> None:
+    d = session()
+    d.feed(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n")
+    assert codes(d.feed(f"BDAT {count} LAST\r\n".encode() + b"abc\r\n")) == [
+        "501 5.5.4", "500 5.5.2"]
+    assert d.conn.phase is Phase.COMMAND and d.conn.in_transaction
+
+
+# -- bare_newline = "normalize" (Postfix 3.9 smtpd_forbid_bare_newline) -------------------
+
+
+def test_normalize_accepts_lf_terminated_commands_and_stores_crlf() -> None:
+    d = session(bare_newline="normalize")
+    text = d.feed(b"MAIL FROM:<a@b.example>\nRCPT TO:<c@d.example>\nDATA\n")
+    assert codes(text) == ["250 2.1.0", "250 2.1.5", "354"]
+    text = d.feed(b"Subject: x\n\nline one\nline two\r\n.\r\n")
+    assert codes(text) == ["250 2.0.0"]
+    [msg] = d.of_type(MessageReceived)
+    assert msg.data == b"Subject: x\r\n\r\nline one\r\nline two\r\n"
+
+
+#: Everything that some server, somewhere, has taken for the end of data.
+END_OF_DATA_LOOKALIKES = [
+    b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r", b"\n.\r",
+    b"\r.\n", b"\n\r.\r\n", b"\r\n\n.\n", b".\n", b"\r\n.\r\r\n",
+]
+
+
+@pytest.mark.parametrize("fake_end", END_OF_DATA_LOOKALIKES)
+def test_normalize_never_ends_data_early_nor_stores_a_lookalike(fake_end: bytes) -> None:
+    """With normalize, a fake end of data either rejects the message (a bare CR) or is
+    stored as ordinary CRLF lines with no lone "." line; either way the pipelined
+    "MAIL FROM" inside the body never runs as a command."""
+    d = session(bare_newline="normalize")
+    d.feed(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n")
+    text = d.feed(b"body" + fake_end + SMUGGLED + b"\r\n.\r\n")
+    assert len(d.of_type(RecipientRequested)) == 1  # the smuggled RCPT never ran
+    messages = d.of_type(MessageReceived)
+    if b"\r" in fake_end.replace(b"\r\n", b""):
+        assert codes(text) == ["550 5.6.0"] and not messages
+        return
+    assert codes(text) == ["250 2.0.0"]
+    data = messages[0].data
+    assert data.count(b"\n") == data.count(b"\r\n") == data.count(b"\r")
+    assert b"\r\n.\r\n" not in b"\r\n" + data
+    assert SMUGGLED.split(b"\r\n")[0] in data
+
+
+def test_normalize_keeps_bare_cr_in_commands_refused() -> None:
+    d = session(bare_newline="normalize")
+    assert codes(d.feed(b"NO\rOP\n")) == ["500 5.5.2"]
+    assert codes(d.feed(b"NOOP\n")) == ["250 2.0.0"]
+
+
+def test_normalize_applies_to_bdat_and_to_the_size_limit() -> None:
+    d = session(bare_newline="normalize", max_message_size=10)
+    d.feed(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n")
+    # 8 octets, 12 once every LF is a CRLF: over the limit after normalising.
+    assert codes(d.feed(b"BDAT 8 LAST\r\na\nb\nc\nd\n")) == ["552 5.3.4"]
+    d.feed(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n")
     assert codes(d.feed(b"BDAT 4 LAST\r\na\nb\n")) == ["250 2.0.0"]
-    assert d.of_type(MessageReceived)[0].body == "BINARYMIME"
+    assert d.of_type(MessageReceived)[-1].data == b"a\r\nb\r\n"
 
 
 # -- STARTTLS ---------------------------------------------------------------------------
