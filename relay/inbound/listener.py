@@ -117,5 +117,9 @@ async def _accept_loop(listener: socket.socket, handler: Handler,
                 if e.errno in _CONNECTION_ERRORS:
                     continue
                 raise
-            tune_socket(sock)
+            try:
+                tune_socket(sock)
+            except OSError:  # reset between accept and setsockopt: nothing to serve
+                sock.close()
+                continue
             handler_nursery.start_soon(handler, sock, peer)

@@ -50,6 +50,7 @@ from relay.smtp import (
     ServerSettings,
     StartTLSRequested,
 )
+from relay.smtp.replies import internal_error
 from relay.spool import GroupCommitWriter, NewMessage
 from relay.spool.records import Envelope
 from relay.wire import Wire
@@ -174,7 +175,9 @@ class SessionRegistry:
                 session.check(now)
 
 
-_Stop = Literal["timeout", "slow", "drain"]
+_Stop = Literal["timeout", "slow", "drain", "error"]
+#: How a client leaving shows up in I/O: not a fault of ours, ended quietly.
+_CLIENT_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class _Stopped(Exception):
@@ -239,11 +242,23 @@ class _Session:
                 return
         except _Stopped:
             pass
-        # The watchdog ended a wait: the core queues its 421, which gets a bounded try.
+        except _CLIENT_GONE:
+            raise
+        except Exception:
+            # A bug met by this session's input: this session ends, the worker and every
+            # other session go on. A message already committed stays queued (the client
+            # may send it again: a duplicate, never a loss).
+            log.exception("session with %s [%s] failed; closing it with 421 4.3.0",
+                          self.client_ip, self.conn.helo or "no HELO")
+            self.stopped = "error"
+        # The watchdog (or a fault) ended the conversation: the core queues its 421,
+        # which gets a bounded try.
         if self.stopped == "timeout":
             conn.timeout_expired()
         elif self.stopped == "slow":
             conn.data_rate_too_low()
+        elif self.stopped == "error":
+            conn.abort(internal_error(self.ctx.hostname), "internal error")
         else:
             conn.shutdown()
         out = conn.data_to_send()
@@ -428,7 +443,7 @@ async def serve_session(
             left = registry.per_client.pop(ip, 1) - 1
             if left:
                 registry.per_client[ip] = left
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+    except _CLIENT_GONE as e:
         log.debug("session with %s ended: %s", ip, e)
     finally:
         await session.wire.aclose()

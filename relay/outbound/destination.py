@@ -31,6 +31,7 @@ in this destination's tasks; spool writes run in worker threads.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Destination"]
 
+log = logging.getLogger("relay.outbound")
+
 
 class _Run:
     """One job on one connection: its message, the recipient chunks not begun yet (one
@@ -66,6 +69,24 @@ class _Run:
         self.chunks = deque(rcpts[i:i + cap] for i in range(0, len(rcpts), cap))
         self.open = 0
         self.outcomes: list[RecipientOutcome] = []
+
+    def unsettled(self) -> list[int]:
+        """Recipients without an outcome yet."""
+        settled = {o.index for o in self.outcomes}
+        return [i for i in self.job.recipients if i not in settled]
+
+
+class _Holding:
+    """What one connection task has taken off the queue and not recorded yet, so that an
+    internal error can still give every one of those jobs an outcome."""
+
+    __slots__ = ("jobs", "runs")
+
+    def __init__(self) -> None:
+        #: Taken, message not loaded yet.
+        self.jobs: list[DeliveryJob] = []
+        #: Loaded (being begun, in flight, or waiting to be recorded).
+        self.runs: list[_Run] = []
 
 
 class Destination:
@@ -200,7 +221,9 @@ class Destination:
 
     async def _connection(self) -> None:
         session: ClientSession | None = None
+        hop: Hop | None = None
         connected = False
+        holding = _Holding()
         try:
             opened = await self._open()
             self.connecting -= 1
@@ -209,7 +232,13 @@ class Destination:
             if opened is None:
                 return
             session, hop = opened
-            await self._serve(session, hop)
+            await self._serve(session, hop, holding)
+        except Exception as e:
+            # A bug met by this delivery: this connection ends, its jobs get a transient
+            # outcome, and the destination, the engine and the worker go on.
+            log.exception("delivery to %s failed with an internal error", self.key)
+            await self._internal_error(holding, hop, f"{type(e).__name__}: {e}"[:200],
+                                       before_connect=not connected)
         finally:
             if not connected:
                 self.connecting -= 1
@@ -217,6 +246,29 @@ class Destination:
             self._poke()
             if session is not None:
                 await session.aclose()
+
+    async def _internal_error(self, holding: _Holding, hop: Hop | None, why: str, *,
+                              before_connect: bool) -> None:
+        """Every job the failed connection held is retried (421 4.3.0, an attempt); a
+        failure before connecting backs the destination off like a failed connect, so a
+        bug that fires every time cannot spin. If even recording fails, the jobs are
+        left to their claim lease (they come back later; nothing is lost)."""
+        reason = f"internal error: {why}"
+        try:
+            for run in holding.runs:
+                run.outcomes.extend(RecipientOutcome(i, 421, "4.3.0", reason)
+                                    for i in run.unsettled())
+                run.chunks.clear()
+                await self._record(run, hop)
+            if holding.jobs:
+                await self.engine.transient_all(self, holding.jobs, reason, hop)
+            if before_connect:
+                await self._failed(reason, hop)
+        except Exception:
+            log.exception("cannot record the outcome of jobs for %s; leaving them to their "
+                          "lease", self.key)
+            for job in [*holding.jobs, *(r.job for r in holding.runs)]:
+                self.engine.abandon(job)
 
     def _policy(self) -> SessionPolicy:
         t = self.throttle
@@ -301,7 +353,7 @@ class Destination:
             self.idle -= 1
         return self.queue.popleft() if self.queue else None
 
-    async def _serve(self, session: ClientSession, hop: Hop) -> None:
+    async def _serve(self, session: ClientSession, hop: Hop, holding: _Holding) -> None:
         """Deliver over one connection until it is no longer usable, the deliveries cap
         is reached, or no job comes within ``idle_timeout``.
 
@@ -328,7 +380,7 @@ class Destination:
                 # Wait for a job (or a token) only when there is nothing else to do.
                 wait = not in_flight and not finished
                 if run is None or not run.chunks:
-                    run = await self._next_run(session, wait)
+                    run = await self._next_run(session, wait, holding)
                 if run is not None and run.chunks and await self._paced(wait):
                     session.begin(run.envelope, run.chunks.popleft(), run.data)
                     run.open += 1
@@ -342,6 +394,7 @@ class Destination:
             await session.flush()
             for done in finished:
                 await self._record(done, hop)
+                holding.runs.remove(done)
             if began or finished:
                 continue
             if in_flight:
@@ -353,9 +406,11 @@ class Destination:
                                     for chunk in run.chunks for i in chunk)
                 run.chunks.clear()
                 await self._record(run, hop)
+                holding.runs.remove(run)
             return
 
-    async def _next_run(self, session: ClientSession, wait: bool) -> _Run | None:
+    async def _next_run(self, session: ClientSession, wait: bool,
+                        holding: _Holding) -> _Run | None:
         """The next job with its message, or None: the connection's deliveries cap is
         reached, or no job is queued (``wait``: none came within ``idle_timeout``)."""
         cap = self.throttle.max_deliveries_per_connection or 100
@@ -366,11 +421,14 @@ class Destination:
                 job = self.queue.popleft() if self.queue else None
             if job is None:
                 return None
+            holding.jobs.append(job)
             loaded = await self.engine.load(job)
+            holding.jobs.remove(job)
             if loaded is not None:
                 envelope, data = loaded
-                return _Run(job, envelope, data,
-                            self.throttle.max_recipients_per_message or 100)
+                run = _Run(job, envelope, data, self.throttle.max_recipients_per_message or 100)
+                holding.runs.append(run)
+                return run
         return None
 
     async def _paced(self, wait: bool) -> bool:

@@ -212,9 +212,16 @@ class DeliveryEngine:
             nd: float | None = None
             if room > 0:
                 limit = min(self.claim_batch, room)
-                jobs, loaded, nd = await trio.to_thread.run_sync(
-                    self._claim, self.now(), limit, self.prefetch_bytes - self._prefetched_bytes
-                )
+                try:
+                    jobs, loaded, nd = await trio.to_thread.run_sync(
+                        self._claim, self.now(), limit,
+                        self.prefetch_bytes - self._prefetched_bytes,
+                    )
+                except Exception:
+                    # A spool that cannot be read now must not end the worker (which
+                    # would only crash-loop on it): log, and look again after a while.
+                    log.exception("shard %d: claiming due jobs failed", self.shard)
+                    jobs, loaded, nd = [], {}, None
                 overflow: list[tuple[DeliveryJob, float]] = []
                 for job in jobs:
                     self._dispatch(job, overflow, loaded.get(job.queue_id))
@@ -298,7 +305,12 @@ class DeliveryEngine:
         self._place(job, job.domain, overflow)
 
     async def _dispatch_resolved(self, job: DeliveryJob) -> None:
-        dest_key = await self.router.destination_key(job.domain)
+        try:
+            dest_key = await self.router.destination_key(job.domain)
+        except Exception:
+            log.exception("cannot find the destination of %s; delivering it by its domain",
+                          job.domain)
+            dest_key = job.domain
         overflow: list[tuple[DeliveryJob, float]] = []
         self._place(job, dest_key, overflow)
         if overflow:
@@ -341,9 +353,24 @@ class DeliveryEngine:
     async def _run_destination(self, dest: Destination) -> None:
         try:
             await dest.run()
+        except Exception:
+            # The last net under a destination (its connections catch their own faults):
+            # the worker goes on; what the destination still held comes back with its
+            # claim lease.
+            log.exception("destination %s failed; its %d queued jobs wait for their lease",
+                          dest.key, len(dest.queue))
+            for job in dest.queue:
+                self.abandon(job)
+            dest.queue.clear()
         finally:
             if self.destinations.get(dest.key) is dest:
                 del self.destinations[dest.key]
+
+    def abandon(self, job: DeliveryJob) -> None:
+        """Forget a held job without recording an outcome (its outcome could not be
+        recorded): it stays claimed in the spool and is delivered again when its lease
+        ends, or at the next start."""
+        self._finish(job)
 
     def _finish(self, job: DeliveryJob) -> None:
         self._held.discard((job.queue_id, job.domain))

@@ -65,6 +65,7 @@ __all__ = [
     "ReplyParseError",
     "data_rate_too_low",
     "greeting",
+    "internal_error",
     "message_queued",
     "non_smtp_command",
     "parse_reply",
@@ -312,6 +313,11 @@ def timeout_exceeded(hostname: str) -> Reply:
 
 def data_rate_too_low(hostname: str) -> Reply:
     return Reply(421, "4.4.2", f"{hostname} Error: data rate too low")
+
+
+def internal_error(hostname: str) -> Reply:
+    """A fault of ours while serving this session (logged); the session ends."""
+    return Reply(421, "4.3.0", f"{hostname} Error: internal error, closing connection")
 
 
 def shutting_down(hostname: str) -> Reply:

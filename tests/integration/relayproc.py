@@ -78,6 +78,8 @@ class RelayProcess:
     port: int
     config_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    #: Extra environment variables for the relay process.
+    env: dict[str, str] = field(default_factory=dict)
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -88,7 +90,7 @@ class RelayProcess:
         self.proc = subprocess.Popen(
             [*RELAY, "serve", "--config", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=self.tmp,
+            start_new_session=True, cwd=self.tmp, env={**os.environ, **self.env},
         )
         log.close()
         self.ready()
