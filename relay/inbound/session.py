@@ -6,10 +6,10 @@ processing one read are written with one ``send_all`` when the input is exhauste
 is exactly the RFC 2920 rule (a pipelined group's replies leave together, and nothing is
 held back once the client is waiting).
 
-Timeouts are per state (RFC 5321 4.5.3.2): ``command_timeout`` while waiting for a
-command (or for a client to take our reply), ``data_timeout`` while waiting for DATA/BDAT
-bytes, and a minimum transfer rate inside DATA/BDAT so a client cannot hold a session by
-trickling one byte at a time.
+Timeouts are per state (RFC 5321 4.5.3.2): ``command_timeout`` for a whole command line
+from its first byte (or for a client to take our reply), ``data_timeout`` while waiting
+for DATA/BDAT bytes, and a minimum transfer rate inside DATA/BDAT so a client cannot
+hold a session by trickling one byte at a time.
 
 They are enforced by one watchdog per worker (``SessionRegistry.watch``), not by a cancel
 scope per read: a session only writes down when its current wait must end, and the
@@ -197,6 +197,8 @@ class _Session:
         #: What the session is blocked on, and until when (trio time), for the watchdog.
         self.waiting: Literal["recv", "send"] | None = None
         self.wait_until = math.inf
+        #: When the command line being received must be complete (trio time).
+        self.command_deadline = math.inf
         #: The current min_data_rate window inside DATA/BDAT (None outside).
         self.window_start: float | None = None
         self.window_bytes = 0
@@ -314,7 +316,10 @@ class _Session:
             if self.window_start is None and inbound.min_data_rate > 0:
                 self.window_start, self.window_bytes = now, 0
         else:
-            self.wait_until = now + inbound.command_timeout
+            # The whole command line within command_timeout, not each of its bytes.
+            if not self.conn.partial_command:
+                self.command_deadline = now + inbound.command_timeout
+            self.wait_until = self.command_deadline
             self.window_start = None
         self.waiting = "recv"
         try:

@@ -231,10 +231,13 @@ class ClientSession:
         writes what is owed and returns without reading. A broken or
         timed-out connection closes the client (every open recipient transient).
 
-        Every send and every read has its own timeout (``data_timeout`` for the body
+        Every send and every reply has its own timeout (``data_timeout`` for the body
         and its reply, ``command_timeout`` otherwise), as the deadline of ONE cancel
-        scope. Moving a deadline costs about as much as the I/O it guards, so before
-        each wait the deadline moves only when it is outside ``[timeout, timeout * (1 +
+        scope. A whole reply must arrive within it: while part of a reply is in
+        (``reply_in_progress``) the deadline stays where it was, so a server that
+        trickles its greeting or a reply byte by byte is cut off at the timeout.
+        Moving a deadline costs about as much as the I/O it guards, so before each wait
+        the deadline moves only when it is outside ``[timeout, timeout * (1 +
         _TIMEOUT_SLACK)]`` from now, and then to the end of that range: a wait never
         times out early, at most 1% late, and a message's several waits move it twice
         (command, then data timeout) instead of five times.
@@ -269,8 +272,9 @@ class ClientSession:
                             await wire.send(out)
                         if send_only or client.transaction_done or not client.awaiting_reply:
                             return
-                        guard(data_timeout if client.awaiting_end_of_data
-                              else command_timeout)
+                        if not client.reply_in_progress:
+                            guard(data_timeout if client.awaiting_end_of_data
+                                  else command_timeout)
                         data = await wire.recv(_RECEIVE_SIZE)
                         if not data:
                             raise self._broken(None)

@@ -303,6 +303,13 @@ class SmtpClient:
         )
 
     @property
+    def reply_in_progress(self) -> bool:
+        """Part of a reply has arrived (a partial line, or the first lines of a multi-line
+        reply): the driver's timeout for this reply keeps running, so a server cannot
+        hold a connection by trickling it."""
+        return bool(self._buf) or bool(self._lines)
+
+    @property
     def awaiting_end_of_data(self) -> bool:
         """The next owed reply is the one to end-of-data (the driver's data_timeout)."""
         return bool(self._pending) and self._pending[0] in (_DOT, _DOT_DISCARD, _BDAT_LAST)

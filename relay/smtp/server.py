@@ -264,6 +264,13 @@ class ServerConnection:
         return len(self._buf) + len(self._msg)
 
     @property
+    def partial_command(self) -> bool:
+        """Part of the next command line has arrived (or an overlong one is being
+        discarded): the I/O layer's command timeout then runs from the line's start, so
+        a client cannot hold a session by trickling a command."""
+        return bool(self._buf) or self._discarding_line
+
+    @property
     def error_count(self) -> int:
         return self._errors
 

@@ -275,6 +275,42 @@ def test_a_command_timeout_does_not_restart_the_worker(tmp_path: Path) -> None:
         relay.stop()
 
 
+def trickle_until_reply(sock: socket.socket, data: bytes, gap: float,
+                        give_up: float) -> tuple[bytes, float]:
+    """Send ``data`` one byte per ``gap`` seconds (cycling) until the server answers;
+    returns what it sent and when (monotonic), or raises after ``give_up`` seconds."""
+    sock.setblocking(False)
+    deadline = time.monotonic() + give_up
+    i = 0
+    while time.monotonic() < deadline:
+        sock.send(data[i % len(data) : i % len(data) + 1])
+        i += 1
+        readable, _, _ = select.select([sock], [], [], gap)
+        if readable:
+            sock.settimeout(5)
+            return recv_reply(sock), time.monotonic()
+    raise AssertionError(f"no reply after {give_up}s of trickling {i} bytes")
+
+
+def test_a_command_trickled_byte_by_byte_times_out_as_a_whole(tmp_path: Path) -> None:
+    """command_timeout bounds a whole command line, not each byte of it: a client
+    sending a byte every 0.2 s (each well inside the 1 s timeout) is cut off about 1 s
+    after the line began."""
+    relay = make_relay(tmp_path, workers=1, inbound="command_timeout = 1.0")
+    relay.start()
+    try:
+        workers = relay.workers()
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:
+            assert recv_reply(s).startswith(b"220 ")
+            started = time.monotonic()
+            reply, at = trickle_until_reply(s, b"NOOP ", gap=0.2, give_up=8.0)
+            assert reply == b"421 4.4.2 relay.test Error: timeout exceeded\r\n"
+            assert 1.0 <= at - started < 1.0 + 2 * WATCH_TICK_MAX
+        assert_worker_intact(relay, workers)
+    finally:
+        relay.stop()
+
+
 def test_shutdown_of_an_idle_session_lets_a_transaction_on_the_same_worker_finish(
     tmp_path: Path,
 ) -> None:

@@ -488,3 +488,49 @@ async def test_server_421_while_idle_fails_next_delivery_transiently(
         assert o.kind == "transient"
         assert not session.usable
         await session.aclose()
+
+
+# -- a server that trickles: every reply is bounded as a whole ------------------------------
+
+
+async def start_trickler(nursery: trio.Nursery, greeting: bytes, ehlo_lines: int) -> int:
+    """Sends ``greeting`` one byte per 20 ms; if that completes, answers EHLO with
+    ``ehlo_lines`` continuation lines, one per 20 ms, and never the last line."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        try:
+            for i in range(len(greeting)):
+                await stream.send_all(greeting[i:i + 1])
+                await trio.sleep(0.02)
+            await stream.receive_some(1024)
+            for _ in range(ehlo_lines):
+                await stream.send_all(b"250-STILL-TALKING\r\n")
+                await trio.sleep(0.02)
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, host=LOOPBACK), handler, 0)
+    return listeners[0].socket.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("greeting", "ehlo_lines", "activity"),
+    [
+        (b"220 " + b"x" * 1000 + b"\r\n", 0, "receiving the initial server greeting"),
+        (b"220 mx.test\r\n", 1000, "receiving the EHLO reply"),
+    ],
+)
+async def test_a_trickled_reply_times_out_as_a_whole(
+    nursery: trio.Nursery, greeting: bytes, ehlo_lines: int, activity: str
+) -> None:
+    """Each byte (or line) comes well inside command_timeout, the whole reply never:
+    the session gives up one command_timeout after the reply began, not never."""
+    port = await start_trickler(nursery, greeting, ehlo_lines)
+    started = trio.current_time()
+    with trio.fail_after(5), pytest.raises(SessionError) as info:
+        await open_session(LOOPBACK, port, MX, policy(command_timeout=0.3))
+    assert trio.current_time() - started < 1.0
+    assert not info.value.permanent
+    assert info.value.text.endswith(f"timed out while {activity}")
