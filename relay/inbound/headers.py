@@ -9,14 +9,27 @@ from __future__ import annotations
 
 import email.utils
 
-__all__ = ["has_message_id", "trace_headers"]
+__all__ = ["has_message_id", "hop_count", "lowered_header_section", "trace_headers"]
 
 
-def has_message_id(data: bytes) -> bool:
-    """True when the header section (up to the first empty line) has a Message-ID field."""
+def lowered_header_section(data: bytes) -> bytes:
+    """The header section (up to the first empty line) lower-cased, with a CRLF in front,
+    so that every field starts at ``b"\\r\\n<name>:"``; computed once per message for
+    the checks below."""
     end = data.find(b"\r\n\r\n")
-    head = (data if end < 0 else data[: end + 2]).lower()
-    return head.startswith(b"message-id:") or b"\r\nmessage-id:" in head
+    return b"\r\n" + (data if end < 0 else data[: end + 2]).lower()
+
+
+def has_message_id(head: bytes) -> bool:
+    """True when the header section (``lowered_header_section``) has a Message-ID."""
+    return b"\r\nmessage-id:" in head
+
+
+def hop_count(head: bytes) -> int:
+    """``Received:`` plus ``Delivered-To:`` fields of a header section
+    (``lowered_header_section``): how many hops a message has made (RFC 5321 6.3 loop
+    detection; Postfix counts the same for ``hopcount_limit``)."""
+    return head.count(b"\r\nreceived:") + head.count(b"\r\ndelivered-to:")
 
 
 #: (whole second, its RFC 5322 date)
@@ -38,7 +51,7 @@ def _rfc5322_date(now: float) -> str:
 
 def trace_headers(
     *,
-    data: bytes,
+    add_message_id: bool,
     queue_id: str,
     hostname: str,
     helo: str,
@@ -48,7 +61,8 @@ def trace_headers(
     recipients: list[str],
     now: float,
 ) -> bytes:
-    """Header lines (CRLF-terminated) to put in front of ``data``.
+    """Header lines (CRLF-terminated) to put in front of a message (with a Message-ID
+    field when ``add_message_id``: the message has none).
 
     The Received line follows RFC 5321 4.4 and Postfix's layout; ``for <rcpt>`` is only
     written for a single recipient so a message to many never discloses the others.
@@ -63,6 +77,6 @@ def trace_headers(
         lines.append(f"\tfor <{recipients[0]}>; {date}")
     else:
         lines[-1] += f"; {date}"
-    if not has_message_id(data):
+    if add_message_id:
         lines.append(f"Message-ID: <{queue_id}@{hostname}>")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")

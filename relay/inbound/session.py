@@ -36,7 +36,7 @@ import trio
 from relay.config import Config
 from relay.events import EventLog, Reception
 from relay.inbound.auth import Authenticator
-from relay.inbound.headers import trace_headers
+from relay.inbound.headers import has_message_id, hop_count, lowered_header_section, trace_headers
 from relay.smtp import (
     NEED_DATA,
     AuthRequested,
@@ -74,6 +74,8 @@ RELAY_DENIED = "Relay access denied"
 #: Client addresses whose relay verdict a context remembers (InboundContext.may_relay).
 RELAY_VERDICTS_MAX = 4096
 STORE_FAILED = Reply(451, "4.3.0", "Error: queue file write error, try again later")
+#: RFC 5321 6.3: a message that has made too many hops is in a loop (Postfix's text).
+TOO_MANY_HOPS = Reply(554, "5.4.6", "Error: too many hops")
 
 
 @dataclass
@@ -353,6 +355,13 @@ class _Session:
 
     async def _store(self, event: MessageReceived) -> None:
         ctx, conn = self.ctx, self.conn
+        fields = lowered_header_section(event.data)
+        hops = hop_count(fields)
+        if hops > ctx.config.inbound.max_hops:
+            log.warning("refused a message from %s with %d hops (mail loop?)",
+                        self.client_ip, hops)
+            conn.message_failed(TOO_MANY_HOPS)
+            return
         queue_id = ctx.new_queue_id()
         now = time.time()
         protocol = "ESMTP" if conn.esmtp else "SMTP"
@@ -360,9 +369,9 @@ class _Session:
             protocol += ("S" if self.tls_info else "") + ("A" if conn.authenticated_user else "")
         addresses = [r.address for r in event.recipients]
         head = trace_headers(
-            data=event.data, queue_id=queue_id, hostname=ctx.hostname, helo=conn.helo or "",
-            client_ip=self.client_ip, protocol=protocol, tls=self.tls_info,
-            recipients=addresses, now=now,
+            add_message_id=not has_message_id(fields), queue_id=queue_id,
+            hostname=ctx.hostname, helo=conn.helo or "", client_ip=self.client_ip,
+            protocol=protocol, tls=self.tls_info, recipients=addresses, now=now,
         )
         envelope = Envelope(
             queue_id=queue_id, sender=event.sender, recipients=list(event.recipients),

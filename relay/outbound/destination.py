@@ -42,7 +42,7 @@ from relay.outbound.resolver import ResolveError
 from relay.outbound.routing import Hop
 from relay.outbound.session import ClientSession, SessionError, SessionPolicy, open_session
 from relay.outbound.throttle import TokenBucket, backoff_delay, rate_from_config
-from relay.smtp.client import RecipientOutcome
+from relay.smtp.client import LOOP_STATUS, RecipientOutcome
 from relay.spool.records import DeliveryJob, Envelope
 
 if TYPE_CHECKING:
@@ -292,10 +292,7 @@ class Destination:
             hops = await self.engine.router.hops(domain)
         except ResolveError as e:
             if e.permanent:
-                jobs = [j for j in self.queue if j.domain == domain]
-                for j in jobs:
-                    self.queue.remove(j)
-                await self.engine.fail_unattempted(self, jobs, e.reply_line, e.enhanced)
+                await self._bounce_domain(domain, e.reply_line, e.enhanced)
             else:
                 await self._failed(e.reply_line, None)
             return None
@@ -306,9 +303,17 @@ class Destination:
             if not self.queue or self.backed_off:
                 return None
             last_hop = hop
+            if self.engine.is_own_listener(hop.ip, hop.port):
+                await self._bounce_domain(domain, (
+                    f"554 {LOOP_STATUS} {hop.mx_host}[{hop.ip}]:{hop.port} is one of my own "
+                    f"listeners: mail for {domain} loops back to myself"), LOOP_STATUS)
+                return None
             try:
                 session = await open_session(hop.ip, hop.port, hop.mx_host, policy)
             except SessionError as e:
+                if e.enhanced == LOOP_STATUS:
+                    await self._bounce_domain(domain, e.reply_line, LOOP_STATUS)
+                    return None
                 errors.append(f"{hop.mx_host}[{hop.ip}]:{hop.port}: {e.reply_line}")
                 continue
             self.connections_opened += 1
@@ -316,6 +321,14 @@ class Destination:
             return session, hop
         await self._failed("; ".join(errors[-3:]) or "no usable host", last_hop)
         return None
+
+    async def _bounce_domain(self, domain: str, reply: str, enhanced: str) -> None:
+        """A permanent routing failure (NXDOMAIN, null MX, a mail loop): every queued
+        job for ``domain`` bounces without an attempt."""
+        jobs = [j for j in self.queue if j.domain == domain]
+        for j in jobs:
+            self.queue.remove(j)
+        await self.engine.fail_unattempted(self, jobs, reply, enhanced)
 
     async def _failed(self, reason: str, hop: Hop | None) -> None:
         """No hop worked: back off the whole destination and defer what it holds."""

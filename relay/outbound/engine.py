@@ -39,6 +39,7 @@ while the spool still sees consistent Unix-like times.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import os
 import ssl
@@ -48,7 +49,7 @@ from typing import Any
 
 import trio
 
-from relay.config import Config
+from relay.config import Config, parse_hostport
 from relay.events import Bounce, Delivery, Event, EventLog, Expiration, TransientFailure
 from relay.outbound.destination import Destination
 from relay.outbound.dsn import FailedRecipient, build_dsn
@@ -154,6 +155,12 @@ class DeliveryEngine:
         return trio_time + self._offset
 
     # ------------------------------------------------------------------ control
+
+    def is_own_listener(self, ip: str, port: int) -> bool:
+        """Whether ``ip:port`` is one of this relay's SMTP listeners (a route, smart host
+        or MX pointing back at us: a mail loop). A wildcard listener counts for the
+        loopback addresses on its port."""
+        return own_listener(tuple(self.config.inbound.listen), ip, port)
 
     def apply_config(self, config: Config) -> None:
         """Apply a reloaded config: routes, smart host and resolvers for new jobs;
@@ -561,6 +568,29 @@ class DeliveryEngine:
             shards.discard(self.shard)
         if shards and self.waker is not None:
             self.waker.notify(shards)
+
+
+@functools.lru_cache(maxsize=1024)
+def own_listener(listen: tuple[str, ...], ip: str, port: int) -> bool:
+    """See ``DeliveryEngine.is_own_listener`` (cached: the answer depends only on the
+    listen list and the address)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    for spec in listen:
+        try:
+            host, lport = parse_hostport(spec)
+            listener = ipaddress.ip_address(host)
+        except ValueError:
+            continue
+        if lport != port:
+            continue
+        if listener == addr or (listener.is_unspecified and addr.is_loopback):
+            return True
+    return False
 
 
 def build_failure_dsn(envelope: Envelope, data: bytes,

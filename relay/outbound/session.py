@@ -50,7 +50,14 @@ from typing import Literal
 import msgspec
 import trio
 
-from relay.smtp.client import Phase, RecipientOutcome, SmtpClient, reply_line, reply_text
+from relay.smtp.client import (
+    LOOP_STATUS,
+    Phase,
+    RecipientOutcome,
+    SmtpClient,
+    reply_line,
+    reply_text,
+)
 from relay.smtp.replies import Reply
 from relay.spool.records import Envelope
 from relay.wire import Wire, tune_socket
@@ -518,6 +525,9 @@ def _check_ready(session: ClientSession, client: SmtpClient, stage: str) -> None
         raise SessionError(err.code, err.status,
                            f"host {session.peer} refused to talk to me: {reply_text(err)}",
                            permanent=False)
+    if err.status == LOOP_STATUS:
+        raise SessionError(err.code, err.status, f"host {session.peer}: {reply_text(err)}",
+                           permanent=True)
     if client.phase is Phase.CLOSED or err.status == "4.5.0":
         # 421, a lost connection or a timeout (the text names the peer), a protocol error
         raise SessionError(err.code, err.status, reply_text(err), permanent=False)

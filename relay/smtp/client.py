@@ -62,6 +62,9 @@ Local decisions, documented because an RFC leaves a choice:
 * A message larger than the server's announced SIZE fails permanently with
   ``552 5.3.4`` without being sent (SIZE 0 or absent means no limit).
 * A body not ending in CRLF gets CRLF appended before the terminating ``.CRLF``.
+* A greeting or EHLO reply whose first word is our own HELO name means the mail came
+  back to us (RFC 5321 6.3; Postfix: "mail for ... loops back to myself"): the session
+  fails with ``554 5.4.6`` and the delivery layer bounces instead of retrying.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ from relay.spool.records import Envelope
 from relay.syntax import ascii_int
 
 __all__ = [
+    "LOOP_STATUS",
     "Phase",
     "RecipientOutcome",
     "SmtpClient",
@@ -88,6 +92,8 @@ __all__ = [
     "reply_text",
 ]
 
+#: The enhanced status of a mail loop (RFC 3463 X.4.6, "routing loop detected").
+LOOP_STATUS = "5.4.6"
 #: Longest reply line accepted (RFC 5321 says 512 with CRLF; real servers exceed it).
 MAX_REPLY_LINE = 8192
 #: Most lines in one multi-line reply (EHLO answers have ~15).
@@ -636,14 +642,28 @@ class SmtpClient:
 
     # -- handlers: (self, reply, leftover bytes after this reply?) -> bytes to send
 
+    def _names_me(self, reply: Reply, what: str) -> bool:
+        """RFC 5321 6.3 loop detection, as Postfix does it: a server that greets us (or
+        answers EHLO) with our own name is ourselves. Fails the session with 5.4.6."""
+        words = reply.lines[0].split(None, 1)
+        if not words or words[0].lower().rstrip(".") != self.helo_name.lower():
+            return False
+        self._close(Phase.FAILED, Reply(554, LOOP_STATUS, (
+            f"{what} names my own hostname {self.helo_name}: mail loops back to myself")))
+        return True
+
     def _on_greeting(self, reply: Reply, leftover: bool) -> bytes:
         self.greeting = reply
         if reply.code != 220:
             self._close(Phase.FAILED, reply)
             return b""
+        if self._names_me(reply, "the greeting"):
+            return b""
         return self._ehlo()
 
     def _on_ehlo(self, reply: Reply, leftover: bool) -> bytes:
+        if reply.is_success and self._names_me(reply, "the EHLO reply"):
+            return b""
         if reply.is_success:
             self.esmtp = True
             self.extensions = parse_ehlo_extensions(reply)

@@ -581,3 +581,29 @@ def test_bdat_body_is_sent_as_crlf_lines_and_size_counts_them(fake_end: bytes) -
 def test_clean_content_is_not_copied() -> None:
     data = b"Subject: x\r\n\r\nok\r\n"
     assert crlf_lines(data) is data
+
+
+# -- mail loops (RFC 5321 6.3) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "server",
+    [
+        b"220 relay.test ESMTP\r\n",
+        b"220 RELAY.TEST. ready\r\n",
+        b"220 mx.other.test\r\n250-relay.test says hello\r\n250 PIPELINING\r\n",
+    ],
+)
+def test_a_server_that_names_me_is_a_mail_loop(server: bytes) -> None:
+    c = SmtpClient("relay.test")
+    c.receive_data(server)
+    assert c.phase is Phase.FAILED
+    assert c.error is not None and (c.error.code, c.error.status) == (554, "5.4.6")
+    assert "mail loops back to myself" in c.error.text
+
+
+def test_a_server_with_a_name_like_mine_is_not_a_loop() -> None:
+    c = SmtpClient("relay.test")
+    assert c.receive_data(b"220 relay.test.example ESMTP\r\n") == b"EHLO relay.test\r\n"
+    c.receive_data(b"250-mx.relay.test\r\n250 PIPELINING\r\n")
+    assert c.phase is Phase.READY
