@@ -4,6 +4,7 @@ instead of re-queueing the message for ever."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import smtplib
 import socket
@@ -98,10 +99,8 @@ class _Mirror:
                 conn.sendall(b"220 relay.test ESMTP\r\n")
                 self.greeted += 1
                 conn.settimeout(5)
-                try:
+                with contextlib.suppress(OSError):
                     conn.recv(1024)
-                except OSError:
-                    pass
 
     def close(self) -> None:
         self.sock.close()
