@@ -54,29 +54,30 @@ def _load(path: str) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from relay.inbound.listener import listen_address
+    from relay.preflight import StartupError, preflight
     from relay.supervisor import Supervisor
     from relay.worker import run_worker
 
     config = _load(args.config)
-    for spec in config.inbound.listen:
-        try:
-            listen_address(spec)
-        except ValueError as e:
-            raise CliError(f"{args.config}: inbound.listen: {e}", EX_CONFIG) from None
+    # Everything a worker would trip over is found here, before any is forked: one
+    # line per problem, no traceback, no restart loop.
+    problems = preflight(config, args.config)
+    if problems:
+        raise CliError("\nrelay: ".join(problems), EX_CONFIG)
     _setup_logging(config.log.level)
-    Path(config.spool.path).mkdir(parents=True, exist_ok=True)
-    return Supervisor(config, args.config, run_worker).run()
+    try:
+        return Supervisor(config, args.config, run_worker).run()
+    except StartupError as e:  # the spool is locked by another relay, a port is taken
+        raise CliError("\nrelay: ".join(e.problems), e.code) from None
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from relay.inbound.tls import server_ssl_context
+    from relay.preflight import preflight
 
     config = _load(args.path)
-    try:
-        server_ssl_context(config.inbound, args.path)
-    except ConfigError as e:
-        raise CliError(str(e), EX_CONFIG) from None
+    problems = preflight(config, args.path, dry_run=True)
+    if problems:
+        raise CliError("\nrelay: ".join(problems), EX_CONFIG)
     n = config.server.resolved_workers()
     print(f"{args.path}: OK ({n} worker{'' if n == 1 else 's'}, "
           f"listening on {', '.join(config.inbound.listen)}, spool {config.spool.path})")

@@ -12,11 +12,27 @@ control flow a plain loop.
   margin, stragglers get SIGKILL. Exit status 0 when the workers stopped cleanly.
 - SIGHUP: the file is validated first; an invalid one is logged (naming the key) and
   nothing else happens. A valid one is forwarded to the workers, which reload it.
+- A worker that exits with status 78 (EX_CONFIG: a ConfigError escaped it) in its first
+  ``STABLE_AFTER`` seconds could not start, and a restart would fail the same way: its
+  error is logged once, the other workers are stopped, and ``run`` returns 78. (The
+  worker does not report readiness to the supervisor; today a ConfigError escapes it
+  only during start-up, since a failed reload is logged and the running config stays.)
+
+Before forking, ``run`` takes ``<spool>/relay.lock`` (``flock``, non-blocking, our pid
+written into it) so that a second relay on the same spool refuses to start, as Postfix
+does; the workers inherit the descriptor, so the lock is held while any process of this
+relay lives, and the kernel drops it when the last one dies (a stale file from a killed
+relay blocks nothing; when the pid in it is dead but the lock is held, its workers are
+given ``DYING_GRACE`` seconds to finish dying). ``relay queue`` does not take it. Then
+each ``inbound.listen`` address is bound once and closed (``relay.preflight.probe_listen``).
+Either failure raises ``StartupError`` before any worker exists.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import logging
 import math
 import os
@@ -24,8 +40,10 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from relay.config import Config, ConfigError, reload_config
+from relay.preflight import StartupError, probe_listen
 
 __all__ = ["Supervisor"]
 
@@ -34,6 +52,10 @@ log = logging.getLogger("relay.supervisor")
 HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STABLE_AFTER = 60.0
 KILL_MARGIN = 5.0
+EX_TEMPFAIL, EX_CONFIG = 75, 78
+LOCK_FILE = "relay.lock"
+#: How long a new relay waits for the workers of a relay whose supervisor has died.
+DYING_GRACE = 5.0
 
 
 @dataclass
@@ -43,6 +65,8 @@ class _Slot:
     started: float = 0.0
     backoff: float = 0.0
     restart_at: float | None = None
+    #: Read end of the pipe on which the worker reports a ConfigError before exiting 78.
+    error_fd: int = -1
 
 
 class Supervisor:
@@ -59,8 +83,24 @@ class Supervisor:
         self.slots = [_Slot(i) for i in range(self.nworkers)]
         self.stopping = False
         self.kill_at = math.inf
+        self.exit_code = 0
 
     def run(self) -> int:
+        """Lock the spool, probe the listening addresses, then fork and supervise the
+        workers until they have stopped. Raises StartupError when it cannot start."""
+        source = self.config_path or "config"
+        lock_fd = lock_spool(self.config.spool.path)
+        try:
+            problems = probe_listen(self.config, source)
+            if problems:
+                raise StartupError(problems, EX_CONFIG)
+            return self._supervise()
+        finally:
+            for slot in self.slots:
+                _close_error_fd(slot)
+            os.close(lock_fd)
+
+    def _supervise(self) -> int:
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         try:
             for slot in self.slots:
@@ -75,7 +115,7 @@ class Supervisor:
                 if self.stopping:
                     if not any(s.pid for s in self.slots):
                         log.info("supervisor: all workers stopped")
-                        return 0
+                        return self.exit_code
                     if time.monotonic() >= self.kill_at:
                         for slot in self.slots:
                             if slot.pid:
@@ -99,14 +139,17 @@ class Supervisor:
     def _on_signal(self, signo: int) -> None:
         if signo in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
             log.info("supervisor: %s, stopping workers", signal.Signals(signo).name)
-            self.stopping = True
-            self.kill_at = time.monotonic() + self.config.server.shutdown_timeout + KILL_MARGIN
-            for slot in self.slots:
-                slot.restart_at = None
-                if slot.pid:
-                    _kill(slot.pid, signal.SIGTERM)
+            self._stop()
         elif signo == signal.SIGHUP and not self.stopping:
             self._reload()
+
+    def _stop(self) -> None:
+        self.stopping = True
+        self.kill_at = time.monotonic() + self.config.server.shutdown_timeout + KILL_MARGIN
+        for slot in self.slots:
+            slot.restart_at = None
+            if slot.pid:
+                _kill(slot.pid, signal.SIGTERM)
 
     def _reload(self) -> None:
         if not self.config_path:
@@ -135,11 +178,21 @@ class Supervisor:
             if slot is None:
                 continue
             slot.pid = 0
+            error = _read_error(slot)
             how = _describe(status)
             if self.stopping:
                 log.info("worker %d (pid %d) %s", slot.index, pid, how)
                 continue
             lived = time.monotonic() - slot.started
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EX_CONFIG:
+                if lived < STABLE_AFTER:
+                    # It could not start; restarting cannot help. Stop the relay.
+                    log.error("worker %d (pid %d) could not start: %s; stopping", slot.index,
+                              pid, error or "configuration error (exit status 78)")
+                    self.exit_code = EX_CONFIG
+                    self._stop()
+                    continue
+                how = f"{how}: {error}" if error else how
             cfg = self.config.server
             if lived >= STABLE_AFTER:
                 slot.backoff = cfg.restart_backoff_min
@@ -158,23 +211,126 @@ class Supervisor:
                 self._spawn(slot, old_mask)
 
     def _spawn(self, slot: _Slot, old_mask: set[signal.Signals]) -> None:
-        pid = os.fork()
+        _close_error_fd(slot)
+        error_r, error_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            pid = os.fork()
+        except BaseException:
+            os.close(error_r)
+            os.close(error_w)
+            raise
         if pid == 0:  # the child
             code = 0
             try:
+                os.close(error_r)
+                for other in self.slots:
+                    _close_error_fd(other)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                 self.worker_main(self.config, self.config_path, slot.index, self.nworkers)
             except ConfigError as e:
-                log.error("worker %d: %s", slot.index, e)
-                code = 78  # EX_CONFIG
+                # The supervisor logs it (once, however many workers fail alike).
+                try:
+                    os.write(error_w, str(e).encode(errors="replace")[:4000])
+                except OSError:
+                    log.error("worker %d: %s", slot.index, e)
+                code = EX_CONFIG
             except BaseException:
                 log.exception("worker %d crashed", slot.index)
                 code = 70  # EX_SOFTWARE
             finally:
                 logging.shutdown()
                 os._exit(code)
+        os.close(error_w)
+        os.set_blocking(error_r, False)
+        slot.error_fd = error_r
         slot.pid = pid
         slot.started = time.monotonic()
+
+
+def lock_spool(spool_path: str) -> int:
+    """Take ``<spool>/relay.lock`` (flock, non-blocking) and write our pid into it; the
+    descriptor, which holds the lock. StartupError when another relay holds it."""
+    path = Path(spool_path) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY, 0o644)
+    except OSError as e:
+        raise StartupError([f"cannot open the lock file {path}: {e.strerror}"]) from None
+    dying_until = None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                os.close(fd)
+                raise StartupError([f"cannot lock {path}: {e.strerror}"]) from None
+        holder = _lock_holder(fd)
+        if not holder.isdigit() or (int(holder) != os.getpid() and _alive(int(holder))):
+            os.close(fd)
+            raise StartupError(
+                [f"spool {spool_path} is in use by another relay (pid {holder})"], EX_TEMPFAIL
+            )
+        # Its supervisor is gone but a worker still holds the lock: after a kill -9 of
+        # the whole process group the workers are still exiting (one may be finishing
+        # an fdatasync). Give them a moment; orphans that keep running keep the spool.
+        now = time.monotonic()
+        if dying_until is None:
+            dying_until = now + DYING_GRACE
+        if now >= dying_until:
+            os.close(fd)
+            raise StartupError(
+                [f"spool {spool_path} is in use by another relay (pid {holder}, which has "
+                 "exited; its workers still run)"], EX_TEMPFAIL
+            )
+        time.sleep(0.02)
+    # Write first, then cut: a reader never sees an empty file once a pid was in it
+    # (the new pid ends with a newline, so its first line is always ours).
+    data = f"{os.getpid()}\n".encode()
+    os.pwrite(fd, data, 0)
+    os.ftruncate(fd, len(data))
+    return fd
+
+
+def _lock_holder(fd: int, wait: float = 1.0) -> str:
+    """The pid in a lock file someone else holds; it writes it just after locking, so a
+    brand-new file may be empty for a moment."""
+    deadline = time.monotonic() + wait
+    while True:
+        first = os.pread(fd, 64, 0).split(b"\n", 1)[0].strip()
+        if first.isdigit():
+            return first.decode()
+        if time.monotonic() >= deadline:
+            return "unknown"
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_error(slot: _Slot) -> str:
+    """What the worker wrote on its error pipe before exiting (it has exited: all of it
+    is there), and close the pipe."""
+    if slot.error_fd < 0:
+        return ""
+    chunks = []
+    with contextlib.suppress(OSError):
+        while chunk := os.read(slot.error_fd, 4096):
+            chunks.append(chunk)
+    _close_error_fd(slot)
+    return b"".join(chunks).decode(errors="replace").strip()
+
+
+def _close_error_fd(slot: _Slot) -> None:
+    if slot.error_fd >= 0:
+        os.close(slot.error_fd)
+        slot.error_fd = -1
 
 
 def _kill(pid: int, signo: int) -> None:
