@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import dns.asyncbackend
 import dns.asyncresolver
 import dns.exception
+import dns.name
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
@@ -74,6 +75,9 @@ class _Negative:
 
 
 _Answer = list[tuple[int, str]] | list[str] | _Negative | ResolveError
+#: dnspython's errors for a name that cannot be put in a query at all.
+_BAD_NAME = (dns.name.NameTooLong, dns.name.LabelTooLong, dns.name.EmptyLabel,
+             dns.name.BadEscape, dns.name.IDNAException)
 
 
 class Resolver:
@@ -130,9 +134,16 @@ class Resolver:
             )
         except dns.resolver.NXDOMAIN:
             answer, ttl = _Negative(nxdomain=True), self.negative_ttl
-        except (dns.resolver.NoNameservers, dns.exception.Timeout,
-                dns.resolver.LifetimeTimeout) as e:
-            answer = ResolveError(f"DNS lookup of {key[0]} failed: {type(e).__name__}",
+        except _BAD_NAME as e:
+            # A name no DNS query can carry (a label over 63 octets, an empty label, a
+            # bad escape in an MX target): no retry will ever resolve it.
+            answer = ResolveError(f"{key[0][:300]} is not a valid domain name: "
+                                  f"{type(e).__name__}", permanent=True, enhanced="5.1.2")
+            ttl = self.negative_ttl
+        except dns.exception.DNSException as e:
+            # SERVFAIL/REFUSED from every server, timeouts, and whatever else a broken or
+            # hostile DNS server can make dnspython raise: worth another try later.
+            answer = ResolveError(f"DNS lookup of {key[0][:300]} failed: {type(e).__name__}",
                                   permanent=False, enhanced="4.4.3")
             self._cache[key] = (now + self.error_ttl, answer)
             return answer

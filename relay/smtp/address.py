@@ -174,6 +174,21 @@ def _check_literal(literal: str) -> None:
         raise AddressError(f"invalid IPv4 address literal {literal!r}") from None
 
 
+#: RFC 1035 2.3.4 / RFC 5321 4.5.3.1.2: a label at most 63 octets, a domain at most 255.
+LABEL_MAX, DOMAIN_MAX = 63, 255
+
+
+def _check_domain(domain: str) -> None:
+    """An address literal's syntax, or a domain's sizes: a name DNS cannot carry is
+    refused here rather than bounced later."""
+    if domain.startswith("["):
+        _check_literal(domain)
+        return
+    raw = domain.encode("utf-8", "surrogateescape")
+    if len(raw) > DOMAIN_MAX or any(len(label) > LABEL_MAX for label in raw.split(b".")):
+        raise AddressError(f"domain too long for DNS {domain[:80]!r}")
+
+
 def parse_mailbox(text: str, *, smtputf8: bool = False) -> Mailbox:
     """Parse a bare ``local@domain`` (no brackets, no route)."""
     _check_ascii(text, smtputf8)
@@ -181,8 +196,7 @@ def parse_mailbox(text: str, *, smtputf8: bool = False) -> Mailbox:
     if not m:
         raise AddressError(f"invalid mailbox {text!r}")
     local, domain = m.group(1), m.group(2)
-    if domain.startswith("["):
-        _check_literal(domain)
+    _check_domain(domain)
     return Mailbox(local, domain)
 
 
@@ -219,8 +233,7 @@ def parse_path(
     if not m:
         raise AddressError(f"invalid path {text!r}")
     adl, local, domain = m.group(1), m.group(2), m.group(3)
-    if domain.startswith("["):
-        _check_literal(domain)
+    _check_domain(domain)
     route = tuple(d[1:] for d in adl.split(",")) if adl else ()
     return Mailbox(local, domain, route)
 

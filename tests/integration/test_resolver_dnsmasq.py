@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from relay.config import OutboundConfig, Route, Throttle
@@ -108,6 +109,18 @@ async def test_timeout_is_transient():
         else:
             raise AssertionError("timeout must raise")
     sock.close()
+
+
+@pytest.mark.parametrize("name", ["a" * 64 + ".test", "a..b.test", ("a" * 60 + ".") * 5 + "test",
+                                  "bad\\999escape.test"])
+async def test_a_name_no_query_can_carry_is_permanent(name: str) -> None:
+    """A recipient domain (or MX target) that dnspython cannot even encode bounces (5.1.2)
+    instead of raising out of the delivery; no query is sent."""
+    r = Resolver(["127.0.0.1:9"], timeout=0.3)
+    with trio.fail_after(5):
+        with pytest.raises(ResolveError) as info:
+            await r.mx(name)
+        assert info.value.permanent and info.value.enhanced == "5.1.2"
 
 
 async def test_ttl_cache_counts_queries(dnsmasq, mock_clock):

@@ -70,6 +70,8 @@ def test_valid_paths(path: str, local: str, domain: str) -> None:
         "<user@exa_mple.com>",
         "<@a.example:user@b.example:x>",
         "<>",
+        "<user@" + "a" * 64 + ".example>",  # a label DNS cannot carry
+        "<user@" + "abcdefghij." * 23 + "example>",  # 256 octets
     ],
 )
 def test_invalid_paths(path: str) -> None:
@@ -221,3 +223,11 @@ def test_notify_and_orcpt() -> None:
     for bad in [None, "", "rfc822", "rfc822;", ";a@b", "rfc 822;a@b", "rfc822;a+zz"]:
         with pytest.raises(ValueError):
             parse_orcpt(bad)
+
+
+def test_longest_label_and_domain_are_accepted() -> None:
+    label = "a" * 63
+    assert parse_path(f"<u@{label}.example>") is not None
+    domain = ("abcdefghi." * 25)[:247] + "example"  # 254 octets
+    assert len(domain) <= 255
+    assert parse_path(f"<u@{domain}>") is not None
