@@ -131,6 +131,11 @@ class DeliveryEngine:
         self._prefetched: dict[tuple[str, str], tuple[Envelope, bytes]] = {}
         self._prefetched_bytes = 0
         self.destinations: dict[str, Destination] = {}
+        #: (job, destination key) waiting to be handed to the key's owner (``_hand_over``).
+        self._handovers: list[tuple[DeliveryJob, str]] = []
+        #: The worker (shard) owning a destination key, cached: asked for every job.
+        self._owner = functools.lru_cache(maxsize=16384)(
+            functools.partial(_owner_of, nshards=nshards))
         #: (queue_id, domain) of jobs held in memory (claimed, not yet completed).
         self._held: set[tuple[str, str]] = set()
         self._offset = time.time()
@@ -313,7 +318,7 @@ class DeliveryEngine:
 
     async def _dispatch_resolved(self, job: DeliveryJob) -> None:
         try:
-            dest_key = await self.router.destination_key(job.domain)
+            dest_key = await self.router.destination_key(job.domain, job.shard_key)
         except Exception:
             log.exception("cannot find the destination of %s; delivering it by its domain",
                           job.domain)
@@ -325,8 +330,12 @@ class DeliveryEngine:
 
     def _place(self, job: DeliveryJob, dest_key: str,
                overflow: list[tuple[DeliveryJob, float]]) -> None:
-        """Hand a held job to its destination (created on demand), or to ``overflow``."""
+        """Hand a held job to its destination (created on demand), or to ``overflow``,
+        or, when another worker owns that destination, over to that worker."""
         assert self._nursery is not None
+        if self._owner(dest_key) != self.shard:
+            self._hand_over(job, dest_key)
+            return
         dest = self.destinations.get(dest_key)
         if dest is not None and not dest.closed and len(dest.queue) >= self.max_per_destination:
             # A backlogged (throttled/slow) destination must not fill the engine's memory
@@ -341,6 +350,29 @@ class DeliveryEngine:
             self.destinations[dest_key] = dest
             self._nursery.start_soon(self._run_destination, dest)
         dest.enqueue(job)
+
+    def _hand_over(self, job: DeliveryJob, dest_key: str) -> None:
+        """Queue ``job`` for the worker owning ``dest_key`` (principle 4: a destination's
+        limits live in one process). Batched: one spool transaction for every hand-over
+        of the moment, then a wake-up datagram to the owners."""
+        assert self._nursery is not None
+        self._handovers.append((job, dest_key))
+        if len(self._handovers) == 1:
+            self._nursery.start_soon(self._flush_handovers)
+
+    async def _flush_handovers(self) -> None:
+        await trio.lowlevel.checkpoint()  # let the rest of this round join the batch
+        moves, self._handovers = self._handovers, []
+        try:
+            await trio.to_thread.run_sync(self.spool.hand_over, moves, self.now())
+        except Exception:
+            log.exception("handing %d jobs to their owners failed; they come back with "
+                          "their lease", len(moves))
+        for job, _key in moves:
+            self._finish(job)
+        owners = {self._owner(key) for _job, key in moves}
+        if self.waker is not None:
+            self.waker.notify(owners)
 
     def _release(self, overflow: list[tuple[DeliveryJob, float]]) -> None:
         """(Worker thread) Put claimed-but-unwanted jobs back, unchanged but for ``due``,
@@ -568,6 +600,10 @@ class DeliveryEngine:
             shards.discard(self.shard)
         if shards and self.waker is not None:
             self.waker.notify(shards)
+
+
+def _owner_of(dest_key: str, nshards: int) -> int:
+    return shard_of(dest_key, nshards)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -104,15 +104,17 @@ class Router:
         self._needs_dns[domain] = needs
         return needs
 
-    async def destination_key(self, domain: str) -> str:
-        """Domain, or its primary MX host when ``mx_rollup`` applies (DNS errors: domain)."""
+    async def destination_key(self, domain: str, fallback: str | None = None) -> str:
+        """Domain, or its primary MX host when ``mx_rollup`` applies. When the MX lookup
+        fails: ``fallback`` (the key the job was last sharded by, so a DNS hiccup does
+        not bounce it between workers), else the domain."""
         domain = domain.lower().rstrip(".")
         if not self.key_needs_dns(domain):
             return domain
         try:
             mxs = await self.resolver.mx(domain)
         except ResolveError:
-            return domain
+            return fallback or domain
         # Stable choice among equal preferences: lowest preference, then name.
         best = min(mxs, key=lambda m: (m.preference, m.name))
         return best.name

@@ -39,8 +39,9 @@ Keys are bytes; ``qid`` is the ASCII queue id (18 chars, time-sortable, see
     the jobs of a message are adjacent (prefix ``qid + b"\\0"``), which is how
     ``complete`` sees that a message is finished (no job left -> delete ``msg``/``env``).
 ``sched``
-    ``u32be(crc32(domain)) + u64be(due in ms) + qid + b"\\0" + domain`` -> ``b""``.
-    The scheduler index: per domain hash, the jobs in due order. Every job has exactly
+    ``u32be(crc32(key)) + u64be(due in ms) + qid + b"\\0" + domain`` -> ``b""``, where
+    ``key`` is the job's ``shard_key`` if set, else its domain (``job_hash``).
+    The scheduler index: per hash, the jobs in due order. Every job has exactly
     one entry, derived from its stored ``due`` (always recomputed from the job record).
 ``dsched``
     ``u64be(earliest due in ms) + u32be(crc32(domain))`` -> ``b""``: one entry per
@@ -54,6 +55,11 @@ Keys are bytes; ``qid`` is the ASCII queue id (18 chars, time-sortable, see
     migration; and a huge due backlog of one domain (a throttled big provider) costs
     the other workers one ``dsched`` step, not one step per job. ``next_due`` is the
     first ``dsched`` entry of the shard.
+
+    A destination that spans domains (a provider rollup) is owned by the worker of its
+    key's hash: the worker that claims such a job elsewhere hands it over
+    (``hand_over``: ``shard_key`` = the destination key, re-indexed, due now), so each
+    destination's limits live in exactly one process.
 
 Leases instead of locks
 -----------------------
@@ -79,6 +85,7 @@ from relay.spool.store import (
     Spool,
     SpoolError,
     SpoolVersionError,
+    job_hash,
     shard_hash,
     shard_of,
 )
@@ -106,6 +113,7 @@ __all__ = [
     "SpoolClosed",
     "SpoolError",
     "SpoolVersionError",
+    "job_hash",
     "new_queue_id",
     "queue_id_time",
     "shard_hash",

@@ -83,3 +83,7 @@ class DeliveryJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: PID of the worker holding the delivery lease (set by ``Spool.due_jobs``, cleared by
     #: ``Spool.complete``). While set, ``due`` is the lease expiry, not a retry time.
     claimed_by: int | None = None
+    #: The destination key the job is sharded by when it is not its domain (a provider
+    #: rollup): set by ``Spool.hand_over``, so the one worker owning that destination
+    #: delivers it and that destination's limits hold at any worker count.
+    shard_key: str | None = None

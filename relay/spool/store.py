@@ -42,6 +42,7 @@ __all__ = [
     "Spool",
     "SpoolError",
     "SpoolVersionError",
+    "job_hash",
     "shard_hash",
     "shard_of",
 ]
@@ -124,6 +125,12 @@ class MessageNotFound(SpoolError, KeyError):
 def shard_hash(domain: str) -> int:
     """The stable 32-bit hash of a routing domain (crc32 of its lower-cased UTF-8)."""
     return zlib.crc32(domain.lower().encode("utf-8", "surrogatepass"))
+
+
+def job_hash(job: DeliveryJob) -> int:
+    """The hash a job is indexed (and so owned) by: its ``shard_key`` when a worker handed
+    it to the owner of its destination (``Spool.hand_over``), else its domain."""
+    return shard_hash(job.shard_key or job.domain)
 
 
 def shard_of(domain: str, nshards: int) -> int:
@@ -622,7 +629,7 @@ class Spool:
         done = set(c.delivered)
         done.update(c.failed)
         job = _job_decode(raw)
-        h = shard_hash(job.domain)
+        h = job_hash(job)
         idx.remove(h, job.due, jk)
         remaining = [i for i in job.recipients if i not in done]
         if remaining:
@@ -685,10 +692,39 @@ class Spool:
                     continue
                 if job.due <= now:
                     continue
-                self._make_due(txn, idx, jk, job, shard_hash(job.domain), now)
+                self._make_due(txn, idx, jk, job, job_hash(job), now)
                 count += 1
             idx.finish()
         return count
+
+    def hand_over(self, moves: Sequence[tuple[DeliveryJob, str]], now: float | None = None
+                  ) -> int:
+        """Give claimed jobs to the worker that owns their destination: each job is
+        re-indexed under ``shard_hash(key)`` (its ``shard_key``), due ``now``, unclaimed,
+        in one synced transaction. Not an attempt. Jobs that changed since the caller
+        claimed them (completed, deleted, re-claimed) are skipped; returns how many moved.
+        """
+        due = time.time() if now is None else now
+        moved = 0
+        with self._env.begin(write=True) as txn:
+            idx = _Index(self, txn)
+            for claimed, key in moves:
+                jk = _job_key(claimed.queue_id.encode("ascii"), claimed.domain)
+                raw = txn.get(jk, db=self._job)
+                if raw is None:
+                    continue
+                job = _job_decode(raw)
+                if job.claimed_by != claimed.claimed_by or job.due != claimed.due:
+                    continue
+                idx.remove(job_hash(job), job.due, jk)
+                job.shard_key = None if key == job.domain else key
+                job.due = due
+                job.claimed_by = None
+                txn.put(jk, _job_encode(job), db=self._job)
+                idx.add(job_hash(job), due, jk)
+                moved += 1
+            idx.finish()
+        return moved
 
     def _make_due(self, txn: lmdb.Transaction, idx: _Index, jk: bytes, job: DeliveryJob,
                   h: int, due: float) -> None:
@@ -711,7 +747,7 @@ class Spool:
             idx = _Index(self, txn)
             jobs = self._jobs_of(txn, qid)
             for jk, job in jobs:
-                idx.remove(shard_hash(job.domain), job.due, jk)
+                idx.remove(job_hash(job), job.due, jk)
                 txn.delete(jk, db=self._job)
             idx.finish()
             had_msg = txn.delete(qid, db=self._msg)
@@ -738,7 +774,7 @@ class Spool:
                 job = _job_decode(v)
                 if job.claimed_by is None:
                     continue
-                h = shard_hash(job.domain)
+                h = job_hash(job)
                 if shard is not None and h % nshards != shard:
                     continue
                 if only_dead and _pid_alive(job.claimed_by):
@@ -774,7 +810,7 @@ class Spool:
                     problems.append(f"job {jk!r}: message or envelope missing")
                 elif not job.recipients or max(job.recipients) >= envs[qid]:
                     problems.append(f"job {jk!r}: bad recipient indexes {job.recipients}")
-                h = shard_hash(job.domain)
+                h = job_hash(job)
                 expected_sched.add(_sched_key(job.due, h, jk))
                 first_due[h] = min(first_due.get(h, _due_ms(job.due)), _due_ms(job.due))
             sched = {bytes(k) for k in txn.cursor(self._sched).iternext(values=False)}

@@ -84,10 +84,11 @@ def leap_clock() -> trio.testing.MockClock:
 
     Not ``autojump_threshold=0``: LMDB calls run in threads, and while one runs trio sees
     every task blocked, so a zero threshold would leap virtual time on every idle loop
-    turn (seconds per fsync). A 20 ms real-time threshold leaps only when the engine
-    really waits for its next due job; the engine's poll interval is set long so each
-    retry costs one leap."""
-    return trio.testing.MockClock(autojump_threshold=0.02)
+    turn (seconds per fsync). An 80 ms real-time threshold leaps only when the engine
+    really waits for its next due job, even on a loaded machine where an fsync can take
+    tens of milliseconds (20 ms made the schedule tests flaky under load); the engine's
+    poll interval is set long so each retry costs one leap."""
+    return trio.testing.MockClock(autojump_threshold=0.08)
 
 
 def queue_empty(spool: Spool) -> bool:

@@ -420,3 +420,26 @@ def test_readonly_view_beside_a_running_writer(tmp_path):
         assert parent.recv() == (3, sorted(m.envelope.queue_id for m in msgs), [])
         p.join(30)
         s.store_batch([make_msg("b@x.example")])  # the writer is unaffected
+
+
+def test_hand_over_moves_a_job_to_the_owner_of_its_destination(spool):
+    """A claimed job handed over to destination key K is due at once for the shard that
+    owns K (and for no other), keeps that shard through retries, and a job that changed
+    since it was claimed is not moved."""
+    nshards = 3
+    domain = next(f"d{i}.example" for i in range(50) if shard_of(f"d{i}.example", 3) == 0)
+    key = next(f"mx{i}.example" for i in range(50) if shard_of(f"mx{i}.example", 3) == 2)
+    spool.store_batch([make_msg(f"a@{domain}"), make_msg(f"b@{domain}")])
+    now = time.time() + 0.01
+    first, second = spool.due_jobs(now, 0, nshards, limit=10)
+    spool.complete(second.queue_id, second.domain, deferred=[0], next_due=now)  # changed
+    assert spool.hand_over([(first, key), (second, key)], now) == 1
+    # The changed one stayed with shard 0; the moved one is shard 2's alone.
+    assert [j.queue_id for j in spool.due_jobs(now, 0, nshards, 10)] == [second.queue_id]
+    assert spool.due_jobs(now, 1, nshards, 10) == []
+    [moved] = spool.due_jobs(now, 2, nshards, 10)
+    assert (moved.queue_id, moved.shard_key, moved.attempts) == (first.queue_id, key, 0)
+    spool.complete(moved.queue_id, moved.domain, deferred=[0], next_due=now + 5,
+                   attempts=1)
+    assert [j.queue_id for j in spool.due_jobs(now + 6, 2, nshards, 10)] == [first.queue_id]
+    assert spool.verify() == []
