@@ -27,7 +27,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from relay.syntax import ascii_int
+from relay.model import ascii_int
 
 __all__ = [
     "AuthUser",

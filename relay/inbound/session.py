@@ -33,10 +33,11 @@ from typing import Literal
 
 import trio
 
-from relay.config import Config
+from relay.config import Config, InboundConfig
 from relay.events import EventLog, Reception
 from relay.inbound.auth import Authenticator
 from relay.inbound.headers import has_message_id, hop_count, lowered_header_section, trace_headers
+from relay.model import Envelope
 from relay.smtp import (
     NEED_DATA,
     AuthRequested,
@@ -52,10 +53,9 @@ from relay.smtp import (
 )
 from relay.smtp.replies import internal_error
 from relay.spool import GroupCommitWriter, NewMessage
-from relay.spool.records import Envelope
 from relay.wire import Wire
 
-__all__ = ["InboundContext", "SessionRegistry", "serve_session"]
+__all__ = ["InboundContext", "SessionRegistry", "serve_session", "server_settings"]
 
 log = logging.getLogger("relay.inbound")
 
@@ -110,7 +110,7 @@ class InboundContext:
         ssl_context: ssl.SSLContext | None,
     ) -> InboundContext:
         hostname = config.server.resolved_hostname()
-        settings = ServerSettings.from_config(
+        settings = server_settings(
             config.inbound, hostname=hostname, tls_available=ssl_context is not None
         )
         return cls(
@@ -144,6 +144,24 @@ class InboundContext:
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         return any(ip in net for net in self.networks)
+
+
+def server_settings(config: InboundConfig, *, hostname: str,
+                    tls_available: bool) -> ServerSettings:
+    """The protocol core's settings from the ``[inbound]`` config section. AUTH is enabled
+    when accounts are configured; ``tls_available`` is for the caller to say (cert and
+    key loaded)."""
+    return ServerSettings(
+        hostname=hostname,
+        max_message_size=config.max_message_bytes(),
+        max_recipients=config.max_recipients,
+        max_line_length=config.max_line_length,
+        max_errors=config.max_errors,
+        tls_available=tls_available,
+        allow_plaintext_auth=config.allow_plaintext_auth,
+        auth_enabled=bool(config.auth_users),
+        bare_newline=config.bare_newline,
+    )
 
 
 def _watch_tick(config: Config) -> float:

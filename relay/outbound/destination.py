@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING
 import trio
 
 from relay.config import Throttle
+from relay.model import DeliveryJob, Envelope
 from relay.outbound.resolver import ResolveError
 from relay.outbound.routing import Hop
 from relay.outbound.session import ClientSession, SessionError, SessionPolicy, open_session
 from relay.outbound.throttle import TokenBucket, backoff_delay, rate_from_config
 from relay.smtp.client import LOOP_STATUS, RecipientOutcome
-from relay.spool.records import DeliveryJob, Envelope
 
 if TYPE_CHECKING:
     from relay.outbound.engine import DeliveryEngine

@@ -35,7 +35,7 @@ from typing import Literal
 
 import msgspec
 
-from relay.spool.records import Envelope, NewMessage, Recipient
+from relay.model import Envelope, NewMessage, Recipient
 
 __all__ = ["MAX_FULL_RETURN", "FailedRecipient", "build_dsn", "dsn_wanted"]
 

@@ -51,6 +51,7 @@ import trio
 
 from relay.config import Config, parse_hostport
 from relay.events import Bounce, Delivery, Event, EventLog, Expiration, TransientFailure
+from relay.model import ascii_int
 from relay.outbound.destination import Destination
 from relay.outbound.dsn import FailedRecipient, build_dsn
 from relay.outbound.resolver import Resolver
@@ -70,7 +71,6 @@ from relay.spool import (
     new_queue_id,
     shard_of,
 )
-from relay.syntax import ascii_int
 
 __all__ = ["DeliveryEngine"]
 

@@ -50,6 +50,7 @@ from typing import Literal
 import msgspec
 import trio
 
+from relay.model import Envelope
 from relay.smtp.client import (
     LOOP_STATUS,
     Phase,
@@ -59,7 +60,6 @@ from relay.smtp.client import (
     reply_text,
 )
 from relay.smtp.replies import Reply
-from relay.spool.records import Envelope
 from relay.wire import Wire, tune_socket
 
 __all__ = [

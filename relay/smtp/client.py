@@ -71,14 +71,10 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from typing import Literal
 
-import msgspec
-
+from relay.model import Envelope, RecipientOutcome, ascii_int
 from relay.smtp.address import format_orcpt, xtext_encode
 from relay.smtp.replies import Reply, ReplyParseError, parse_reply
-from relay.spool.records import Envelope
-from relay.syntax import ascii_int
 
 __all__ = [
     "LOOP_STATUS",
@@ -113,34 +109,6 @@ def reply_line(reply: Reply) -> str:
     if reply.status:
         return f"{reply.code} {reply.status} {reply_text(reply)}".rstrip()
     return f"{reply.code} {reply_text(reply)}".rstrip()
-
-
-class RecipientOutcome(msgspec.Struct, frozen=True):
-    """What happened to one recipient in one transaction.
-
-    ``index`` points into ``Envelope.recipients``. ``code``/``enhanced``/``text`` are the
-    remote reply that decided it, or a local one (``421 4.4.2 lost connection ...``,
-    ``552 5.3.4 message too big ...``) when the failure never reached the server.
-    """
-
-    index: int
-    code: int
-    enhanced: str | None
-    text: str
-
-    @property
-    def kind(self) -> Literal["delivered", "transient", "permanent"]:
-        if 200 <= self.code < 300:
-            return "delivered"
-        if 500 <= self.code < 600:
-            return "permanent"
-        return "transient"
-
-    @property
-    def reply_line(self) -> str:
-        if self.enhanced:
-            return f"{self.code} {self.enhanced} {self.text}".rstrip()
-        return f"{self.code} {self.text}".rstrip()
 
 
 class Phase(enum.Enum):

@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from relay.model import Recipient
 from relay.smtp.address import Mailbox
-from relay.spool.records import Recipient
 
 __all__ = [
     "NEED_DATA",

@@ -74,8 +74,8 @@ import enum
 import functools
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from relay.model import Recipient, ascii_int
 from relay.smtp import replies as R
 from relay.smtp.address import (
     AddressError,
@@ -100,11 +100,6 @@ from relay.smtp.events import (
     StartTLSRequested,
 )
 from relay.smtp.replies import Reply
-from relay.spool.records import Recipient
-from relay.syntax import ascii_int
-
-if TYPE_CHECKING:
-    from relay.config import InboundConfig
 
 __all__ = ["LocalProtocolError", "Phase", "ServerConnection", "ServerSettings"]
 
@@ -153,7 +148,8 @@ class Phase(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
-    """Per-listener protocol settings (see ``relay.config.InboundConfig``)."""
+    """Per-listener protocol settings (``relay.inbound.session.server_settings`` builds
+    them from the ``[inbound]`` config section)."""
 
     hostname: str
     max_message_size: int = 10240000
@@ -174,23 +170,6 @@ class ServerSettings:
         if self.bare_newline not in ("reject", "normalize"):
             raise ValueError("bare_newline must be 'reject' or 'normalize'")
 
-    @classmethod
-    def from_config(
-        cls, config: InboundConfig, *, hostname: str, tls_available: bool
-    ) -> ServerSettings:
-        """Build from the ``[inbound]`` config section. AUTH is enabled when accounts are
-        configured; ``tls_available`` is for the caller to say (cert and key loaded)."""
-        return cls(
-            hostname=hostname,
-            max_message_size=config.max_message_bytes(),
-            max_recipients=config.max_recipients,
-            max_line_length=config.max_line_length,
-            max_errors=config.max_errors,
-            tls_available=tls_available,
-            allow_plaintext_auth=config.allow_plaintext_auth,
-            auth_enabled=bool(config.auth_users),
-            bare_newline=config.bare_newline,
-        )
 
 
 class _Decision(enum.Enum):

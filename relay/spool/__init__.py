@@ -74,8 +74,8 @@ handed to that worker's engine in memory: same record, no second transaction.
 in the same transaction, and clears the claim.
 """
 
+from relay.model import DeliveryJob, Envelope, NewMessage, Recipient
 from relay.spool.queueid import QUEUE_ID_LENGTH, new_queue_id, queue_id_time
-from relay.spool.records import DeliveryJob, Envelope, NewMessage, Recipient
 from relay.spool.store import (
     SCHEMA_VERSION,
     Claimant,

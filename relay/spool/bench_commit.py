@@ -17,8 +17,8 @@ import time
 
 import trio
 
+from relay.model import Envelope, NewMessage, Recipient
 from relay.spool.queueid import new_queue_id
-from relay.spool.records import Envelope, NewMessage, Recipient
 from relay.spool.store import Spool
 from relay.spool.writer import GroupCommitWriter
 

@@ -23,8 +23,8 @@ import lmdb
 import msgspec
 import trio
 
+from relay.model import Completion, DeliveryJob, Envelope, NewMessage
 from relay.spool.queueid import new_queue_id
-from relay.spool.records import DeliveryJob, Envelope, NewMessage
 from relay.spool.views import (
     DomainCount,
     MessageDetail,
@@ -87,23 +87,6 @@ class _RcptHead(msgspec.Struct):
 
 
 _head_decode = msgspec.msgpack.Decoder(_EnvHead).decode
-
-
-class Completion(msgspec.Struct, kw_only=True):
-    """The outcome of one delivery attempt of job (queue_id, domain); see
-    ``Spool.complete`` for the meaning of each field. Batched by ``Spool.complete_many``
-    and ``GroupCommitWriter.submit_completion`` (many completions, one fsync)."""
-
-    queue_id: str
-    domain: str
-    delivered: list[int] = []
-    failed: list[int] = []
-    deferred: list[int] = []
-    next_due: float | None = None
-    attempts: int = 0
-    error: str | None = None
-    first_attempt: float | None = None
-    new_messages: list[NewMessage] = []
 
 
 class SpoolError(Exception):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
-from relay.spool.records import DeliveryJob, Envelope
+from relay.model import DeliveryJob, Envelope
 
 __all__ = ["DomainCount", "MessageDetail", "QueueDomain", "QueueEntry", "QueueStats"]
 

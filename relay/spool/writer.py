@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from relay.spool.records import DeliveryJob, Envelope, NewMessage
+from relay.model import DeliveryJob, Envelope, NewMessage
 from relay.spool.store import (
     Claimant,
     Completion,

@@ -17,13 +17,13 @@ import trio
 import trustme
 
 from bench.sink import Behaviour, Sink
+from relay.model import Envelope, Recipient
 from relay.outbound.session import (
     ClientSession,
     SessionError,
     SessionPolicy,
     open_session,
 )
-from relay.spool.records import Envelope, Recipient
 
 LOOPBACK = "127.0.0.1"
 MX = "mx.test"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from relay.model import Envelope, Recipient
 from relay.smtp.client import Phase, SmtpClient, crlf_lines, dot_stuff
-from relay.spool.records import Envelope, Recipient
 
 EHLO_FULL = (
     b"250-mx.test Hello\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n"

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from relay.inbound.session import server_settings
 from relay.smtp import (
     NEED_DATA,
     AuthRequested,
@@ -1009,7 +1010,7 @@ def test_settings_from_config() -> None:
         b'[inbound]\nmax_message_size = "1MiB"\nmax_recipients = 200\n'
         b'auth_users = [{username = "u", password = "plain$x"}]\n'
     )
-    s = ServerSettings.from_config(cfg.inbound, hostname="h.example", tls_available=True)
+    s = server_settings(cfg.inbound, hostname="h.example", tls_available=True)
     assert s == ServerSettings(
         hostname="h.example",
         max_message_size=1 << 20,

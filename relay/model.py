@@ -1,15 +1,41 @@
-"""Records stored in the spool: the contract between inbound, spool and outbound.
+"""The records every layer shares, and the lexical basics they are read with.
 
-These are msgspec Structs encoded with msgpack into LMDB values. Fields are only ever
-added with defaults (never renamed or retyped) so a spool written by an older version
-still decodes after an upgrade.
+The bottom of the dependency graph: it imports nothing else of ``relay``, so the
+protocol core (``relay.smtp``), the spool, the outcome judgement and the delivery engine
+can all speak in these terms without importing each other.
+
+The spool stores ``Envelope`` and ``DeliveryJob`` as msgpack: fields are only ever added
+with defaults (never renamed or retyped), so a spool written by an older version still
+decodes after an upgrade.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
-__all__ = ["DeliveryJob", "Envelope", "NewMessage", "Recipient"]
+__all__ = [
+    "Completion",
+    "DeliveryJob",
+    "Envelope",
+    "NewMessage",
+    "Recipient",
+    "RecipientOutcome",
+    "ascii_int",
+]
+
+
+def ascii_int(text: str | bytes | None, *, max_digits: int = 20) -> int | None:
+    """The value of ``text`` if it is 1 to ``max_digits`` ASCII digits (no sign, no
+    blanks, no underscores), else None. Never raises.
+
+    ``str.isdigit()`` and ``int()`` accept far more than ASCII digits (``"²".isdigit()``
+    is True yet ``int("²")`` raises; ``int("٣")`` is 3). Wire protocols and config files
+    only have ASCII digits, so every number read from outside goes through this."""
+    if not text or len(text) > max_digits or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
 
 
 class Recipient(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -87,3 +113,51 @@ class DeliveryJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: rollup): set by ``Spool.hand_over``, so the one worker owning that destination
     #: delivers it and that destination's limits hold at any worker count.
     shard_key: str | None = None
+
+
+class RecipientOutcome(msgspec.Struct, frozen=True):
+    """What happened to one recipient in one transaction.
+
+    ``index`` points into ``Envelope.recipients``. ``code``/``enhanced``/``text`` are the
+    remote reply that decided it, or a local one (``421 4.4.2 lost connection ...``,
+    ``552 5.3.4 message too big ...``) when the failure never reached the server.
+    ``ambiguous``: the connection was lost after the end of data was sent and before
+    its reply came: the message may have been delivered.
+    """
+
+    index: int
+    code: int
+    enhanced: str | None
+    text: str
+    ambiguous: bool = False
+
+    @property
+    def kind(self) -> Literal["delivered", "transient", "permanent"]:
+        if 200 <= self.code < 300:
+            return "delivered"
+        if 500 <= self.code < 600:
+            return "permanent"
+        return "transient"
+
+    @property
+    def reply_line(self) -> str:
+        if self.enhanced:
+            return f"{self.code} {self.enhanced} {self.text}".rstrip()
+        return f"{self.code} {self.text}".rstrip()
+
+
+class Completion(msgspec.Struct, kw_only=True):
+    """The outcome of one delivery attempt of job (queue_id, domain); see
+    ``Spool.complete`` for the meaning of each field. Batched by ``Spool.complete_many``
+    and ``GroupCommitWriter.submit_completion`` (many completions, one fsync)."""
+
+    queue_id: str
+    domain: str
+    delivered: list[int] = []
+    failed: list[int] = []
+    deferred: list[int] = []
+    next_due: float | None = None
+    attempts: int = 0
+    error: str | None = None
+    first_attempt: float | None = None
+    new_messages: list[NewMessage] = []
