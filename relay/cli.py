@@ -5,6 +5,10 @@
     relay queue [--config F] stats|list|show ID|retry [ID]|delete ID  [--domain D] [--json]
     relay hash-password            (reads the password from stdin)
 
+``queue stats`` and ``queue list`` print for people (sizes in KiB/MiB, ages like
+``3h12m``; ``list`` looks like Postfix's ``mailq``, ``*`` marking a message with a delivery
+in flight); ``--json`` prints the spool's views (relay.spool.views) for programs.
+
 Errors an operator can cause (a bad config, an unknown queue id) print one line on
 stderr and exit non-zero; they never show a traceback.
 """
@@ -17,10 +21,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from relay.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from relay.spool.views import QueueEntry, QueueStats
 
 __all__ = ["main"]
 
@@ -106,6 +114,93 @@ def _fmt_time(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
+def fmt_size(n: int) -> str:
+    """Bytes for people: ``512 B``, ``1.5 KiB``, ``12.3 MiB`` (binary multiples)."""
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if round(value, 1) < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def fmt_age(seconds: float) -> str:
+    """A duration in its two largest units: ``45s``, ``5m30s``, ``3h12m``, ``2d4h``
+    (a zero second unit is left out: ``3h``, ``2d``)."""
+    s = max(0, int(seconds))
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    for big, big_unit, small, small_unit in (
+        (days, "d", hours, "h"), (hours, "h", minutes, "m"), (minutes, "m", s, "s"),
+    ):
+        if big:
+            return f"{big}{big_unit}{small}{small_unit}" if small else f"{big}{big_unit}"
+    return f"{s}s"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def format_queue_stats(stats: QueueStats) -> str:
+    """``relay queue stats`` for people (``--json`` prints the QueueStats as it is)."""
+    lines = [
+        f"{'Messages:':<16}{stats.messages} ({fmt_size(stats.bytes)})",
+        f"{'Recipients:':<16}{stats.recipients} still to deliver",
+        f"{'Delivery jobs:':<16}{stats.jobs} ({stats.jobs_due} due now, {stats.jobs_deferred} "
+        f"deferred, {stats.jobs_in_flight} in flight)",
+    ]
+    if stats.oldest_arrival is None:
+        lines.append(f"{'Oldest message:':<16}-")
+    else:
+        lines.append(f"{'Oldest message:':<16}{fmt_age(stats.now - stats.oldest_arrival)} old "
+                     f"(arrived {_fmt_time(stats.oldest_arrival)})")
+    if stats.top_domains:
+        rows = [("Top domains", "Messages", "Recipients")] + [
+            (d.domain, str(d.messages), str(d.recipients)) for d in stats.top_domains
+        ]
+        w0 = max(len(r[0]) for r in rows)
+        w1 = max(len(r[1]) for r in rows)
+        w2 = max(len(r[2]) for r in rows)
+        lines.append("")
+        lines += [f"{a:<{w0}}  {b:>{w1}}  {c:>{w2}}" for a, b, c in rows]
+    return "\n".join(lines) + "\n"
+
+
+_LIST_HEADER = f"{'-Queue ID-':<19} {'--Size--':>10} {'-Age-':>6}  -Sender/Recipient-"
+_RCPT_INDENT = " " * (19 + 1 + 10 + 1 + 6 + 2)
+
+
+def format_queue_list(entries: Sequence[QueueEntry], now: float, *, more: bool = False) -> str:
+    """``relay queue list`` for people, like Postfix's ``mailq``: one entry per message
+    (queue id, ``*`` when a delivery is in flight, size, age, sender), each recipient
+    still to deliver below it with the last transient reply in parentheses, then
+    ``-- N KiB in M messages.`` An empty list is ``Mail queue is empty``."""
+    if not entries:
+        return "Mail queue is empty\n"
+    lines = [_LIST_HEADER]
+    total = 0
+    for e in entries:
+        total += e.size
+        flag = "*" if any(d.in_flight for d in e.domains) else ""
+        lines.append(f"{e.queue_id + flag:<19} {fmt_size(e.size):>10} "
+                     f"{fmt_age(now - e.arrival):>6}  {e.sender or '<>'}")
+        for d in e.domains:
+            reply = f" ({' '.join(d.last_error.split())})" if d.last_error else ""
+            lines += [f"{_RCPT_INDENT}{rcpt}{reply}" for rcpt in d.pending]
+        lines.append("")
+    kib = -(-total // 1024)
+    count = _plural(len(entries), "message")
+    if more:
+        lines.append(f"-- {kib} KiB in {count} shown; more are queued (raise --limit).")
+    else:
+        lines.append(f"-- {kib} KiB in {count}.")
+    return "\n".join(lines) + "\n"
+
+
 def cmd_queue(args: argparse.Namespace) -> int:
     config = _load(args.config)
     spool = _open_spool(config)
@@ -115,49 +210,55 @@ def cmd_queue(args: argparse.Namespace) -> int:
         spool.close()
 
 
+def _no_such_message(queue_id: str) -> CliError:
+    return CliError(f"{queue_id}: no such message in the queue", EX_DATAERR)
+
+
 def _queue_action(spool, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
     action = args.action
+    # Queue ids are ASCII; anything else cannot be in the queue (and must not reach the
+    # spool's ASCII key encoding as a traceback).
+    if action in ("show", "retry", "delete") and args.queue_id and not args.queue_id.isascii():
+        raise _no_such_message(args.queue_id)
     if action == "stats":
         stats = spool.stats()
         if args.json:
             _print_json(stats)
         else:
-            for name in stats.__struct_fields__:
-                value = getattr(stats, name)
-                if isinstance(value, (list, dict)):
-                    continue
-                print(f"{name:>20}: {value}")
-            top = getattr(stats, "top_domains", None)
-            if top:
-                print("         top domains:")
-                for item in top:
-                    print(f"    {item}")
+            sys.stdout.write(format_queue_stats(stats))
         return 0
     if action == "list":
-        entries = spool.list_messages(domain=args.domain, limit=args.limit)
         if args.json:
-            _print_json(entries)
+            _print_json(spool.list_messages(domain=args.domain, limit=args.limit))
             return 0
-        for e in entries:
-            print(msgspec.json.encode(e).decode())
+        if args.limit < 1:
+            raise CliError("queue list --limit must be at least 1", EX_USAGE)
+        entries = spool.list_messages(domain=args.domain, limit=args.limit + 1)
+        more = len(entries) > args.limit
+        if not entries and args.domain:
+            print(f"No mail for {args.domain} in the queue")
+            return 0
+        sys.stdout.write(format_queue_list(entries[: args.limit], time.time(), more=more))
         return 0
     if action == "show":
         if not args.queue_id:
             raise CliError("queue show needs a queue id", EX_USAGE)
         entry = spool.show(args.queue_id)
         if entry is None:
-            raise CliError(f"{args.queue_id}: no such message in the queue", EX_DATAERR)
+            raise _no_such_message(args.queue_id)
         _print_json(entry)
         return 0
     if action == "retry":
         n = spool.retry_now(queue_id=args.queue_id, domain=args.domain)
+        if n == 0 and args.queue_id and spool.show(args.queue_id) is None:
+            raise _no_such_message(args.queue_id)
         print(f"{n} delivery job(s) scheduled for immediate retry")
         return 0
     if action == "delete":
         if not args.queue_id:
             raise CliError("queue delete needs a queue id", EX_USAGE)
         if not spool.delete(args.queue_id):
-            raise CliError(f"{args.queue_id}: no such message in the queue", EX_DATAERR)
+            raise _no_such_message(args.queue_id)
         print(f"{args.queue_id}: deleted")
         return 0
     raise CliError(f"unknown queue action {action!r}", EX_USAGE)

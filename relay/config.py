@@ -5,8 +5,15 @@ A config file is TOML. Every section has defaults, so an empty file is a valid c
 keys are errors: a typo in a throttle name must not silently fall back to a default.
 
 ``load_config(path)`` returns a ``Config`` or raises ``ConfigError`` whose message names the
-file and the dotted key (``conf/relay.toml: inbound.max_recipients: Expected `int`, got
-`str```), which is what ``relay check-config`` and a failed SIGHUP reload print.
+file and the key as TOML spells it, in plain words (``conf/relay.toml:
+inbound.max_recipients: expected an integer, got a string``, ``conf/relay.toml:
+outbound.domains."gmail.com".tls: must be one of "off", "opportunistic", "required" (got
+"yes")``), which is what ``relay check-config`` and a failed SIGHUP reload print.
+
+Relative paths in a file (``spool.path``, ``log.events``, ``inbound.tls_cert``,
+``inbound.tls_key``) are relative to the directory of that file, so the queue commands
+work from any directory: ``load_config`` makes them absolute. ``decode_config`` has no
+file and leaves them as they are (relative to the current directory).
 
 Names and defaults follow Postfix where Postfix has an equivalent (``smtpd_recipient_limit``
 -> ``inbound.max_recipients = 1000``, ``message_size_limit`` -> ``inbound.max_message_size``,
@@ -17,15 +24,19 @@ Names and defaults follow Postfix where Postfix has an equivalent (``smtpd_recip
 from __future__ import annotations
 
 import binascii
+import difflib
 import ipaddress
+import json
 import logging
 import os
 import re
 import socket
+import types
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import msgspec
+import msgspec.structs
 
 from relay.model import ascii_int
 
@@ -158,7 +169,8 @@ class InboundConfig(_Base):
     #: slower client (byte trickling) gets 421 4.4.2.
     min_data_rate: NonNegInt = 1024
     data_rate_window: Seconds = 30.0
-    #: PEM files for STARTTLS; STARTTLS is advertised only when both are set.
+    #: PEM files for STARTTLS; STARTTLS is advertised only when both are set. Relative
+    #: paths are relative to the config file's directory.
     tls_cert: str = ""
     tls_key: str = ""
     #: Offer AUTH on a connection without TLS (Postfix smtpd_tls_auth_only = no).
@@ -188,6 +200,7 @@ class RelayPolicyConfig(_Base):
 class SpoolConfig(_Base):
     """The LMDB queue."""
 
+    #: The spool directory; relative paths are relative to the config file's directory.
     path: str = "var/spool"
     #: LMDB map size: the most the spool may grow to (sparse file; set it large).
     map_size: int | str = "32GiB"
@@ -206,7 +219,7 @@ class LogConfig(_Base):
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     #: JSON-lines event log (Reception, Delivery, TransientFailure, Bounce, Expiration).
-    #: Relative paths are relative to the working directory. "" disables it.
+    #: Relative paths are relative to the config file's directory. "" disables it.
     events: str = "var/log/events.jsonl"
 
 
@@ -321,7 +334,9 @@ def _semantic_checks(cfg: Config) -> None:
         try:
             fn(value)
         except ValueError as e:
-            raise ValueError(f"{key}: {e}") from None
+            # The parsers quote the value the Python way ('5/fortnight'): TOML's way here.
+            text = str(e).replace(repr(value), _toml_value(value)) if value else str(e)
+            raise ValueError(f"{key}: {text}") from None
 
     for i, addr in enumerate(cfg.inbound.listen):
         check(f"inbound.listen[{i}]", parse_hostport, addr)
@@ -334,7 +349,9 @@ def _semantic_checks(cfg: Config) -> None:
     for i, user in enumerate(cfg.inbound.auth_users):
         check(f"inbound.auth_users[{i}].password", _check_password_hash, user.password)
     throttles = {"outbound.default": cfg.outbound.default}
-    throttles.update({f"outbound.domains.{k!r}": v for k, v in cfg.outbound.domains.items()})
+    throttles.update(
+        {_toml_key(["outbound", "domains", k]): v for k, v in cfg.outbound.domains.items()}
+    )
     for key, t in throttles.items():
         for field in ("max_message_rate", "max_connection_rate"):
             value = getattr(t, field)
@@ -397,30 +414,291 @@ def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, in
     return host, port
 
 
-_KEY_RE = re.compile(r"^\$\.?")
-_UNKNOWN_RE = re.compile(r"^Object contains unknown field `(.*)`$")
-
-
 def decode_config(data: bytes | str, source: str = "<config>") -> Config:
-    """Decode and validate TOML text; errors name ``source`` and the dotted key."""
+    """Decode and validate TOML text; errors name ``source`` and the key, in plain words.
+
+    ``decode_config(b'[outbound.default]\\ntls = "yes"\\n', "relay.toml")`` raises
+    ``ConfigError('relay.toml: outbound.default.tls: must be one of "off",
+    "opportunistic", "required" (got "yes")')``. Paths are returned as written.
+    """
     try:
         cfg = msgspec.toml.decode(data, type=Config)
     except msgspec.ValidationError as e:
-        text, _, where = str(e).rpartition(" - at ")
-        if not text:
-            text, where = where, "$"
-        key = _KEY_RE.sub("", where.strip("`"))
-        unknown = _UNKNOWN_RE.match(text)
-        if unknown:
-            key, text = ".".join(filter(None, [key, unknown.group(1)])), "unknown key"
-        raise ConfigError(f"{source}: {key}: {text}" if key else f"{source}: {text}") from None
+        try:
+            reason = _explain_validation_error(data, str(e))
+        except Exception:  # a bug in the wording must not hide the error (or raise another)
+            reason = str(e)
+        raise ConfigError(f"{source}: {reason}") from None
     except msgspec.DecodeError as e:
-        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+        raise ConfigError(f"{source}: not valid TOML: {e}{_toml_syntax_hint(data, str(e))}"
+                          ) from None
     try:
         _semantic_checks(cfg)
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
     return cfg
+
+
+# -- plain-words errors ----------------------------------------------------------------
+#
+# msgspec reports ``Expected `int | null`, got `str` - at `$.outbound.domains[...].tls```:
+# library type names, and ``[...]`` for a key of a dict. The helpers below find the key
+# (by converting each entry of that dict on its own), read the annotation of the failing
+# field (Literal values, constraints) and say it the way the TOML file spells it.
+
+_BARE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$", re.ASCII)
+_PATH_TOKEN_RE = re.compile(r"\.([^.\[]+)|\[(\d+)\]|\[\.\.\.\]")
+_ANY_KEY = object()  # msgspec's ``[...]``: some key of a dict
+
+#: msgspec's type names -> what a TOML file calls them ("null" has no TOML spelling).
+_TYPE_WORDS = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "array": "an array",
+    "object": "a table",
+    "datetime": "a date-time",
+    "date": "a date",
+    "time": "a time",
+    "null": "nothing",
+}
+_BOUND_WORDS = {">=": "at least", ">": "greater than", "<=": "at most", "<": "less than"}
+
+_EXPECTED_GOT_RE = re.compile(r"^Expected `([^`]+)`, got `([^`]+)`$")
+_BOUND_RE = re.compile(r"^Expected `([^`]+)` (>=|>|<=|<) (\S+)$")
+_LENGTH_RE = re.compile(r"^Expected `([^`]+)` of length (>=|<=) (\d+)$")
+_PATTERN_RE = re.compile(r"^Expected `([^`]+)` matching regex (.*)$")
+_ENUM_RE = re.compile(r"^Invalid enum value ")
+_UNKNOWN_RE = re.compile(r"^Object contains unknown field `(.*)`$")
+_MISSING_RE = re.compile(r"^Object missing required field `(.*)`$")
+
+
+def _toml_str(value: str) -> str:
+    """A TOML basic string (JSON's escapes are TOML's)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _toml_key(parts: list[str | int]) -> str:
+    """``["outbound", "domains", "gmail.com", "tls"]`` -> ``outbound.domains."gmail.com".tls``;
+    list indices as ``[0]``."""
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            key = part if _BARE_KEY_RE.match(part) else _toml_str(part)
+            out += f".{key}" if out else key
+    return out
+
+
+def _toml_value(value: object) -> str:
+    """A scalar as TOML writes it: ``"yes"``, ``3``, ``true``; a table or array by kind."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return _toml_str(value)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return str(value)
+
+
+def _number(text: str) -> str:
+    """``0.0`` -> ``0``, ``2.5`` -> ``2.5``, ``100`` -> ``100``."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return str(int(value)) if value.is_integer() else text
+
+
+def _type_words(spec: str, *, got: bool = False) -> str:
+    """``int | str | null`` -> ``an integer or a string``."""
+    names = [n.strip() for n in spec.split("|")]
+    words = [("a boolean" if got and n == "bool" else _TYPE_WORDS.get(n, f"`{n}`"))
+             for n in names if n != "null"] or ["nothing"]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _unwrap(tp: Any) -> tuple[Any, list[Any]]:
+    """Strip ``Annotated`` and ``None`` from an annotation: (the type, or a list of the
+    union's arms when several remain)."""
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    if get_origin(tp) in (Union, types.UnionType):
+        arms = [_unwrap(a)[0] for a in get_args(tp) if a is not type(None)]
+        if len(arms) == 1:
+            return arms[0], arms
+        return tp, arms
+    return tp, [tp]
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls, include_extras=True)
+
+
+def _child_type(tp: Any, token: object) -> Any:
+    """The annotation one step down: a Struct's field, a list's item, a dict's value."""
+    tp, _ = _unwrap(tp)
+    origin = get_origin(tp)
+    if isinstance(token, str) and isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return _field_types(tp).get(token)
+    if isinstance(token, int) and origin is list:
+        return get_args(tp)[0]
+    if token is _ANY_KEY and origin is dict:
+        return get_args(tp)[1]
+    return None
+
+
+def _child_value(raw: object, token: object) -> object:
+    if isinstance(token, str) and isinstance(raw, dict):
+        return raw.get(token)
+    if isinstance(token, int) and isinstance(raw, list) and token < len(raw):
+        return raw[token]
+    return None
+
+
+def _split_error(message: str) -> tuple[str, list[object]]:
+    """``Expected ... - at `$.a[0][...].b``` -> ("Expected ...", ["a", 0, _ANY_KEY, "b"])."""
+    text, sep, where = message.rpartition(" - at ")
+    if not sep:
+        return message, []
+    tokens: list[object] = []
+    for m in _PATH_TOKEN_RE.finditer(where.strip("`").removeprefix("$")):
+        if m.group(1) is not None:
+            tokens.append(m.group(1))
+        elif m.group(2) is not None:
+            tokens.append(int(m.group(2)))
+        else:
+            tokens.append(_ANY_KEY)
+    return text, tokens
+
+
+def _locate(tp: Any, raw: object, text: str, tokens: list[object]
+            ) -> tuple[list[str | int], str, Any, object]:
+    """Follow msgspec's path through the raw TOML: (keys, msgspec's text, the failing
+    annotation, the value found there). A ``[...]`` is resolved by converting each entry
+    of that dict alone: the first that fails is the culprit (TOML tables keep file
+    order, and msgspec stops at the first error)."""
+    keys: list[str | int] = []
+    for token in tokens:
+        if token is _ANY_KEY:
+            value_tp = _child_type(tp, token)
+            if value_tp is not None and isinstance(raw, dict):
+                for key, value in raw.items():
+                    try:
+                        msgspec.convert(value, value_tp)
+                    except msgspec.ValidationError as e:
+                        sub_text, sub_tokens = _split_error(str(e))
+                        sub = _locate(value_tp, value, sub_text, sub_tokens)
+                        return [*keys, key, *sub[0]], *sub[1:]
+                    except Exception:  # a type convert cannot take: no better key than ...
+                        break
+            keys.append("...")
+            tp, raw = value_tp, None
+            continue
+        keys.append(token)  # type: ignore[arg-type]
+        tp, raw = _child_type(tp, token), _child_value(raw, token)
+    return keys, text, tp, raw
+
+
+def _explain_validation_error(data: bytes | str, message: str) -> str:
+    """``key: reason`` in plain words for msgspec's ValidationError ``message``."""
+    try:
+        raw: object = msgspec.toml.decode(data)
+    except msgspec.DecodeError:  # cannot happen: the typed decode parsed it
+        raw = None
+    text, tokens = _split_error(message)
+    keys, text, tp, value = _locate(Config, raw, text, tokens)
+    _, arms = _unwrap(tp)
+    literals = [v for a in arms if get_origin(a) is Literal for v in get_args(a)]
+
+    if m := _UNKNOWN_RE.match(text):
+        keys.append(m.group(1))
+        reason = "unknown key"
+        base, _ = _unwrap(tp)
+        if isinstance(base, type) and issubclass(base, msgspec.Struct):
+            close = difflib.get_close_matches(m.group(1), base.__struct_fields__, n=1,
+                                              cutoff=0.8)
+            if close:
+                reason += f" (did you mean {close[0]}?)"
+    elif m := _MISSING_RE.match(text):
+        keys.append(m.group(1))
+        reason = "missing (required)"
+    elif literals and (_ENUM_RE.match(text) or _EXPECTED_GOT_RE.match(text)):
+        allowed = ", ".join(_toml_value(v) for v in literals)
+        reason = f"must be one of {allowed} (got {_toml_value(value)})"
+    elif m := _EXPECTED_GOT_RE.match(text):
+        reason = f"expected {_type_words(m.group(1))}, got {_type_words(m.group(2), got=True)}"
+    elif m := _BOUND_RE.match(text):
+        reason = f"must be {_BOUND_WORDS[m.group(2)]} {_number(m.group(3))}"
+        if value is not None:
+            reason += f" (got {_toml_value(value)})"
+    elif m := _LENGTH_RE.match(text):
+        unit = "characters" if m.group(1) == "str" else "entries"
+        least = "at least" if m.group(2) == ">=" else "at most"
+        reason = f"must have {least} {m.group(3)} {unit}"
+    elif m := _PATTERN_RE.match(text):
+        reason = f"must match the pattern {m.group(2)}"
+    else:
+        reason = text[:1].lower() + text[1:]
+    hint = _dotted_domain_hint(raw, keys)
+    return f"{_toml_key(keys)}: {reason}{hint}" if keys else f"{reason}{hint}"
+
+
+def _dotted_domain_hint(raw: object, keys: list[str | int]) -> str:
+    """``[outbound.domains.gmail.com]`` is the table ``gmail`` holding a table ``com``:
+    when the error is inside such a nested table, suggest the quoted domain."""
+    if keys[:2] != ["outbound", "domains"] or len(keys) < 4:
+        return ""
+    domains = _child_value(_child_value(raw, "outbound"), "domains")
+    node = _child_value(domains, keys[2])
+    if not isinstance(keys[2], str) or not isinstance(_child_value(node, keys[3]), dict):
+        return ""
+    # Follow the error's path while it names tables, then any nested table (co -> uk).
+    labels: list[str] = [keys[2]]
+    rest = [k for k in keys[3:] if isinstance(k, str)]
+    while isinstance(node, dict):
+        if rest and isinstance(node.get(rest[0]), dict):
+            step: str | None = rest.pop(0)
+        else:
+            rest = []
+            step = next((k for k, v in node.items() if isinstance(v, dict)), None)
+        if step is None:
+            break
+        labels.append(step)
+        node = node[step]
+    domain = ".".join(labels)
+    return (f"; did you mean [{_toml_key(['outbound', 'domains', domain])}]? "
+            "(quote a domain that contains dots)")
+
+
+_AT_LINE_RE = re.compile(r"\(at line (\d+), column \d+\)")
+_UNQUOTED_DOMAIN_RE = re.compile(
+    r"^\s*\[\s*outbound\s*\.\s*domains\s*\.\s*([^\"'\]\s][^\]]*?)\s*\]"
+)
+
+
+def _toml_syntax_hint(data: bytes | str, message: str) -> str:
+    """``[outbound.domains.*.example.com]`` is a TOML syntax error (``*`` cannot start a
+    bare key): suggest the quoted form."""
+    m = _AT_LINE_RE.search(message)
+    if not m:
+        return ""
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    lines = text.splitlines()
+    n = int(m.group(1))
+    if not 0 < n <= len(lines):
+        return ""
+    table = _UNQUOTED_DOMAIN_RE.match(lines[n - 1])
+    if not table:
+        return ""
+    return (f"; did you mean [{_toml_key(['outbound', 'domains', table.group(1)])}]? "
+            "(quote a domain that contains dots)")
 
 
 def reload_config(path: str | os.PathLike[str], log: logging.Logger) -> Config | None:
@@ -434,10 +712,34 @@ def reload_config(path: str | os.PathLike[str], log: logging.Logger) -> Config |
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a config file. Raises ConfigError (never a traceback-worthy error)."""
+    """Read and validate a config file. Raises ConfigError (never a traceback-worthy error).
+
+    Relative ``spool.path``, ``log.events``, ``inbound.tls_cert`` and ``inbound.tls_key``
+    are made absolute against the directory of ``path`` (not the current directory), so
+    ``relay queue --config /etc/relay/relay.toml`` finds the same spool from anywhere.
+    """
     p = Path(path)
     try:
         data = p.read_bytes()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config: {e.strerror}") from None
-    return decode_config(data, str(p))
+    return _resolve_paths(decode_config(data, str(p)), Path(os.path.abspath(p)).parent)
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    """``cfg`` with its relative file paths made absolute against ``base``; "" (unset)
+    stays ""."""
+
+    def absolute(value: str) -> str:
+        if not value or os.path.isabs(value):
+            return value
+        return os.path.normpath(os.path.join(base, value))
+
+    replace = msgspec.structs.replace
+    return replace(
+        cfg,
+        spool=replace(cfg.spool, path=absolute(cfg.spool.path)),
+        log=replace(cfg.log, events=absolute(cfg.log.events)),
+        inbound=replace(cfg.inbound, tls_cert=absolute(cfg.inbound.tls_cert),
+                        tls_key=absolute(cfg.inbound.tls_key)),
+    )
