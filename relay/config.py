@@ -45,6 +45,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "InboundConfig",
+    "Limits",
     "LogConfig",
     "OutboundConfig",
     "RelayPolicyConfig",
@@ -244,9 +245,35 @@ class Throttle(_Base):
     tls: Literal["off", "opportunistic", "required"] | None = None
     #: Share one set of limits among all domains whose primary MX is the same host.
     mx_rollup: bool | None = None
+    #: A connection lost after the end of data was sent, before its reply: the message
+    #: may have been delivered. "retry" (a duplicate is possible) or "delivered" (a loss
+    #: is possible); either way the event says ``ambiguous: true``.
+    ambiguous: Literal["retry", "delivered"] | None = None
 
 
-#: The built-in default throttle, which the ``[outbound.default]`` table overrides.
+class Limits(_Base):
+    """A destination's effective limits: every field resolved (``throttle_for``), so the
+    delivery engine never repeats a default. Field meanings as in ``Throttle``."""
+
+    max_connections: int
+    max_deliveries_per_connection: int
+    max_recipients_per_message: int
+    max_message_rate: str
+    max_connection_rate: str
+    connect_timeout: float
+    command_timeout: float
+    data_timeout: float
+    idle_timeout: float
+    retry_interval: float
+    max_retry_interval: float
+    max_age: float
+    tls: Literal["off", "opportunistic", "required"]
+    mx_rollup: bool
+    ambiguous: Literal["retry", "delivered"]
+
+
+#: The built-in default throttle, which the ``[outbound.default]`` table overrides: the
+#: one place the delivery defaults are written down (conf/relay.toml documents them).
 BUILTIN_THROTTLE = Throttle(
     max_connections=20,
     max_deliveries_per_connection=100,
@@ -262,6 +289,7 @@ BUILTIN_THROTTLE = Throttle(
     max_age=5 * 86400.0,
     tls="opportunistic",
     mx_rollup=False,
+    ambiguous="retry",
 )
 
 
@@ -290,7 +318,7 @@ class OutboundConfig(_Base):
     #: when the rolled-up destination is an MX.
     domains: dict[str, Throttle] = msgspec.field(default_factory=dict)
 
-    def throttle_for(self, destination: str) -> Throttle:
+    def throttle_for(self, destination: str) -> Limits:
         """Effective throttle for a destination: builtin <- default <- best wildcard <- exact."""
         layers = [BUILTIN_THROTTLE, self.default]
         dest = destination.lower().rstrip(".")
@@ -305,7 +333,7 @@ class OutboundConfig(_Base):
                 value = getattr(layer, name)
                 if value is not None:
                     merged[name] = value
-        return Throttle(**merged)  # type: ignore[arg-type]
+        return Limits(**merged)  # type: ignore[arg-type]
 
 
 def _best_wildcard(domain: str, table: dict[str, object]) -> str | None:

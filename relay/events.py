@@ -60,6 +60,9 @@ class _Attempt(_Event):
     #: Seconds the attempt took (connect to reply) and since arrival.
     seconds: float = 0.0
     queued_seconds: float = 0.0
+    #: The connection was lost after the end of data was sent: the message may have
+    #: been delivered (a Delivery with this set was judged delivered by policy).
+    ambiguous: bool = False
 
 
 class Delivery(_Attempt, tag="Delivery"):

@@ -113,6 +113,10 @@ class DeliveryJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: rollup): set by ``Spool.hand_over``, so the one worker owning that destination
     #: delivers it and that destination's limits hold at any worker count.
     shard_key: str | None = None
+    #: An operator asked for this job to be retried now (``relay queue retry``): it is
+    #: tried even if its destination is backed off (which lifts the backoff, as
+    #: Postfix's ``postqueue -f`` does). Cleared by the next outcome.
+    forced: bool = False
 
 
 class RecipientOutcome(msgspec.Struct, frozen=True):

@@ -1,8 +1,9 @@
 """One active destination: its own nursery, limits, connections and backoff (principle 5).
 
 A destination is a routing domain, or (``mx_rollup``) the primary MX host shared by many
-domains. The engine hands it claimed ``DeliveryJob``s (``enqueue``); it owns them until
-it records their outcome in the spool (then it tells the engine via ``on_done``).
+domains. Its owner (the engine, seen only through ``DestinationOwner``) hands it claimed
+``DeliveryJob``s (``enqueue``); it owns them until it has reported what happened to each
+(``DestinationOwner.settle``: an ``Attempt``, which ``relay.outcomes`` judges).
 
 Inside its nursery:
 
@@ -32,21 +33,53 @@ in this destination's tasks; spool writes run in worker threads.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 import trio
 
-from relay.config import Throttle
+from relay.config import Limits
 from relay.model import DeliveryJob, Envelope
 from relay.outbound.resolver import ResolveError
-from relay.outbound.routing import Hop
+from relay.outbound.routing import Hop, Router
 from relay.outbound.session import ClientSession, SessionError, SessionPolicy, open_session
-from relay.outbound.throttle import TokenBucket, backoff_delay, rate_from_config
+from relay.outbound.throttle import TokenBucket, rate_from_config
+from relay.outcomes.judge import Attempt, RetryPolicy, backoff_delay
 from relay.smtp.client import LOOP_STATUS, RecipientOutcome
 
-if TYPE_CHECKING:
-    from relay.outbound.engine import DeliveryEngine
+
+class DestinationOwner(Protocol):
+    """What a destination needs from the engine that runs it, and nothing more."""
+
+    router: Router
+    #: Our name in EHLO.
+    hostname: str
+    client_ssl_context: ssl.SSLContext | None
+
+    @property
+    def source_address(self) -> str: ...
+
+    def wall(self, trio_time: float) -> float:
+        """Unix time of a ``trio.current_time()`` value."""
+        ...
+
+    def is_own_listener(self, ip: str, port: int) -> bool: ...
+
+    async def load(self, job: DeliveryJob) -> tuple[Envelope, bytes] | None:
+        """The job's message, or None when it is gone (the job is then finished)."""
+        ...
+
+    async def settle(self, job: DeliveryJob, attempt: Attempt, policy: RetryPolicy,
+                     loaded: tuple[Envelope, bytes] | None = None,
+                     on_recorded: Callable[[], object] | None = None) -> None:
+        """Judge and record what happened to ``job``; it is no longer ours."""
+        ...
+
+    def abandon(self, job: DeliveryJob) -> None:
+        """Give up ``job`` without an outcome (it comes back with its lease)."""
+        ...
 
 __all__ = ["Destination"]
 
@@ -92,10 +125,11 @@ class _Holding:
 class Destination:
     """See the module docstring."""
 
-    def __init__(self, engine: DeliveryEngine, key: str, throttle: Throttle) -> None:
-        self.engine = engine
+    def __init__(self, owner: DestinationOwner, key: str, throttle: Limits) -> None:
+        self.owner = owner
         self.key = key
         self.throttle = throttle
+        self.retry_policy = _retry_policy(throttle)
         self.queue: deque[DeliveryJob] = deque()
         # Burst 1: sends are spread evenly, so no window ever exceeds the rate (+1).
         self.message_bucket = TokenBucket(rate_from_config(throttle.max_message_rate), 1)
@@ -137,10 +171,11 @@ class Destination:
         if len(self.queue) > self.idle:
             self._lot.unpark_all()
 
-    def apply_throttle(self, throttle: Throttle) -> None:
+    def apply_throttle(self, throttle: Limits) -> None:
         """New limits (SIGHUP): buckets keep their earned tokens; a lower connection limit
         takes effect as connections finish (nothing in flight is dropped)."""
         self.throttle = throttle
+        self.retry_policy = _retry_policy(throttle)
         self.message_bucket.reconfigure(rate_from_config(throttle.max_message_rate), 1)
         self.connection_bucket.reconfigure(rate_from_config(throttle.max_connection_rate))
         self._poke()
@@ -169,6 +204,12 @@ class Destination:
             return 1.0
         return min(max(len(self.queue) / min(rates), 0.5), 600.0)
 
+    def lift_backoff(self) -> None:
+        """Try again now (an operator's retry): the backoff and the failure count go."""
+        self.backoff_until = 0.0
+        self.failures = 0
+        self._poke()
+
     @property
     def backed_off(self) -> bool:
         return self.backoff_until > trio.current_time()
@@ -190,15 +231,16 @@ class Destination:
                 if self.queue:
                     jobs = list(self.queue)
                     self.queue.clear()
-                    await self.engine.defer_unattempted(
-                        self, jobs, self.engine.wall(self.backoff_until),
-                        f"delivery temporarily suspended: {self.backoff_reason}")
+                    await self._settle_all(
+                        jobs, 451, "4.4.1",
+                        f"delivery temporarily suspended: {self.backoff_reason}",
+                        counted=False, not_before=self.owner.wall(self.backoff_until))
                     continue
                 with trio.move_on_at(self.backoff_until):
                     await self._lot.park()
                 continue
             waiting = len(self.queue) - self.idle - self.connecting
-            if waiting > 0 and self.active < (t.max_connections or 1):
+            if waiting > 0 and self.active < t.max_connections:
                 await self.connection_bucket.acquire()
                 if self.backed_off or not self.queue:
                     continue
@@ -208,7 +250,7 @@ class Destination:
                 nursery.start_soon(self._connection)
                 continue
             if not self.queue and self.active == 0:
-                with trio.move_on_after(t.idle_timeout or 5.0):
+                with trio.move_on_after(t.idle_timeout):
                     await self._lot.park()
                 if not self.queue and self.active == 0 and not self.backed_off:
                     # Synchronous from the check to the flag: no job can slip in between.
@@ -261,25 +303,25 @@ class Destination:
                 run.chunks.clear()
                 await self._record(run, hop)
             if holding.jobs:
-                await self.engine.transient_all(self, holding.jobs, reason, hop)
+                await self._settle_all(holding.jobs, 421, "4.3.0", reason, hop=hop)
             if before_connect:
-                await self._failed(reason, hop)
+                await self._failed(421, "4.3.0", reason, hop)
         except Exception:
             log.exception("cannot record the outcome of jobs for %s; leaving them to their "
                           "lease", self.key)
             for job in [*holding.jobs, *(r.job for r in holding.runs)]:
-                self.engine.abandon(job)
+                self.owner.abandon(job)
 
     def _policy(self) -> SessionPolicy:
         t = self.throttle
         return SessionPolicy(
-            helo_name=self.engine.hostname,
-            tls=t.tls or "opportunistic",
-            connect_timeout=t.connect_timeout or 30.0,
-            command_timeout=t.command_timeout or 300.0,
-            data_timeout=t.data_timeout or 600.0,
-            source_address=self.engine.config.outbound.source_address,
-            ssl_context=self.engine.client_ssl_context,
+            helo_name=self.owner.hostname,
+            tls=t.tls,
+            connect_timeout=t.connect_timeout,
+            command_timeout=t.command_timeout,
+            data_timeout=t.data_timeout,
+            source_address=self.owner.source_address,
+            ssl_context=self.owner.client_ssl_context,
         )
 
     async def _open(self) -> tuple[ClientSession, Hop] | None:
@@ -288,61 +330,84 @@ class Destination:
         if not self.queue:
             return None
         domain = self.queue[0].domain
+        started = trio.current_time()
         try:
-            hops = await self.engine.router.hops(domain)
+            hops = await self.owner.router.hops(domain)
         except ResolveError as e:
             if e.permanent:
-                await self._bounce_domain(domain, e.reply_line, e.enhanced)
+                await self._bounce_domain(domain, 550, e.enhanced, e.text)
             else:
-                await self._failed(e.reply_line, None)
+                await self._failed(451, e.enhanced, e.text, None,
+                                   trio.current_time() - started)
             return None
         policy = self._policy()
-        errors: list[str] = []
+        errors: list[SessionError] = []
         last_hop: Hop | None = None
         for hop in hops:
             if not self.queue or self.backed_off:
                 return None
             last_hop = hop
-            if self.engine.is_own_listener(hop.ip, hop.port):
-                await self._bounce_domain(domain, (
-                    f"554 {LOOP_STATUS} {hop.mx_host}[{hop.ip}]:{hop.port} is one of my own "
-                    f"listeners: mail for {domain} loops back to myself"), LOOP_STATUS)
+            if self.owner.is_own_listener(hop.ip, hop.port):
+                await self._bounce_domain(
+                    domain, 554, LOOP_STATUS, f"{hop.mx_host}[{hop.ip}]:{hop.port} is one "
+                    f"of my own listeners: mail for {domain} loops back to myself")
                 return None
             try:
                 session = await open_session(hop.ip, hop.port, hop.mx_host, policy)
             except SessionError as e:
                 if e.enhanced == LOOP_STATUS:
-                    await self._bounce_domain(domain, e.reply_line, LOOP_STATUS)
+                    await self._bounce_domain(domain, e.code, LOOP_STATUS, e.text)
                     return None
-                errors.append(f"{hop.mx_host}[{hop.ip}]:{hop.port}: {e.reply_line}")
+                errors.append(e)
                 continue
             self.connections_opened += 1
             self.failures = 0
             return session, hop
-        await self._failed("; ".join(errors[-3:]) or "no usable host", last_hop)
+        # Postfix's deferral: the last hosts' own reasons, one status for all of them.
+        text = "; ".join(e.text for e in errors[-3:]) or "no usable host"
+        enhanced = next((e.enhanced for e in reversed(errors)
+                         if e.enhanced and e.enhanced.startswith("4.")), "4.4.1")
+        await self._failed(451, enhanced, text, last_hop, trio.current_time() - started)
         return None
 
-    async def _bounce_domain(self, domain: str, reply: str, enhanced: str) -> None:
+    async def _bounce_domain(self, domain: str, code: int, enhanced: str, text: str) -> None:
         """A permanent routing failure (NXDOMAIN, null MX, a mail loop): every queued
         job for ``domain`` bounces without an attempt."""
         jobs = [j for j in self.queue if j.domain == domain]
         for j in jobs:
             self.queue.remove(j)
-        await self.engine.fail_unattempted(self, jobs, reply, enhanced)
+        await self._settle_all(jobs, code, enhanced, text)
 
-    async def _failed(self, reason: str, hop: Hop | None) -> None:
-        """No hop worked: back off the whole destination and defer what it holds."""
-        t = self.throttle
+    async def _failed(self, code: int, enhanced: str, text: str, hop: Hop | None,
+                      seconds: float = 0.0) -> None:
+        """No hop worked: back off the whole destination and defer what it holds (those
+        jobs were attempted: this connection was opened for them, so they count)."""
         self.failures += 1
-        delay = backoff_delay(self.failures, t.retry_interval or 300.0,
-                              t.max_retry_interval or 4000.0)
+        delay = backoff_delay(self.failures, self.retry_policy.retry_interval,
+                              self.retry_policy.max_retry_interval)
         self.backoff_until = max(self.backoff_until, trio.current_time() + delay)
-        self.backoff_reason = reason
+        self.backoff_reason = text
         jobs = list(self.queue)
         self.queue.clear()
         self._poke()
-        # Those jobs were attempted (this connection was opened for them): they count.
-        await self.engine.transient_all(self, jobs, reason, hop)
+        await self._settle_all(jobs, code, enhanced, text, hop=hop, seconds=seconds,
+                               not_before=self.owner.wall(self.backoff_until))
+
+    async def _settle_all(self, jobs: list[DeliveryJob], code: int, enhanced: str, text: str,
+                          *, hop: Hop | None = None, seconds: float = 0.0,
+                          counted: bool = True, not_before: float | None = None) -> None:
+        """Report the same outcome for every recipient of ``jobs`` (the destination, not
+        one transaction, decided it)."""
+        for job in jobs:
+            attempt = Attempt(
+                outcomes=[RecipientOutcome(i, code, enhanced, text) for i in job.recipients],
+                destination=self.key, mx_host=hop.mx_host if hop else "",
+                ip=hop.ip if hop else "", seconds=seconds, counted=counted,
+                not_before=not_before)
+            await self.owner.settle(job, attempt, self.retry_policy, None, self._recorded)
+
+    def _recorded(self) -> None:
+        self.done += 1
 
     async def _next_job(self) -> DeliveryJob | None:
         """The next queued job, waiting up to idle_timeout for one (None: go idle)."""
@@ -350,7 +415,7 @@ class Destination:
             return self.queue.popleft()
         self.idle += 1
         try:
-            deadline = trio.current_time() + (self.throttle.idle_timeout or 5.0)
+            deadline = trio.current_time() + self.throttle.idle_timeout
             with trio.CancelScope(deadline=deadline):
                 while not self.queue:
                     if self.backed_off:
@@ -426,7 +491,7 @@ class Destination:
                         holding: _Holding) -> _Run | None:
         """The next job with its message, or None: the connection's deliveries cap is
         reached, or no job is queued (``wait``: none came within ``idle_timeout``)."""
-        cap = self.throttle.max_deliveries_per_connection or 100
+        cap = self.throttle.max_deliveries_per_connection
         while session.deliveries < cap:
             if wait:
                 job = await self._next_job()
@@ -435,11 +500,11 @@ class Destination:
             if job is None:
                 return None
             holding.jobs.append(job)
-            loaded = await self.engine.load(job)
+            loaded = await self.owner.load(job)
             holding.jobs.remove(job)
             if loaded is not None:
                 envelope, data = loaded
-                run = _Run(job, envelope, data, self.throttle.max_recipients_per_message or 100)
+                run = _Run(job, envelope, data, self.throttle.max_recipients_per_message)
                 holding.runs.append(run)
                 return run
         return None
@@ -451,6 +516,14 @@ class Destination:
             return True
         return self.message_bucket.try_acquire()
 
-    async def _record(self, run: _Run, hop: Hop) -> None:
-        await self.engine.record(self, run.job, run.envelope, run.data, run.outcomes, hop,
-                                 trio.current_time() - run.started)
+    async def _record(self, run: _Run, hop: Hop | None) -> None:
+        attempt = Attempt(outcomes=run.outcomes, destination=self.key,
+                          mx_host=hop.mx_host if hop else "", ip=hop.ip if hop else "",
+                          seconds=trio.current_time() - run.started)
+        await self.owner.settle(run.job, attempt, self.retry_policy, (run.envelope, run.data),
+                                self._recorded)
+
+
+def _retry_policy(t: Limits) -> RetryPolicy:
+    return RetryPolicy(retry_interval=t.retry_interval, max_retry_interval=t.max_retry_interval,
+                       max_age=t.max_age, ambiguous=t.ambiguous)

@@ -2,7 +2,8 @@
 
 API (what ``relay.worker`` calls)::
 
-    engine = DeliveryEngine(config, spool, shard, nshards, events, hostname, waker=waker)
+    engine = DeliveryEngine(config, spool, shard, nshards, events, hostname,
+                            writer=writer, waker=waker)
     await nursery.start(engine.run)        # runs until cancelled
     engine.apply_config(new_config)        # SIGHUP: new throttles/routes, nothing dropped
 
@@ -18,18 +19,16 @@ destination holds at most ``max_per_destination``: a throttled destination with 
 backlog gets the excess handed back to the spool (due when its queue should have
 drained), so it can never use up the budget and starve other destinations.
 
-Outcomes, per recipient (one ``Spool.complete`` transaction per job; its events are
-written just before it, so a crash between the two duplicates an event, never loses one):
+Outcomes. A destination reports each attempt of a job (``settle``); the verdict is
+``relay.outcomes.judge``'s (delivered / retry at T / bounce / expire, the events, the
+DSN), and the engine applies it: events first, then the completion through the worker's
+group-commit writer (not waited for), so a crash between the two duplicates an event,
+never loses one. Destinations see the engine only through the narrow ``DestinationOwner``
+interface (``destination.py``).
 
-- 2xx -> delivered (``Delivery``);
-- 4xx, connection/DNS trouble -> deferred to ``now + retry_interval * 2**(attempts-1)``
-  capped at ``max_retry_interval`` (``TransientFailure``); a destination backoff defers
-  to at least its end;
-- 5xx, null MX, NXDOMAIN -> bounced (``Bounce``) and, once ``now`` is past
-  ``arrival + max_age``, a transient outcome becomes an expiry (``Expiration``): both
-  remove the recipient and store the DSN from ``build_dsn`` in the SAME transaction.
-  ``build_dsn`` returns None for a null sender or a DSN (``is_bounce``), so a bounce is
-  never bounced: no loops.
+Ownership. A destination spanning domains (``mx_rollup``) belongs to the worker its key
+hashes to; a job claimed elsewhere is handed over through the spool (``Spool.hand_over``)
+with a wake-up, so its limits live in one process at any worker count.
 
 Time. Wall time is ``trio.current_time() + offset`` with the offset fixed when ``run``
 starts, so under ``trio.testing.MockClock`` retry schedules and backoffs run instantly
@@ -50,15 +49,12 @@ from typing import Any
 import trio
 
 from relay.config import Config, parse_hostport
-from relay.events import Bounce, Delivery, Event, EventLog, Expiration, TransientFailure
-from relay.model import ascii_int
+from relay.events import EventLog
 from relay.outbound.destination import Destination
-from relay.outbound.dsn import FailedRecipient, build_dsn
 from relay.outbound.resolver import Resolver
-from relay.outbound.routing import Hop, Router
-from relay.outbound.throttle import backoff_delay
+from relay.outbound.routing import Router
 from relay.outbound.wakeup import Waker
-from relay.smtp.client import RecipientOutcome
+from relay.outcomes.judge import Attempt, RetryPolicy, judge
 from relay.spool import (
     Completion,
     DeliveryJob,
@@ -89,8 +85,8 @@ class DeliveryEngine:
         events: EventLog,
         hostname: str,
         *,
+        writer: GroupCommitWriter,
         waker: Waker | None = None,
-        writer: GroupCommitWriter | None = None,
         resolver: Resolver | None = None,
         client_ssl_context: ssl.SSLContext | None = None,
         poll_interval: float = 1.0,
@@ -108,11 +104,9 @@ class DeliveryEngine:
         self.events = events
         self.hostname = hostname
         self.waker = waker
-        #: Completions share fsyncs: through the worker's inbound writer when given
-        #: (one fsync for receptions and deliveries of the same moment), else through
-        #: the engine's own batcher.
+        #: Outcomes are committed by the worker's group-commit writer: one fsync for the
+        #: receptions and the deliveries of the same moment.
         self.writer = writer
-        self._completer = _Completer(spool)
         self.resolver = resolver or Resolver(list(config.outbound.resolvers))
         self.router = Router(config.outbound, self.resolver)
         self.client_ssl_context = client_ssl_context
@@ -144,10 +138,6 @@ class DeliveryEngine:
         #: Wall time the scheduler plans to look next; an earlier reschedule pokes it.
         self._sleep_until = 0.0
         self._nursery: trio.Nursery | None = None
-        #: Counters (tests, stats).
-        self.claimed = 0
-        self.completed = 0
-        self.dsns = 0
 
     # ------------------------------------------------------------------ time
 
@@ -160,6 +150,11 @@ class DeliveryEngine:
         return trio_time + self._offset
 
     # ------------------------------------------------------------------ control
+
+    @property
+    def source_address(self) -> str:
+        """Where outgoing connections come from ("" = the kernel's choice)."""
+        return self.config.outbound.source_address
 
     def is_own_listener(self, ip: str, port: int) -> bool:
         """Whether ``ip:port`` is one of this relay's SMTP listeners (a route, smart host
@@ -203,8 +198,6 @@ class DeliveryEngine:
                 self._nursery = nursery
                 if listener is not None:
                     nursery.start_soon(self._wake_loop, listener)
-                if self.writer is None:
-                    await nursery.start(self._completer.run)
                 task_status.started()
                 await self._schedule()
         finally:
@@ -303,7 +296,6 @@ class DeliveryEngine:
         if key in self._held:
             return  # lease expired while we still hold it: ours completes it
         assert self._nursery is not None
-        self.claimed += 1
         self._held.add(key)
         if prefetched is not None:
             self._prefetched[key] = prefetched
@@ -349,6 +341,9 @@ class DeliveryEngine:
             dest = Destination(self, dest_key, self.config.outbound.throttle_for(dest_key))
             self.destinations[dest_key] = dest
             self._nursery.start_soon(self._run_destination, dest)
+        elif job.forced and dest.backed_off:
+            log.info("operator retry of %s: lifting the backoff of %s", job.queue_id, dest_key)
+            dest.lift_backoff()
         dest.enqueue(job)
 
     def _hand_over(self, job: DeliveryJob, dest_key: str) -> None:
@@ -414,7 +409,6 @@ class DeliveryEngine:
     def _finish(self, job: DeliveryJob) -> None:
         self._held.discard((job.queue_id, job.domain))
         self._drop_prefetched(job)
-        self.completed += 1
         if len(self._held) == self.max_in_memory - 1:
             self._wake.set()  # room again: claim more
 
@@ -441,122 +435,26 @@ class DeliveryEngine:
             self._finish(job)
             return None
 
-    async def record(self, dest: Destination, job: DeliveryJob, envelope: Envelope,
-                     data: bytes, outcomes: list[RecipientOutcome], hop: Hop | None,
-                     seconds: float) -> None:
-        """Store the outcome of one delivery attempt of ``job`` (see module doc)."""
-        await self._settle(dest, job, outcomes, hop, seconds, envelope=envelope, data=data)
-
-    async def transient_all(self, dest: Destination, jobs: list[DeliveryJob], reason: str,
-                            hop: Hop | None) -> None:
-        """The destination failed (connect/DNS): every job is an attempt that failed
-        transiently; it is retried no earlier than the destination's backoff end."""
-        not_before = self.wall(dest.backoff_until)
-        for job in jobs:
-            outs = [RecipientOutcome(i, 451, "4.4.1", reason) for i in job.recipients]
-            await self._settle(dest, job, outs, hop, 0.0, not_before=not_before)
-
-    async def defer_unattempted(self, dest: Destination, jobs: list[DeliveryJob],
-                                until: float, reason: str) -> None:
-        """Jobs that reached a backed-off destination: rescheduled to ``until`` without
-        counting an attempt (they expire as usual past max_age)."""
-        for job in jobs:
-            outs = [RecipientOutcome(i, 451, "4.4.1", reason) for i in job.recipients]
-            await self._settle(dest, job, outs, None, 0.0, not_before=until,
-                               count_attempt=False)
-
-    async def fail_unattempted(self, dest: Destination, jobs: list[DeliveryJob], reply: str,
-                               enhanced: str) -> None:
-        """Permanent routing failure (NXDOMAIN, null MX): bounce every recipient."""
-        code_s, _, text = reply.partition(" ")
-        code = ascii_int(code_s, max_digits=3) or 550
-        text = text.partition(" ")[2] if text.startswith(enhanced) else text
-        for job in jobs:
-            outs = [RecipientOutcome(i, code, enhanced, text) for i in job.recipients]
-            await self._settle(dest, job, outs, None, 0.0)
-
-    async def _settle(
-        self,
-        dest: Destination,
-        job: DeliveryJob,
-        outcomes: list[RecipientOutcome],
-        hop: Hop | None,
-        seconds: float,
-        *,
-        envelope: Envelope | None = None,
-        data: bytes | None = None,
-        not_before: float | None = None,
-        count_attempt: bool = True,
-    ) -> None:
-        if envelope is None or data is None:
+    async def settle(self, job: DeliveryJob, attempt: Attempt, policy: RetryPolicy,
+                     loaded: tuple[Envelope, bytes] | None = None,
+                     on_recorded: Callable[[], object] | None = None) -> None:
+        """Apply the verdict on one attempt of ``job`` (``relay.outcomes.judge``): publish
+        its events, then commit its completion (and DSN) through the group-commit
+        writer, without waiting for the commit. ``on_recorded`` runs once it is
+        committed."""
+        if loaded is None:
             loaded = await self.load(job)
             if loaded is None:
                 return
-            envelope, data = loaded
-        t = dest.throttle
-        now = self.now()
-        attempts = job.attempts + 1 if count_attempt else job.attempts
-        first_attempt = job.first_attempt
-        if first_attempt is None and count_attempt:
-            first_attempt = now - seconds
-        if count_attempt:
-            retry_at = now + backoff_delay(attempts, t.retry_interval or 300.0,
-                                           t.max_retry_interval or 4000.0)
-            if not_before is not None:
-                retry_at = max(retry_at, not_before)
-        else:
-            retry_at = not_before if not_before is not None else now
-        expired = now >= envelope.received_at + (t.max_age or 5 * 86400.0)
-        delivered: list[int] = []
-        failed: list[int] = []
-        deferred: list[int] = []
-        bounced: list[tuple[RecipientOutcome, bool]] = []  # (outcome, expired?)
-        events: list[Event] = []
-        last_error: str | None = None
-        mx_host = hop.mx_host if hop else ""
-        ip = hop.ip if hop else ""
-        queued = now - envelope.received_at
-        for o in outcomes:
-            rcpt = envelope.recipients[o.index].address
-            common: dict[str, Any] = dict(
-                queue_id=job.queue_id, time=now, recipient=rcpt, destination=dest.key,
-                mx_host=mx_host, ip=ip, reply=o.reply_line, attempt=max(attempts, 1),
-                seconds=seconds, queued_seconds=queued,
-            )
-            kind = o.kind
-            if kind == "delivered":
-                delivered.append(o.index)
-                events.append(Delivery(**common))
-            elif kind == "permanent":
-                failed.append(o.index)
-                bounced.append((o, False))
-                events.append(Bounce(**common))
-            elif expired:
-                failed.append(o.index)
-                bounced.append((o, True))
-                events.append(Expiration(**common))
-            else:
-                deferred.append(o.index)
-                last_error = o.reply_line
-                events.append(TransientFailure(**common, next_attempt=retry_at))
-        dsn: NewMessage | None = None
-        if bounced:
-            dsn = self._build_dsn(envelope, data, bounced, hop, now)
-        completion = Completion(
-            queue_id=job.queue_id, domain=job.domain, delivered=delivered, failed=failed,
-            deferred=deferred, next_due=retry_at, attempts=attempts, error=last_error,
-            first_attempt=first_attempt, new_messages=[dsn] if dsn is not None else [],
-        )
-
+        envelope, data = loaded
+        verdict = judge(job, envelope, data, attempt, policy, now=self.now(),
+                        hostname=self.hostname, new_queue_id=new_queue_id)
         # Events are written BEFORE the commit: they say what happened on the wire, and a
         # kill -9 between the two then leaves an event for an outcome that is retried
         # (logged again: at-least-once accounting) instead of a committed outcome with
         # no event at all.
-        if dsn is not None:
-            for e in events:
-                if isinstance(e, Bounce | Expiration):
-                    e.dsn_queue_id = dsn.envelope.queue_id
-        self.events.emit_many(events)
+        self.events.emit_many(verdict.events)
+        dsn = verdict.dsn
 
         def after_commit(error: BaseException | None = None) -> None:
             # Runs synchronously right after the commit (in the committing task).
@@ -569,29 +467,21 @@ class DeliveryEngine:
                 self._finish(job)
                 return
             if dsn is not None:
-                self.dsns += 1
                 self._wake_owners(dsn)
-            dest.done += 1
-            if deferred and self._sleep_until > 0.0 and retry_at < self._sleep_until:
+            if on_recorded is not None:
+                on_recorded()
+            if (verdict.deferred and self._sleep_until > 0.0
+                    and verdict.retry_at < self._sleep_until):
                 # The scheduler sleeps until a later time (e.g. this job's lease expiry,
                 # which next_due reported while we held it): make it re-read next_due.
                 self._wake.set()
             self._finish(job)
 
         try:
-            if self.writer is not None:
-                # Not waited for: the connection goes on while the writer commits.
-                self.writer.submit_completion(completion, after_commit)
-            else:
-                await self._completer.submit(completion, after_commit)
+            # Not waited for: the connection goes on while the writer commits.
+            self.writer.submit_completion(verdict.completion, after_commit)
         except SpoolError as e:
             after_commit(e)
-
-    def _build_dsn(self, envelope: Envelope, data: bytes,
-                   bounced: list[tuple[RecipientOutcome, bool]], hop: Hop | None,
-                   now: float) -> NewMessage | None:
-        """The DSN owed to the sender, or None (null sender, a DSN, NOTIFY)."""
-        return build_failure_dsn(envelope, data, bounced, hop, now, self.hostname)
 
     def _wake_owners(self, msg: NewMessage) -> None:
         shards = {shard_of(r.domain, self.nshards) for r in msg.envelope.recipients}
@@ -627,99 +517,3 @@ def own_listener(listen: tuple[str, ...], ip: str, port: int) -> bool:
         if listener == addr or (listener.is_unspecified and addr.is_loopback):
             return True
     return False
-
-
-def build_failure_dsn(envelope: Envelope, data: bytes,
-                      bounced: list[tuple[RecipientOutcome, bool]], hop: Hop | None,
-                      now: float, hostname: str) -> NewMessage | None:
-    """The "failed" DSN for bounced/expired recipients via ``dsn.build_dsn`` (None when
-    none is owed: null sender, a DSN itself, NOTIFY)."""
-    failures = []
-    for o, expired in bounced:
-        # Expired: like Postfix, "Action: failed" with the last transient status
-        # (4.4.7 "delivery time expired" when the reply had none).
-        fallback = "4.4.7" if expired else ("5.0.0" if o.code >= 500 else "4.0.0")
-        status = o.enhanced or fallback
-        failures.append(FailedRecipient(
-            index=o.index,
-            status=status,
-            diagnostic=f"smtp; {o.reply_line}" if hop else f"x-local; {o.reply_line}",
-            remote_mta=f"dns; {hop.mx_host}" if hop else "",
-            last_attempt=now,
-        ))
-    return build_dsn(
-        envelope=envelope, data=data, failures=failures, action="failed",
-        reporting_mta=hostname, queue_id=new_queue_id(), arrival=envelope.received_at,
-        now=now,
-    )
-
-
-_Pending = tuple[Completion, "Callable[[], None]", trio.Event, list[BaseException]]
-
-
-class _Completer:
-    """Group commit for delivery outcomes: ``submit`` waits until its completion is in a
-    synced transaction shared with every other completion submitted meanwhile (one
-    fsync for many deliveries). A batch that fails as a whole (e.g. one bad DSN) is
-    retried one completion at a time so one bad record cannot block the others."""
-
-    def __init__(self, spool: Spool, max_batch: int = 512) -> None:
-        self.spool = spool
-        self.max_batch = max_batch
-        self._pending: list[_Pending] = []
-        self._ready = trio.Event()
-        self.commits = 0
-
-    async def submit(self, completion: Completion, after_commit: Callable[[], None]) -> None:
-        """Commit ``completion``; ``after_commit`` runs in the committing task right
-        after the commit (even if the submitter was cancelled meanwhile)."""
-        done = trio.Event()
-        errors: list[BaseException] = []
-        self._pending.append((completion, after_commit, done, errors))
-        self._ready.set()
-        await done.wait()
-        if errors:
-            raise errors[0]
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                  ) -> None:
-        task_status.started()
-        while True:
-            await self._ready.wait()
-            self._ready = trio.Event()
-            # Whatever arrived while the previous commit ran forms this batch: no timer,
-            # so a lone completion is committed at once and a busy engine batches itself.
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
-            if self._pending:
-                self._ready.set()
-            if not batch:
-                continue
-            # Not abandon-on-cancel: a commit in progress always finishes and its
-            # after_commit hooks run before a cancellation is delivered.
-            try:
-                await trio.to_thread.run_sync(self.spool.complete_many,
-                                              [c for c, _, _, _ in batch])
-            except Exception:
-                # One by one, each followed at once by its hook (no checkpoint between).
-                for item in batch:
-                    c, _, _, errs = item
-                    try:
-                        await trio.to_thread.run_sync(self.spool.complete_many, [c])
-                    except Exception as e:
-                        log.exception("cannot record outcome of %s/%s", c.queue_id, c.domain)
-                        errs.append(SpoolError(f"cannot record outcome: {e!r}"))
-                    self._finish_one(item)
-            else:
-                for item in batch:
-                    self._finish_one(item)
-            self.commits += 1
-
-    @staticmethod
-    def _finish_one(item: _Pending) -> None:
-        _, after, done, errs = item
-        if not errs:
-            try:
-                after()
-            except Exception:
-                log.exception("after-commit hook failed")
-        done.set()

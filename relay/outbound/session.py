@@ -523,7 +523,7 @@ def _check_ready(session: ClientSession, client: SmtpClient, stage: str) -> None
     if client.greeting.code != 220:
         # Refused greeting: Postfix skips 5xx greeters and defers (smtp_skip_5xx_greeting).
         raise SessionError(err.code, err.status,
-                           f"host {session.peer} refused to talk to me: {reply_text(err)}",
+                           f"host {session.peer} refused to talk to me: {reply_line(err)}",
                            permanent=False)
     if err.status == LOOP_STATUS:
         raise SessionError(err.code, err.status, f"host {session.peer}: {reply_text(err)}",
@@ -532,4 +532,4 @@ def _check_ready(session: ClientSession, client: SmtpClient, stage: str) -> None
         # 421, a lost connection or a timeout (the text names the peer), a protocol error
         raise SessionError(err.code, err.status, reply_text(err), permanent=False)
     raise SessionError(err.code, err.status,
-                       f"host {session.peer} refused to talk to me: {reply_text(err)}")
+                       f"host {session.peer} refused to talk to me: {reply_line(err)}")

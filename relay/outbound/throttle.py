@@ -1,4 +1,4 @@
-"""Per-destination limits: token buckets for rates, backoff arithmetic.
+"""Per-destination limits: token buckets for rates.
 
 Why a token bucket: ``max_message_rate = "300/min"`` must hold over *any* window, not on
 average over an hour, so bursts are bounded by the bucket's capacity. The capacity
@@ -19,7 +19,7 @@ import trio
 
 from relay.config import parse_rate
 
-__all__ = ["TokenBucket", "backoff_delay", "rate_from_config"]
+__all__ = ["TokenBucket", "rate_from_config"]
 
 
 def rate_from_config(value: str | None) -> float | None:
@@ -27,15 +27,6 @@ def rate_from_config(value: str | None) -> float | None:
     if not value:
         return None
     return parse_rate(value)
-
-
-def backoff_delay(attempts: int, retry_interval: float, max_retry_interval: float) -> float:
-    """Delay before the next attempt after ``attempts`` failed attempts (>= 1):
-    ``retry_interval * 2**(attempts-1)`` capped at ``max_retry_interval``."""
-    attempts = max(1, attempts)
-    # Cap the exponent so huge attempt counts cannot overflow a float.
-    exp = min(attempts - 1, 60)
-    return min(retry_interval * (2.0**exp), max_retry_interval)
 
 
 class TokenBucket:

@@ -190,13 +190,15 @@ class _Transaction:
         #: Every recipient got its outcome without anything being sent (preflight).
         self.settled = False
 
-    def settle(self, indexes: list[int], code: int, enhanced: str | None, text: str) -> None:
+    def settle(self, indexes: list[int], code: int, enhanced: str | None, text: str,
+               ambiguous: bool = False) -> None:
         for i in indexes:
             if i not in self.outcomes:
-                self.outcomes[i] = RecipientOutcome(i, code, enhanced, text)
+                self.outcomes[i] = RecipientOutcome(i, code, enhanced, text, ambiguous)
 
-    def settle_rest(self, code: int, enhanced: str | None, text: str) -> None:
-        self.settle(self.recipients, code, enhanced, text)
+    def settle_rest(self, code: int, enhanced: str | None, text: str,
+                    ambiguous: bool = False) -> None:
+        self.settle(self.recipients, code, enhanced, text, ambiguous)
 
     def outcome_list(self) -> list[RecipientOutcome]:
         return [self.outcomes[i] for i in self.recipients]
@@ -514,10 +516,13 @@ class SmtpClient:
     def connection_lost(self, code: int = 421, enhanced: str | None = "4.4.2",
                         text: str = "lost connection") -> None:
         """EOF, reset or timeout: every recipient without an outcome gets this (transient)
-        and the client is CLOSED."""
-        self._close(Phase.CLOSED, Reply(code, enhanced, text))
+        and the client is CLOSED. If only the end-of-data reply was owed, the message
+        may have been delivered: those outcomes are ``ambiguous``."""
+        pending = self._pending
+        ambiguous = bool(pending) and pending[0] in (_DOT, _BDAT_LAST)
+        self._close(Phase.CLOSED, Reply(code, enhanced, text), ambiguous=ambiguous)
 
-    def _close(self, phase: Phase, reply: Reply) -> None:
+    def _close(self, phase: Phase, reply: Reply, *, ambiguous: bool = False) -> None:
         if self.phase in (Phase.CLOSED, Phase.FAILED):
             return
         self.phase = phase
@@ -525,7 +530,7 @@ class SmtpClient:
         self._pending.clear()
         if self._txn is not None:
             behind, self._behind = self._behind, None
-            self._txn.settle_rest(reply.code, reply.status, reply_text(reply))
+            self._txn.settle_rest(reply.code, reply.status, reply_text(reply), ambiguous)
             self._finish(False)
             if behind is not None:
                 behind.settle_rest(reply.code, reply.status, reply_text(reply))
@@ -602,6 +607,8 @@ class SmtpClient:
                 self._protocol_error(f"unexpected reply {reply_line(reply)[:80]!r}")
             return b""
         tag = self._pending.popleft()
+        if tag == _GREETING:
+            self.greeting = reply
         if reply.code == 421 and tag != _QUIT:
             self._close(Phase.CLOSED, reply)
             return b""

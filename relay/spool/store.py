@@ -2,14 +2,13 @@
 
 Every method here is synchronous and runs one LMDB transaction start to finish in the
 calling thread (py-lmdb: a write transaction belongs to the thread that began it). Trio
-code calls them through ``trio.to_thread.run_sync`` (the group-commit writer does that
-for inbound; ``Spool.acomplete`` etc. for outbound). The schema is described in the
-package docstring (``relay/spool/__init__.py``).
+code calls them through ``trio.to_thread.run_sync``: the group-commit writer commits
+receptions and delivery outcomes; the engine claims, reads and hands over jobs. The
+schema is described in the package docstring (``relay/spool/__init__.py``).
 """
 
 from __future__ import annotations
 
-import functools
 import heapq
 import os
 import struct
@@ -21,7 +20,6 @@ from typing import Protocol
 
 import lmdb
 import msgspec
-import trio
 
 from relay.model import Completion, DeliveryJob, Envelope, NewMessage
 from relay.spool.queueid import new_queue_id
@@ -297,7 +295,7 @@ class Spool:
             # writemap stays off by default: with it LMDB ftruncates data.mdb to the
             # whole map_size (a 32 GiB sparse file) and writes through the mmap, so a
             # full disk becomes SIGBUS in the middle of a commit instead of ENOSPC ->
-            # a clean 451. It measured no faster here (bench_commit --writemap).
+            # a clean 451. It measured no faster here (`python -m bench.commit --writemap`).
             # All processes opening the spool must use the same setting.
             writemap=writemap and not readonly,
             # A big spool is read randomly (message bytes by qid): readahead only evicts.
@@ -622,6 +620,7 @@ class Spool:
             job.last_error = c.error
             job.first_attempt = c.first_attempt
             job.claimed_by = None
+            job.forced = False
             txn.put(jk, _job_encode(job), db=self._job)
             idx.add(h, job.due, jk)
         else:
@@ -629,13 +628,6 @@ class Spool:
             if not self._has_jobs(txn, qid):
                 txn.delete(qid, db=self._msg)
                 txn.delete(qid, db=self._envdb)
-
-    async def acomplete(self, queue_id: str, domain: str, **kwargs: object) -> None:
-        """``complete`` from trio: runs it in a worker thread (not cancellable midway).
-        Prefer ``GroupCommitWriter.submit_completion``: it shares fsyncs."""
-        await trio.to_thread.run_sync(
-            functools.partial(self.complete, queue_id, domain, **kwargs)  # type: ignore[arg-type]
-        )
 
     def _has_jobs(self, txn: lmdb.Transaction, qid: bytes) -> bool:
         cur = txn.cursor(self._job)
@@ -675,6 +667,7 @@ class Spool:
                     continue
                 if job.due <= now:
                     continue
+                job.forced = True
                 self._make_due(txn, idx, jk, job, job_hash(job), now)
                 count += 1
             idx.finish()

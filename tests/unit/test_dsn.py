@@ -9,7 +9,7 @@ from email.message import EmailMessage
 import pytest
 
 from relay.model import Envelope, NewMessage, Recipient
-from relay.outbound.dsn import FailedRecipient, build_dsn, dsn_wanted
+from relay.outcomes.dsn import FailedRecipient, build_dsn, dsn_wanted
 
 HEADERS = b"Received: from x by y; Wed, 25 Nov 2026 10:00:00 +0000\r\n" \
           b"From: Alice <alice@src.test>\r\nSubject: =?utf-8?q?caf=C3=A9?=\r\n" \

@@ -607,3 +607,31 @@ def test_a_server_with_a_name_like_mine_is_not_a_loop() -> None:
     assert c.receive_data(b"220 relay.test.example ESMTP\r\n") == b"EHLO relay.test\r\n"
     c.receive_data(b"250-mx.relay.test\r\n250 PIPELINING\r\n")
     assert c.phase is Phase.READY
+
+
+# -- ambiguous outcomes (lost after the end of data) ----------------------------------------
+
+
+@pytest.mark.parametrize(("ehlo", "replies", "ambiguous"), [
+    (EHLO_FULL, b"250 ok\r\n250 ok\r\n354 go\r\n", True),     # body sent, dot reply owed
+    (EHLO_FULL, b"250 ok\r\n250 ok\r\n", False),              # DATA not even answered
+    (EHLO_CHUNKING, b"250 ok\r\n250 ok\r\n", True),           # BDAT LAST reply owed
+    (EHLO_CHUNKING, b"250 ok\r\n", False),                    # RCPT reply still owed
+])
+def test_a_connection_lost_after_the_end_of_data_is_ambiguous(
+    ehlo: bytes, replies: bytes, ambiguous: bool
+) -> None:
+    c = ready(ehlo)
+    c.begin_transaction(envelope(1), [0], b"x\r\n")
+    c.receive_data(replies)
+    c.connection_lost(421, "4.4.2", "lost connection while sending end of data")
+    [o] = c.take_outcomes()
+    assert (o.kind, o.ambiguous) == ("transient", ambiguous)
+
+
+def test_a_421_reply_to_the_end_of_data_is_not_ambiguous() -> None:
+    c = ready()
+    c.begin_transaction(envelope(1), [0], b"x\r\n")
+    c.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n421 4.3.0 shutting down\r\n")
+    [o] = c.take_outcomes()
+    assert (o.code, o.ambiguous) == (421, False)

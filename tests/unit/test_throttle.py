@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-from relay.outbound.throttle import TokenBucket, backoff_delay, rate_from_config
+from relay.outbound.throttle import TokenBucket, rate_from_config
+from relay.outcomes.judge import backoff_delay
 
 
 def test_backoff_doubles_and_caps():

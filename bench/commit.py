@@ -1,4 +1,4 @@
-"""Micro benchmark of the group-commit path: ``python -m relay.spool.bench_commit``.
+"""Micro benchmark of the group-commit path: ``python -m bench.commit``.
 
 N concurrent trio tasks each loop ``await writer.submit(msg)`` (2 KiB messages, one
 recipient) against a fresh spool for a fixed time; reports commits/s, messages/s, the
