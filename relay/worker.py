@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from relay.events import EventLog
 from relay.inbound.listener import bind_listeners, serve_listeners
 from relay.inbound.session import InboundContext, SessionRegistry, serve_session
 from relay.inbound.tls import server_ssl_context
+from relay.intake import Admission, Intake, default_stages
 from relay.outbound.engine import DeliveryEngine
 from relay.outbound.wakeup import Waker
 from relay.spool import GroupCommitWriter, NewMessage, Spool, new_queue_id, shard_of
@@ -74,13 +76,11 @@ class Worker:
         writer = GroupCommitWriter(
             spool, cfg.spool.commit_window, cfg.spool.commit_max_messages, on_commit=wake_owners
         )
-        self.ctx = InboundContext.build(
-            cfg, writer=writer, new_queue_id=new_queue_id, events=events,
-            ssl_context=server_ssl_context(cfg.inbound, self.config_path or "config"),
-        )
+        self.writer, self.events = writer, events
+        self.ctx = self._context(cfg, server_ssl_context(cfg.inbound, self.config_path or "config"))
         self.engine = DeliveryEngine(
             cfg, spool, self.index, nworkers, events, self.ctx.hostname, waker=waker,
-            writer=writer,
+            writer=writer, prepare_dsn=self._prepare_dsn,
         )
         writer.claimant = self.engine
         listeners = bind_listeners(cfg.inbound.listen)
@@ -137,6 +137,19 @@ class Worker:
                         trio.current_time() + self.config.server.shutdown_timeout
                     )
 
+    def _context(self, config: Config, ssl_context: ssl.SSLContext | None) -> InboundContext:
+        """The sessions' view of this worker for ``config``: its intake stages included."""
+        hostname = config.server.resolved_hostname()
+        intake = Intake(default_stages(config, hostname), self.writer, self.events)
+        return InboundContext.build(config, intake=intake, new_queue_id=new_queue_id,
+                                    ssl_context=ssl_context)
+
+    def _prepare_dsn(self, dsn: NewMessage) -> NewMessage:
+        """A DSN of ours through the current intake's stages (it is stored with the
+        outcome that caused it, in one transaction)."""
+        return self.ctx.intake.prepare(Admission(envelope=dsn.envelope, data=dsn.data,
+                                                 via="dsn"))
+
     def reload(self) -> None:
         if not self.config_path:
             return
@@ -150,10 +163,7 @@ class Worker:
             return
         if new.inbound.listen != self.config.inbound.listen or new.spool != self.config.spool:
             log.warning("reload: inbound.listen and [spool] changes need a restart")
-        self.ctx = InboundContext.build(
-            new, writer=self.ctx.writer, new_queue_id=self.ctx.new_queue_id,
-            events=self.ctx.events, ssl_context=ssl_context,
-        )
+        self.ctx = self._context(new, ssl_context)
         self.engine.apply_config(new)
         self.config = new
         log.info("worker %d: configuration reloaded", self.index)

@@ -34,9 +34,8 @@ from typing import Literal
 import trio
 
 from relay.config import Config, InboundConfig
-from relay.events import EventLog, Reception
 from relay.inbound.auth import Authenticator
-from relay.inbound.headers import has_message_id, hop_count, lowered_header_section, trace_headers
+from relay.intake import Admission, Intake, Refused
 from relay.model import Envelope
 from relay.smtp import (
     NEED_DATA,
@@ -52,7 +51,6 @@ from relay.smtp import (
     StartTLSRequested,
 )
 from relay.smtp.replies import internal_error
-from relay.spool import GroupCommitWriter, NewMessage
 from relay.wire import Wire
 
 __all__ = ["InboundContext", "SessionRegistry", "serve_session", "server_settings"]
@@ -74,8 +72,6 @@ RELAY_DENIED = "Relay access denied"
 #: Client addresses whose relay verdict a context remembers (InboundContext.may_relay).
 RELAY_VERDICTS_MAX = 4096
 STORE_FAILED = Reply(451, "4.3.0", "Error: queue file write error, try again later")
-#: RFC 5321 6.3: a message that has made too many hops is in a loop (Postfix's text).
-TOO_MANY_HOPS = Reply(554, "5.4.6", "Error: too many hops")
 
 
 @dataclass
@@ -85,9 +81,9 @@ class InboundContext:
 
     config: Config
     settings: ServerSettings
-    writer: GroupCommitWriter
+    #: The one way into the spool (stages, group commit, Reception).
+    intake: Intake
     new_queue_id: Callable[[], str]
-    events: EventLog
     authenticator: Authenticator
     ssl_context: ssl.SSLContext | None
     networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
@@ -104,9 +100,8 @@ class InboundContext:
         cls,
         config: Config,
         *,
-        writer: GroupCommitWriter,
+        intake: Intake,
         new_queue_id: Callable[[], str],
-        events: EventLog,
         ssl_context: ssl.SSLContext | None,
     ) -> InboundContext:
         hostname = config.server.resolved_hostname()
@@ -116,9 +111,8 @@ class InboundContext:
         return cls(
             config=config,
             settings=settings,
-            writer=writer,
+            intake=intake,
             new_queue_id=new_queue_id,
-            events=events,
             authenticator=Authenticator(config.inbound.auth_users),
             ssl_context=ssl_context,
             networks=config.relay.networks(),
@@ -372,47 +366,32 @@ class _Session:
             self.conn.auth_failed()
 
     async def _store(self, event: MessageReceived) -> None:
+        """Admit the message through the intake; 250 only once it is committed."""
         ctx, conn = self.ctx, self.conn
-        fields = lowered_header_section(event.data)
-        hops = hop_count(fields)
-        if hops > ctx.config.inbound.max_hops:
-            log.warning("refused a message from %s with %d hops (mail loop?)",
-                        self.client_ip, hops)
-            conn.message_failed(TOO_MANY_HOPS)
-            return
-        queue_id = ctx.new_queue_id()
-        now = time.time()
         protocol = "ESMTP" if conn.esmtp else "SMTP"
         if conn.esmtp:
             protocol += ("S" if self.tls_info else "") + ("A" if conn.authenticated_user else "")
-        addresses = [r.address for r in event.recipients]
-        head = trace_headers(
-            add_message_id=not has_message_id(fields), queue_id=queue_id,
-            hostname=ctx.hostname, helo=conn.helo or "", client_ip=self.client_ip,
-            protocol=protocol, tls=self.tls_info, recipients=addresses, now=now,
-        )
         envelope = Envelope(
-            queue_id=queue_id, sender=event.sender, recipients=list(event.recipients),
-            received_at=now, body=event.body, smtputf8=event.smtputf8,
-            declared_size=event.declared_size, ret=event.ret, envid=event.envid,
-            client_ip=self.client_ip, client_port=self.client_port, client_helo=conn.helo or "",
-            auth_user=conn.authenticated_user, tls=self.tls_info, protocol=protocol,
+            queue_id=ctx.new_queue_id(), sender=event.sender,
+            recipients=list(event.recipients), received_at=time.time(), body=event.body,
+            smtputf8=event.smtputf8, declared_size=event.declared_size, ret=event.ret,
+            envid=event.envid, client_ip=self.client_ip, client_port=self.client_port,
+            client_helo=conn.helo or "", auth_user=conn.authenticated_user, tls=self.tls_info,
+            protocol=protocol,
         )
-        data = head + event.data
-        started = trio.current_time()
+        admission = Admission(envelope=envelope, data=event.data, via="smtp",
+                              helo=conn.helo or "")
         try:
-            await ctx.writer.submit(NewMessage(envelope=envelope, data=data))
+            await ctx.intake.admit(admission)
+        except Refused as e:
+            conn.message_failed(e.reply)
+            return
         except Exception:
-            log.exception("spool commit failed for %s from %s", queue_id, self.client_ip)
+            log.exception("spool commit failed for %s from %s", envelope.queue_id,
+                          self.client_ip)
             conn.message_failed(STORE_FAILED)
             return
-        conn.message_stored(queue_id)
-        ctx.events.emit(Reception(
-            queue_id=queue_id, time=now, sender=event.sender, recipients=addresses,
-            size=len(data), client_ip=self.client_ip, helo=conn.helo or "",
-            auth_user=conn.authenticated_user, tls=self.tls_info,
-            commit_seconds=round(trio.current_time() - started, 6),
-        ))
+        conn.message_stored(envelope.queue_id)
 
     async def _start_tls(self) -> bool:
         """Handshake after the core's 220; False when the handshake failed (session over)."""

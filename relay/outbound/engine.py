@@ -86,6 +86,7 @@ class DeliveryEngine:
         hostname: str,
         *,
         writer: GroupCommitWriter,
+        prepare_dsn: Callable[[NewMessage], NewMessage] | None = None,
         waker: Waker | None = None,
         resolver: Resolver | None = None,
         client_ssl_context: ssl.SSLContext | None = None,
@@ -107,6 +108,9 @@ class DeliveryEngine:
         #: Outcomes are committed by the worker's group-commit writer: one fsync for the
         #: receptions and the deliveries of the same moment.
         self.writer = writer
+        #: The intake's stages for the DSNs we generate (the worker wires the intake in;
+        #: they are stored with the outcome that caused them, in one transaction).
+        self.prepare_dsn = prepare_dsn
         self.resolver = resolver or Resolver(list(config.outbound.resolvers))
         self.router = Router(config.outbound, self.resolver)
         self.client_ssl_context = client_ssl_context
@@ -453,8 +457,11 @@ class DeliveryEngine:
         # kill -9 between the two then leaves an event for an outcome that is retried
         # (logged again: at-least-once accounting) instead of a committed outcome with
         # no event at all.
-        self.events.emit_many(verdict.events)
         dsn = verdict.dsn
+        if dsn is not None and self.prepare_dsn is not None:
+            dsn = self.prepare_dsn(dsn)
+            verdict.completion.new_messages = [dsn]
+        self.events.emit_many(verdict.events)
 
         def after_commit(error: BaseException | None = None) -> None:
             # Runs synchronously right after the commit (in the committing task).

@@ -10,9 +10,8 @@ from relay.inbound.session import RELAY_VERDICTS_MAX, InboundContext
 
 def _context(networks: list[str]) -> InboundContext:
     config = Config(relay=RelayPolicyConfig(allow_networks=networks))
-    stand_in: Any = object()  # writer and event log: may_relay never touches them
-    return InboundContext.build(config, writer=stand_in, new_queue_id=str, events=stand_in,
-                                ssl_context=None)
+    stand_in: Any = object()  # the intake: may_relay never touches it
+    return InboundContext.build(config, intake=stand_in, new_queue_id=str, ssl_context=None)
 
 
 def test_addresses_inside_the_networks_may_relay_and_others_may_not() -> None:

@@ -1,4 +1,4 @@
-"""Trace headers the relay adds to every accepted message (bytes in, bytes out).
+"""Header facts and trace fields for the intake stages (bytes in, bytes out).
 
 RFC 5321 4.4 requires a ``Received:`` line at the top of the message; RFC 5322 3.6.4
 wants a ``Message-ID:``, which a relay adds when the client did not (Postfix does the same
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import email.utils
 
-__all__ = ["has_message_id", "hop_count", "lowered_header_section", "trace_headers"]
+__all__ = ["has_message_id", "hop_count", "lowered_header_section", "received_header"]
 
 
 def lowered_header_section(data: bytes) -> bytes:
@@ -49,9 +49,8 @@ def _rfc5322_date(now: float) -> str:
     return _last_date[1]
 
 
-def trace_headers(
+def received_header(
     *,
-    add_message_id: bool,
     queue_id: str,
     hostname: str,
     helo: str,
@@ -61,11 +60,10 @@ def trace_headers(
     recipients: list[str],
     now: float,
 ) -> bytes:
-    """Header lines (CRLF-terminated) to put in front of a message (with a Message-ID
-    field when ``add_message_id``: the message has none).
+    """The ``Received:`` field (CRLF-terminated, folded) to put on top of a message.
 
-    The Received line follows RFC 5321 4.4 and Postfix's layout; ``for <rcpt>`` is only
-    written for a single recipient so a message to many never discloses the others.
+    It follows RFC 5321 4.4 and Postfix's layout; ``for <rcpt>`` is only written for a
+    single recipient so a message to many never discloses the others.
     """
     date = _rfc5322_date(now)
     ip_literal = f"[IPv6:{client_ip}]" if ":" in client_ip else f"[{client_ip}]"
@@ -77,6 +75,4 @@ def trace_headers(
         lines.append(f"\tfor <{recipients[0]}>; {date}")
     else:
         lines[-1] += f"; {date}"
-    if add_message_id:
-        lines.append(f"Message-ID: <{queue_id}@{hostname}>")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")

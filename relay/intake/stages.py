@@ -1,0 +1,75 @@
+"""The intake stages, in the order they run (``default_stages``).
+
+Each is one small class whose ``admit`` may add header lines, change the envelope, or
+raise ``Refused``. Loop detection runs first, on the message as it arrived; the trace
+headers then go on top; signing (to come) goes last, over the final bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from relay.config import Config
+from relay.intake.admission import Admission, Refused
+from relay.intake.headers import has_message_id, hop_count, received_header
+from relay.smtp.replies import Reply
+
+__all__ = ["LoopCheck", "MessageId", "TraceHeaders", "default_stages"]
+
+log = logging.getLogger("relay.intake")
+
+#: RFC 5321 6.3: a message that has made too many hops is in a loop (Postfix's text).
+TOO_MANY_HOPS = Reply(554, "5.4.6", "Error: too many hops")
+
+
+class LoopCheck:
+    """More than ``max_hops`` Received:/Delivered-To: fields: refused, 554 5.4.6."""
+
+    def __init__(self, max_hops: int) -> None:
+        self.max_hops = max_hops
+
+    def admit(self, msg: Admission) -> None:
+        hops = hop_count(msg.fields)
+        if hops > self.max_hops:
+            log.warning("refused a message from %s with %d hops (mail loop?)",
+                        msg.envelope.client_ip or msg.via, hops)
+            raise Refused(TOO_MANY_HOPS)
+
+
+class TraceHeaders:
+    """The ``Received:`` line of RFC 5321 4.4 on top of every message we receive (not on
+    the DSNs we write ourselves)."""
+
+    def __init__(self, hostname: str) -> None:
+        self.hostname = hostname
+
+    def admit(self, msg: Admission) -> None:
+        if msg.via == "dsn":
+            return
+        env = msg.envelope
+        msg.head.append(received_header(
+            queue_id=env.queue_id, hostname=self.hostname, helo=msg.helo,
+            client_ip=env.client_ip, protocol=env.protocol, tls=env.tls,
+            recipients=[r.address for r in env.recipients], now=env.received_at))
+
+
+class MessageId:
+    """A ``Message-ID:`` for a message that has none (RFC 5322 3.6.4; Postfix does the
+    same for mail it accepts)."""
+
+    def __init__(self, hostname: str) -> None:
+        self.hostname = hostname
+
+    def admit(self, msg: Admission) -> None:
+        if not has_message_id(msg.fields):
+            msg.head.append(f"Message-ID: <{msg.envelope.queue_id}@{self.hostname}>\r\n"
+                            .encode("utf-8", "surrogateescape"))
+
+
+def default_stages(config: Config, hostname: str) -> list[LoopCheck | TraceHeaders | MessageId]:
+    """The stages every message goes through, in order."""
+    return [
+        LoopCheck(config.inbound.max_hops),
+        TraceHeaders(hostname),
+        MessageId(hostname),
+    ]
