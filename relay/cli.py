@@ -89,6 +89,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     n = config.server.resolved_workers()
     print(f"{args.path}: OK ({n} worker{'' if n == 1 else 's'}, "
           f"listening on {', '.join(config.inbound.listen)}, spool {config.spool.path})")
+    for domain in args.explain or []:
+        import trio
+
+        from relay.outbound.explain import explain
+
+        print("\n".join(trio.run(explain, config, domain)))
     return 0
 
 
@@ -287,6 +293,9 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("path", nargs="?", default=DEFAULT_CONFIG)
+    check.add_argument("--explain", metavar="DOMAIN", action="append",
+                       help="also show where mail for DOMAIN goes and the limits that "
+                            "apply, with the table each comes from (repeatable)")
     check.set_defaults(func=cmd_check_config)
 
     queue = sub.add_parser("queue", help="inspect and manage the queue")

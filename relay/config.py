@@ -243,8 +243,6 @@ class Throttle(_Base):
     max_retry_interval: Seconds | None = None
     max_age: Seconds | None = None
     tls: Literal["off", "opportunistic", "required"] | None = None
-    #: Share one set of limits among all domains whose primary MX is the same host.
-    mx_rollup: bool | None = None
     #: A connection lost after the end of data was sent, before its reply: the message
     #: may have been delivered. "retry" (a duplicate is possible) or "delivered" (a loss
     #: is possible); either way the event says ``ambiguous: true``.
@@ -268,7 +266,6 @@ class Limits(_Base):
     max_retry_interval: float
     max_age: float
     tls: Literal["off", "opportunistic", "required"]
-    mx_rollup: bool
     ambiguous: Literal["retry", "delivered"]
 
 
@@ -288,9 +285,32 @@ BUILTIN_THROTTLE = Throttle(
     max_retry_interval=4000.0,
     max_age=5 * 86400.0,
     tls="opportunistic",
-    mx_rollup=False,
     ambiguous="retry",
 )
+
+
+class Provider(Throttle, kw_only=True):
+    """A mailbox provider: every domain whose MX hosts ALL match ``match_mx`` is delivered
+    as one destination (``provider:NAME``) under these limits, shared by all of them
+    (KumoMTA's provider blocks; all, so that a vanity domain mixing providers matches
+    none). Patterns are MX host names or ``*.suffix`` wildcards, case-insensitive."""
+
+    match_mx: Annotated[list[str], msgspec.Meta(min_length=1)]
+
+    def matches(self, mx_hosts: list[str]) -> bool:
+        return bool(mx_hosts) and all(
+            any(_host_matches(h.lower().rstrip("."), p) for p in self.match_mx)
+            for h in mx_hosts)
+
+
+def _host_matches(host: str, pattern: str) -> bool:
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:])
+    return host == pattern
+
+
+#: The destination key of a provider's mail (``OutboundConfig.provider_for``).
+PROVIDER_PREFIX = "provider:"
 
 
 class Route(_Base):
@@ -314,26 +334,60 @@ class OutboundConfig(_Base):
     #: Source address for outgoing connections ("" = kernel's choice).
     source_address: str = ""
     default: Throttle = msgspec.field(default_factory=Throttle)
-    #: Per-domain overrides: keys are domains, "*.example.com" wildcards, or MX hosts
-    #: when the rolled-up destination is an MX.
+    #: Per-domain overrides: keys are domains or "*.example.com" wildcards (lower case).
     domains: dict[str, Throttle] = msgspec.field(default_factory=dict)
+    #: Providers: limits shared by every domain whose MX hosts match (``Provider``).
+    providers: dict[str, Provider] = msgspec.field(default_factory=dict)
 
-    def throttle_for(self, destination: str) -> Limits:
-        """Effective throttle for a destination: builtin <- default <- best wildcard <- exact."""
-        layers = [BUILTIN_THROTTLE, self.default]
+    def provider_for(self, mx_hosts: list[str]) -> str | None:
+        """The destination key (``provider:NAME``) of a domain with these MX hosts: the
+        first provider, in file order, that they all match; None for none."""
+        for name, provider in self.providers.items():
+            if provider.matches(mx_hosts):
+                return PROVIDER_PREFIX + name
+        return None
+
+    def layers(self, destination: str) -> list[tuple[str, Throttle]]:
+        """Where a destination's limits come from, weakest first, each with the table
+        that says it: the built-in defaults, ``[outbound.default]``, then a provider's
+        block, or a domain's best wildcard and its exact entry."""
+        layers: list[tuple[str, Throttle]] = [("built-in default", BUILTIN_THROTTLE),
+                                              ("[outbound.default]", self.default)]
+        if destination.startswith(PROVIDER_PREFIX):
+            name = destination[len(PROVIDER_PREFIX):]
+            if name in self.providers:
+                layers.append((f"[{_toml_key(['outbound', 'providers', name])}]",
+                               self.providers[name]))
+            return layers
         dest = destination.lower().rstrip(".")
         wildcard = _best_wildcard(dest, self.domains)
         if wildcard is not None:
-            layers.append(self.domains[wildcard])
+            layers.append((f"[{_toml_key(['outbound', 'domains', wildcard])}]",
+                           self.domains[wildcard]))
         if dest in self.domains:
-            layers.append(self.domains[dest])
+            layers.append((f"[{_toml_key(['outbound', 'domains', dest])}]", self.domains[dest]))
+        return layers
+
+    def throttle_for(self, destination: str) -> Limits:
+        """Effective limits of a destination: its ``layers`` merged, strongest last."""
         merged: dict[str, object] = {}
-        for layer in layers:
-            for name in layer.__struct_fields__:
+        for _source, layer in self.layers(destination):
+            for name in Limits.__struct_fields__:
                 value = getattr(layer, name)
                 if value is not None:
                     merged[name] = value
         return Limits(**merged)  # type: ignore[arg-type]
+
+    def member_caps(self, domain: str) -> tuple[int | None, str | None]:
+        """A domain's own ``max_connections`` and ``max_message_rate`` (from its exact or
+        wildcard ``[outbound.domains]`` entry only), which still cap its share when it is
+        delivered as part of a provider: the stricter limit wins."""
+        cap: int | None = None
+        rate: str | None = None
+        for _source, layer in self.layers(domain)[2:]:
+            cap = layer.max_connections if layer.max_connections is not None else cap
+            rate = layer.max_message_rate if layer.max_message_rate is not None else rate
+        return cap, rate or None
 
 
 def _best_wildcard(domain: str, table: dict[str, object]) -> str | None:
@@ -380,6 +434,14 @@ def _semantic_checks(cfg: Config) -> None:
     throttles.update(
         {_toml_key(["outbound", "domains", k]): v for k, v in cfg.outbound.domains.items()}
     )
+    throttles.update(
+        {_toml_key(["outbound", "providers", k]): v for k, v in cfg.outbound.providers.items()}
+    )
+    for name, provider in cfg.outbound.providers.items():
+        for i, pattern in enumerate(provider.match_mx):
+            if not pattern or "*" in pattern.removeprefix("*.") or " " in pattern:
+                raise ValueError(f"{_toml_key(['outbound', 'providers', name])}.match_mx[{i}]: "
+                                 f"{_toml_str(pattern)} is not a host name or *.suffix")
     for key, t in throttles.items():
         for field in ("max_message_rate", "max_connection_rate"):
             value = getattr(t, field)
@@ -461,10 +523,30 @@ def decode_config(data: bytes | str, source: str = "<config>") -> Config:
         raise ConfigError(f"{source}: not valid TOML: {e}{_toml_syntax_hint(data, str(e))}"
                           ) from None
     try:
+        cfg = _normalized(cfg)
         _semantic_checks(cfg)
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
     return cfg
+
+
+def _normalized(cfg: Config) -> Config:
+    """Domain keys and MX patterns are case-insensitive: stored lower-case, without a
+    trailing dot; two keys that differ only so are an error."""
+    domains: dict[str, Throttle] = {}
+    for key, throttle in cfg.outbound.domains.items():
+        norm = key.lower().rstrip(".")
+        if norm in domains:
+            raise ValueError(f"{_toml_key(['outbound', 'domains', key])}: the same domain "
+                             f"as {_toml_key(['outbound', 'domains', norm])} (domain names "
+                             "are case-insensitive)")
+        domains[norm] = throttle
+    providers = {
+        name: msgspec.structs.replace(p, match_mx=[m.lower().rstrip(".") for m in p.match_mx])
+        for name, p in cfg.outbound.providers.items()
+    }
+    outbound = msgspec.structs.replace(cfg.outbound, domains=domains, providers=providers)
+    return msgspec.structs.replace(cfg, outbound=outbound)
 
 
 # -- plain-words errors ----------------------------------------------------------------
@@ -648,6 +730,10 @@ def _explain_validation_error(data: bytes | str, message: str) -> str:
     if m := _UNKNOWN_RE.match(text):
         keys.append(m.group(1))
         reason = "unknown key"
+        if m.group(1) == "mx_rollup":
+            reason += ('; mx_rollup was replaced by provider blocks: '
+                       '[outbound.providers.NAME] with match_mx = ["*.mx.example.net"] '
+                       'and the shared limits (see conf/relay.toml)')
         base, _ = _unwrap(tp)
         if isinstance(base, type) and issubclass(base, msgspec.Struct):
             close = difflib.get_close_matches(m.group(1), base.__struct_fields__, n=1,

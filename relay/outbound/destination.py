@@ -1,6 +1,6 @@
 """One active destination: its own nursery, limits, connections and backoff (principle 5).
 
-A destination is a routing domain, or (``mx_rollup``) the primary MX host shared by many
+A destination is a routing domain, or a provider (``provider:NAME``) shared by many
 domains. Its owner (the engine, seen only through ``DestinationOwner``) hands it claimed
 ``DeliveryJob``s (``enqueue``); it owns them until it has reported what happened to each
 (``DestinationOwner.settle``: an ``Attempt``, which ``relay.outcomes`` judges).
@@ -67,6 +67,11 @@ class DestinationOwner(Protocol):
 
     def is_own_listener(self, ip: str, port: int) -> bool: ...
 
+    def member_caps(self, domain: str) -> tuple[int | None, str | None]:
+        """A domain's own max_connections and max_message_rate, which hold inside a
+        provider destination too (``OutboundConfig.member_caps``)."""
+        ...
+
     async def load(self, job: DeliveryJob) -> tuple[Envelope, bytes] | None:
         """The job's message, or None when it is gone (the job is then finished)."""
         ...
@@ -107,6 +112,18 @@ class _Run:
         """Recipients without an outcome yet."""
         settled = {o.index for o in self.outcomes}
         return [i for i in self.job.recipients if i not in settled]
+
+
+class _Member:
+    """A domain delivered as part of a provider (or of nothing else: then no caps)."""
+
+    __slots__ = ("bucket", "cap", "taken")
+
+    def __init__(self, cap: int | None, rate: str | None) -> None:
+        self.cap = cap
+        self.bucket = TokenBucket(rate_from_config(rate), 1) if rate else None
+        #: Queue ids of its jobs this destination is delivering now.
+        self.taken: set[str] = set()
 
 
 class _Holding:
@@ -159,6 +176,9 @@ class Destination:
         #: QUIT; waking them in turn cost every connection a wake-up per message.
         self._lot = trio.lowlevel.ParkingLot()
         self._idlers: list[trio.Event] = []
+        #: Per member domain of a provider: its own caps and the jobs it has taken.
+        self._members: dict[str, _Member] = {}
+        self._capped = False
 
     # ------------------------------------------------------------------ engine side
 
@@ -178,6 +198,11 @@ class Destination:
         self.retry_policy = _retry_policy(throttle)
         self.message_bucket.reconfigure(rate_from_config(throttle.max_message_rate), 1)
         self.connection_bucket.reconfigure(rate_from_config(throttle.max_connection_rate))
+        # Member caps are read again as each domain's next job comes; what they have
+        # taken still counts.
+        old, self._members, self._capped = self._members, {}, False
+        for domain, member in old.items():
+            self._member(domain).taken = member.taken
         self._poke()
 
     def _poke(self) -> None:
@@ -302,6 +327,8 @@ class Destination:
                                     for i in run.unsettled())
                 run.chunks.clear()
                 await self._record(run, hop)
+            for job in holding.jobs:
+                self._release(job)
             if holding.jobs:
                 await self._settle_all(holding.jobs, 421, "4.3.0", reason, hop=hop)
             if before_connect:
@@ -410,14 +437,15 @@ class Destination:
         self.done += 1
 
     async def _next_job(self) -> DeliveryJob | None:
-        """The next queued job, waiting up to idle_timeout for one (None: go idle)."""
-        if self.queue:
-            return self.queue.popleft()
+        """The next job we may take, waiting up to idle_timeout for one (None: go idle)."""
+        job = self._take()
+        if job is not None:
+            return job
         self.idle += 1
         try:
             deadline = trio.current_time() + self.throttle.idle_timeout
             with trio.CancelScope(deadline=deadline):
-                while not self.queue:
+                while job is None:
                     if self.backed_off:
                         return None
                     woken = trio.Event()
@@ -427,9 +455,43 @@ class Destination:
                     finally:
                         if not woken.is_set():  # idle_timeout or cancelled
                             self._idlers.remove(woken)
+                    job = self._take()
         finally:
             self.idle -= 1
-        return self.queue.popleft() if self.queue else None
+        return job
+
+    # -- member domains of a provider: their own caps still hold (the stricter wins)
+
+    def _take(self) -> DeliveryJob | None:
+        """The first queued job whose domain is under its own connection cap (FIFO when
+        no member has one: the common case costs one check)."""
+        queue = self.queue
+        if not queue:
+            return None
+        if not self._capped:
+            return queue.popleft()
+        for i, job in enumerate(queue):
+            member = self._member(job.domain)
+            if member.cap is None or len(member.taken) < member.cap:
+                del queue[i]
+                member.taken.add(job.queue_id)
+                return job
+        return None
+
+    def _member(self, domain: str) -> _Member:
+        member = self._members.get(domain)
+        if member is None:
+            cap, rate = (None, None) if domain == self.key else self.owner.member_caps(domain)
+            member = self._members[domain] = _Member(cap, rate)
+            self._capped = self._capped or member.cap is not None
+        return member
+
+    def _release(self, job: DeliveryJob) -> None:
+        """``job`` no longer counts against its domain's cap."""
+        member = self._members.get(job.domain)
+        if member is not None and job.queue_id in member.taken:
+            member.taken.discard(job.queue_id)
+            self._poke()
 
     async def _serve(self, session: ClientSession, hop: Hop, holding: _Holding) -> None:
         """Deliver over one connection until it is no longer usable, the deliveries cap
@@ -459,7 +521,7 @@ class Destination:
                 wait = not in_flight and not finished
                 if run is None or not run.chunks:
                     run = await self._next_run(session, wait, holding)
-                if run is not None and run.chunks and await self._paced(wait):
+                if run is not None and run.chunks and await self._paced(run.job.domain, wait):
                     session.begin(run.envelope, run.chunks.popleft(), run.data)
                     run.open += 1
                     in_flight.append(run)
@@ -493,30 +555,36 @@ class Destination:
         reached, or no job is queued (``wait``: none came within ``idle_timeout``)."""
         cap = self.throttle.max_deliveries_per_connection
         while session.deliveries < cap:
-            if wait:
-                job = await self._next_job()
-            else:
-                job = self.queue.popleft() if self.queue else None
+            job = await self._next_job() if wait else self._take()
             if job is None:
                 return None
             holding.jobs.append(job)
             loaded = await self.owner.load(job)
             holding.jobs.remove(job)
-            if loaded is not None:
+            if loaded is None:
+                self._release(job)
+            else:
                 envelope, data = loaded
                 run = _Run(job, envelope, data, self.throttle.max_recipients_per_message)
                 holding.runs.append(run)
                 return run
         return None
 
-    async def _paced(self, wait: bool) -> bool:
-        """Take a token from the message-rate bucket (``wait``: sleeping for it)."""
+    async def _paced(self, domain: str, wait: bool) -> bool:
+        """Take a token from the message-rate bucket, and from the domain's own when it
+        has one (``wait``: sleeping for them)."""
+        own = self._member(domain).bucket
         if wait:
+            if own is not None:
+                await own.acquire()
             await self.message_bucket.acquire()
             return True
+        if own is not None and not own.try_acquire():
+            return False
         return self.message_bucket.try_acquire()
 
     async def _record(self, run: _Run, hop: Hop | None) -> None:
+        self._release(run.job)
         attempt = Attempt(outcomes=run.outcomes, destination=self.key,
                           mx_host=hop.mx_host if hop else "", ip=hop.ip if hop else "",
                           seconds=trio.current_time() - run.started)

@@ -26,7 +26,7 @@ group-commit writer (not waited for), so a crash between the two duplicates an e
 never loses one. Destinations see the engine only through the narrow ``DestinationOwner``
 interface (``destination.py``).
 
-Ownership. A destination spanning domains (``mx_rollup``) belongs to the worker its key
+Ownership. A destination spanning domains (a provider) belongs to the worker its key
 hashes to; a job claimed elsewhere is handed over through the spool (``Spool.hand_over``)
 with a wake-up, so its limits live in one process at any worker count.
 
@@ -159,6 +159,9 @@ class DeliveryEngine:
     def source_address(self) -> str:
         """Where outgoing connections come from ("" = the kernel's choice)."""
         return self.config.outbound.source_address
+
+    def member_caps(self, domain: str) -> tuple[int | None, str | None]:
+        return self.config.outbound.member_caps(domain)
 
     def is_own_listener(self, ip: str, port: int) -> bool:
         """Whether ``ip:port`` is one of this relay's SMTP listeners (a route, smart host
@@ -305,7 +308,7 @@ class DeliveryEngine:
             self._prefetched[key] = prefetched
             self._prefetched_bytes += len(prefetched[1])
         if self.router.key_needs_dns(job.domain):
-            # mx_rollup: the destination is the primary MX, which takes a lookup. Do it
+            # Providers: the destination depends on the MX hosts, which takes a lookup. Do it
             # in its own task so a slow DNS answer never holds up the scheduler (and
             # with it every other destination).
             self._nursery.start_soon(self._dispatch_resolved, job)

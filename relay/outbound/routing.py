@@ -10,8 +10,10 @@ Contract:
   order, at most ``max_hops``. Raises ``ResolveError`` (permanent: NXDOMAIN, null MX;
   transient: DNS trouble, or no MX host has an address).
 - ``await Router.destination_key(domain)`` -> the name the throttles and the
-  per-destination nursery are keyed by: the domain, or (``mx_rollup`` set for it) its
-  primary MX host, so that many domains hosted at one provider share one set of limits.
+  per-destination nursery are keyed by: ``provider:NAME`` when every MX host of the
+  domain matches that provider's ``match_mx`` (so the many domains hosted at one
+  provider share one set of limits), else the domain itself. Only MX-routed domains can
+  belong to a provider, and only when providers are configured (else no lookup).
 
 ``Router`` is rebuilt on a config reload; the resolver (and its cache) is kept.
 """
@@ -93,21 +95,21 @@ class Router:
         return out
 
     def key_needs_dns(self, domain: str) -> bool:
-        """Whether ``destination_key`` must look up MX records (mx_rollup applies)."""
+        """Whether ``destination_key`` must look up MX records (to match providers)."""
         known = self._needs_dns.get(domain)
         if known is not None:
             return known
         key = domain.lower().rstrip(".")
-        needs = bool(self.config.throttle_for(key).mx_rollup) and not self.static_hosts(key)
+        needs = bool(self.config.providers) and self.static_hosts(key) is None
         if len(self._needs_dns) >= _CACHE_MAX:
             self._needs_dns.clear()
         self._needs_dns[domain] = needs
         return needs
 
     async def destination_key(self, domain: str, fallback: str | None = None) -> str:
-        """Domain, or its primary MX host when ``mx_rollup`` applies. When the MX lookup
-        fails: ``fallback`` (the key the job was last sharded by, so a DNS hiccup does
-        not bounce it between workers), else the domain."""
+        """``provider:NAME`` or the domain (module doc). When the MX lookup fails:
+        ``fallback`` (the key the job was last sharded by, so a DNS hiccup does not move
+        it between workers), else the domain."""
         domain = domain.lower().rstrip(".")
         if not self.key_needs_dns(domain):
             return domain
@@ -115,9 +117,7 @@ class Router:
             mxs = await self.resolver.mx(domain)
         except ResolveError:
             return fallback or domain
-        # Stable choice among equal preferences: lowest preference, then name.
-        best = min(mxs, key=lambda m: (m.preference, m.name))
-        return best.name
+        return self.config.provider_for([m.name for m in mxs]) or domain
 
     async def hops(self, domain: str) -> list[Hop]:
         """Every (host, ip, port) to try for ``domain``, in order."""

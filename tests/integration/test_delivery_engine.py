@@ -20,7 +20,7 @@ import trio
 import trio.testing
 
 from bench.sink import Behaviour, Sink
-from relay.config import Config, OutboundConfig, Route, Throttle
+from relay.config import Config, OutboundConfig, Provider, Route, Throttle
 from relay.events import Bounce, Delivery, EventLog, Expiration, TransientFailure
 from relay.outbound.engine import DeliveryEngine
 from relay.outbound.wakeup import Waker
@@ -539,26 +539,32 @@ async def test_backlogged_destination_does_not_starve_others(spool, events):
     assert events.counts["TransientFailure"] == 0
 
 
-async def test_mx_rollup_shares_one_connection_limit(spool, events, dnsmasq):
-    """Domains hosted on one MX with mx_rollup: one destination, one connection limit
-    (keyed by the MX host name in [outbound.domains])."""
+async def test_a_provider_shares_one_connection_limit(spool, events, dnsmasq):
+    """Domains hosted at one provider: one destination, one connection limit (the
+    provider's block), and a member's own stricter connection cap holds inside it
+    (counted as its transactions in flight, which bound its connections)."""
     async with trio.open_nursery() as n:
-        sink, port = await start_sink(n, delays={"one.test": 0.03, "two.test": 0.03})
+        sink, port = await start_sink(n, delays={"one.test": 0.1, "two.test": 0.1})
         dns = dnsmasq(mx={"one.test": [(10, "mx.provider.test")],
                           "two.test": [(10, "mx.provider.test")]},
                       hosts={"mx.provider.test": "127.0.0.2"})
         spool.store_batch([message([f"u{i}@one.test"]) for i in range(30)]
                           + [message([f"u{i}@two.test"]) for i in range(30)])
         cfg = config({}, resolvers=[dns.nameserver], smtp_port=port,
-                     domains={"*.test": Throttle(mx_rollup=True),
-                              "mx.provider.test": Throttle(max_connections=2)})
+                     providers={"prov": Provider(match_mx=["*.provider.test"],
+                                                 max_connections=3)},
+                     domains={"two.test": Throttle(max_connections=1)})
         engine = make_engine(cfg, spool, events)
         async with running(engine):
             await sink.wait_for(lambda s: s.total_messages == 60, timeout=20)
-            assert set(engine.destinations) == {"mx.provider.test"}
+            assert set(engine.destinations) == {"provider:prov"}
         n.cancel_scope.cancel()
-    assert sink.max_concurrent_connections == 2
-    assert {e.destination for e in read_events(events)} == {"mx.provider.test"}
+    assert sink.max_concurrent_connections == 3
+    # Each message takes 0.1 s at the sink: two arrivals of a domain within 0.09 s were
+    # delivered at the same time. two.test never had two in flight; one.test did.
+    assert sink.max_messages_in_window("two.test", 0.09) == 1
+    assert sink.max_messages_in_window("one.test", 0.09) >= 2
+    assert {e.destination for e in read_events(events)} == {"provider:prov"}
 
 
 async def test_restart_resumes_jobs_claimed_by_a_dead_worker(tmp_path, spool, events):

@@ -1,10 +1,11 @@
 """A destination's limits hold at any worker count (principle 4).
 
-Eight domains share one MX and roll up into one destination (``mx_rollup``) with
-``max_connections = 2`` and a message rate. The domains hash to different workers; the
-worker that owns the destination key delivers all of them (the others hand their jobs
-over through the spool), so the receiving server never sees more than 2 connections nor
-more messages per second than allowed, with 1, 2 or 3 workers.
+Eight domains share one MX and so one provider destination (``[outbound.providers]``)
+with ``max_connections = 2`` and a message rate. The domains hash to different workers;
+the worker that owns the destination key delivers all of them (the others hand their
+jobs over through the spool), so the receiving server never sees more than 2
+connections nor more messages per second than allowed, with 1, 2 or 3 workers. One
+member domain keeps its own stricter rate inside the provider.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ MX_IP = "127.0.0.5"
 DOMAINS = [f"d{i}.test" for i in range(8)]
 PER_DOMAIN = 8
 RATE = 25  # messages per second for the whole destination
+SLOW = 3  # ... and for d0.test's share of it
 
 
 def most_in_window(times: list[float], seconds: float) -> int:
@@ -66,11 +68,12 @@ smtp_port = {port}
 [outbound.default]
 tls = "off"
 idle_timeout = 0.5
-[outbound.domains."*.test"]
-mx_rollup = true
-[outbound.domains."mx.shared.test"]
+[outbound.providers.shared]
+match_mx = ["*.shared.test"]
 max_connections = 2
 max_message_rate = "{RATE}/s"
+[outbound.domains."d0.test"]
+max_message_rate = "{SLOW}/s"
 """)
         await trio.to_thread.run_sync(relay.start)
         try:
@@ -83,7 +86,8 @@ max_message_rate = "{RATE}/s"
     listener = sink.listeners[(MX_IP, port)]
     assert listener.max_concurrent_connections == 2, listener
     assert most_in_window([t for t, _d, _n in sink.arrivals], 1.0) <= RATE + 1
+    assert sink.max_messages_in_window("d0.test", 1.0) <= SLOW + 1
     deliveries = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text()
                   .splitlines() if '"Delivery"' in line]
     assert len(deliveries) == total
-    assert {d["destination"] for d in deliveries} == {"mx.shared.test"}
+    assert {d["destination"] for d in deliveries} == {"provider:shared"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from relay.config import OutboundConfig, Route, Throttle
+from relay.config import OutboundConfig, Route, decode_config
 from relay.outbound.resolver import MXHost, ResolveError, Resolver
 from relay.outbound.routing import Hop, Router
 
@@ -185,14 +185,23 @@ async def test_router_static_routes_and_smart_host(dnsmasq):
     assert dns.count("MX", "other.test") == 0
 
 
-async def test_mx_rollup_destination_key(dnsmasq):
+async def test_provider_destination_key(dnsmasq):
+    """A domain belongs to a provider when ALL its MX hosts match (KumoMTA's rule): one
+    MX of another provider, or none, and it is its own destination."""
     dns = dnsmasq(mx={"one.test": [(10, "mx.provider.test")],
-                      "two.test": [(5, "mx.provider.test"), (10, "b.provider.test")],
+                      "two.test": [(5, "MX.Provider.test"), (10, "b.provider.test")],
+                      "mixed.test": [(10, "mx.provider.test"), (20, "mx.other.test")],
                       "solo.test": [(10, "mx.other.test")]})
-    cfg = OutboundConfig(resolvers=[dns.nameserver],
-                         domains={"one.test": Throttle(mx_rollup=True),
-                                  "two.test": Throttle(mx_rollup=True)})
+    cfg = decode_config(f"""
+[outbound]
+resolvers = ["{dns.nameserver}"]
+[outbound.providers.prov]
+match_mx = ["*.PROVIDER.test"]
+""").outbound
     router = Router(cfg, Resolver(cfg.resolvers))
-    assert await router.destination_key("one.test") == "mx.provider.test"
-    assert await router.destination_key("two.test") == "mx.provider.test"
+    assert await router.destination_key("one.test") == "provider:prov"
+    assert await router.destination_key("Two.Test") == "provider:prov"
+    assert await router.destination_key("mixed.test") == "mixed.test"
     assert await router.destination_key("solo.test") == "solo.test"
+    assert await router.destination_key("nx.test") == "nx.test"  # NXDOMAIN: the domain
+    assert await router.destination_key("nx.test", "provider:prov") == "provider:prov"

@@ -301,3 +301,41 @@ def test_embedded_config_documents_every_key() -> None:
 
     walk(Config, "")
     assert missing == []
+
+
+# -- providers and case-insensitive domain keys -------------------------------------------
+
+
+def test_domain_keys_are_case_insensitive() -> None:
+    cfg = decode_config(b'[outbound.domains."Gmail.COM."]\nmax_connections = 3\n')
+    assert cfg.outbound.throttle_for("gmail.com").max_connections == 3
+    with pytest.raises(ConfigError) as e:
+        decode_config(b'[outbound.domains."a.test"]\nmax_connections = 1\n'
+                      b'[outbound.domains."A.test"]\nmax_connections = 2\n', "x.toml")
+    assert 'outbound.domains."A.test": the same domain as outbound.domains."a.test"' in str(e.value)
+
+
+def test_a_provider_needs_every_mx_host_to_match() -> None:
+    cfg = decode_config(b'[outbound.providers.g]\nmatch_mx = ["*.Google.com", "mx.g.test"]\n'
+                        b'max_connections = 20\n')
+    out = cfg.outbound
+    assert out.provider_for(["alt1.aspmx.l.google.com", "MX.G.TEST."]) == "provider:g"
+    assert out.provider_for(["alt1.aspmx.l.google.com", "mx.other.test"]) is None
+    assert out.provider_for(["google.com"]) is None  # "*.google.com" means subdomains
+    assert out.provider_for([]) is None
+    assert out.throttle_for("provider:g").max_connections == 20
+
+
+@pytest.mark.parametrize(("toml", "expected"), [
+    (b'[outbound.default]\nmx_rollup = true\n',
+     "outbound.default.mx_rollup: unknown key; mx_rollup was replaced by provider blocks"),
+    (b'[outbound.providers.g]\nmatch_mx = ["mx.*.test"]\n',
+     'outbound.providers.g.match_mx[0]: "mx.*.test" is not a host name or *.suffix'),
+    (b'[outbound.providers.g]\nmatch_mx = []\n', "outbound.providers.g.match_mx: must have"),
+    (b'[outbound.providers.g]\nmax_connections = 2\n',
+     "outbound.providers.g.match_mx: missing (required)"),
+])
+def test_provider_errors(toml: bytes, expected: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        decode_config(toml, "x.toml")
+    assert expected in str(e.value)
