@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= conf/relay.toml
 
-.PHONY: setup sysdeps run test lint bench clean
+.PHONY: setup sysdeps run test lint bench fuzz clean
 
 # A venv made by another interpreter than $(PYTHON) is rebuilt (--clear) on it.
 REALPY := import os, sys; print(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))
@@ -43,6 +43,12 @@ lint: setup
 ## bench: the benchmark suite; PEERS=postfix runs Postfix side by side
 bench: setup sysdeps
 	$(BIN)/python -m bench $(if $(PEERS),--peers $(PEERS)) $(BENCH_ARGS)
+
+## fuzz: coverage-guided fuzzing (atheris), FUZZ_SECONDS per target, new coverage merged
+## into tests/fuzz/corpus/ (commit it); FUZZ_TARGETS=server,client picks targets
+FUZZ_SECONDS ?= 600
+fuzz: setup
+	$(BIN)/python -m tests.fuzz --merge --seconds $(FUZZ_SECONDS) $(if $(FUZZ_TARGETS),--target $(FUZZ_TARGETS))
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

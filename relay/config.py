@@ -99,6 +99,8 @@ def parse_rate(value: str) -> float:
     period = int(m.group(2) or 1) * _RATE_SECONDS[m.group(3)]
     if count <= 0:
         raise ValueError(f"rate {value!r} must be positive")
+    if period <= 0:
+        raise ValueError(f"rate {value!r} needs a period of at least 1 second")
     return count / period
 
 
@@ -423,6 +425,9 @@ def _semantic_checks(cfg: Config) -> None:
     for i, addr in enumerate(cfg.inbound.listen):
         check(f"inbound.listen[{i}]", parse_hostport, addr)
     check("inbound.max_message_size", parse_size, cfg.inbound.max_message_size)
+    if parse_size(cfg.inbound.max_message_size) < 1:
+        raise ValueError("inbound.max_message_size: must be at least 1 byte (there is no "
+                         "unlimited: every message is held in memory while it arrives)")
     check("spool.map_size", parse_size, cfg.spool.map_size)
     for i, net in enumerate(cfg.relay.allow_networks):
         check(f"relay.allow_networks[{i}]", lambda n: ipaddress.ip_network(n, strict=False), net)
@@ -822,6 +827,10 @@ def reload_config(path: str | os.PathLike[str], log: logging.Logger) -> Config |
         return load_config(path)
     except ConfigError as e:
         log.error("reload failed, keeping the running config: %s", e)
+        return None
+    except Exception:
+        # A file no check foresaw must not take a running relay down on SIGHUP.
+        log.exception("reload failed, keeping the running config: cannot read %s", path)
         return None
 
 

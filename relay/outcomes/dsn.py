@@ -36,6 +36,7 @@ from typing import Literal
 import msgspec
 
 from relay.model import Envelope, NewMessage, Recipient
+from relay.smtp.client import crlf_lines
 
 __all__ = ["MAX_FULL_RETURN", "FailedRecipient", "build_dsn", "dsn_wanted"]
 
@@ -43,6 +44,8 @@ __all__ = ["MAX_FULL_RETURN", "FailedRecipient", "build_dsn", "dsn_wanted"]
 MAX_FULL_RETURN = 1024 * 1024
 #: Longest Diagnostic-Code text kept (header lines must stay under 998 octets).
 _MAX_DIAGNOSTIC = 900
+#: RFC 5322 2.1.1: a line is at most 998 octets, CRLF excluded.
+LINE_MAX = 998
 
 
 class FailedRecipient(msgspec.Struct, kw_only=True, frozen=True):
@@ -76,9 +79,27 @@ def _date(t: float) -> str:
 
 
 def _clean(text: str) -> str:
-    """One header-safe line: no CR/LF/controls, bounded length."""
+    """One header-safe line: no CR/LF/controls, at most ``_MAX_DIAGNOSTIC`` octets."""
     out = "".join(c if c >= " " and c != "\x7f" else " " for c in text).strip()
-    return out[:_MAX_DIAGNOSTIC]
+    return _clip(out, _MAX_DIAGNOSTIC)
+
+
+def _clip(text: str, octets: int) -> str:
+    """``text`` cut to at most ``octets`` UTF-8 octets (never inside a character)."""
+    raw = text.encode("utf-8", "surrogateescape")
+    if len(raw) <= octets:
+        return text
+    return raw[:octets].decode("utf-8", "ignore")
+
+
+def _fit_lines(data: bytes, limit: int = LINE_MAX) -> bytes:
+    """``data`` as CRLF lines of at most ``limit`` octets (RFC 5322 2.1.1): whatever the
+    spool holds, a returned original must not make the DSN itself malformed. Longer
+    lines are cut (the DSN says what happened; the original is the sender's anyway)."""
+    data = crlf_lines(data)
+    if all(len(line) <= limit for line in data.split(b"\r\n")):
+        return data
+    return b"\r\n".join(line[:limit] for line in data.split(b"\r\n"))
 
 
 def _address_field(address: str) -> str:
@@ -118,7 +139,7 @@ def build_dsn(
     headers = data[: sep + 2] if sep >= 0 else (data if data.endswith(b"\r\n") else data + b"\r\n")
     full = envelope.ret == "FULL" and len(data) <= max_full_return
     truncated = envelope.ret == "FULL" and not full
-    returned = data if full else headers
+    returned = _fit_lines(data if full else headers)
     eight_bit = not returned.isascii()
     boundary = f"{queue_id}.{int(now)}.{os.urandom(6).hex()}/{reporting_mta}"
 
@@ -178,8 +199,8 @@ def build_dsn(
         why = _clean(f.diagnostic.partition(";")[2] or f.diagnostic) or f"status {f.status}"
         host = f.remote_mta.partition(";")[2].strip()
         human.append("")
-        human.append(f"<{rcpts[f.index].address}>: " + (f"host {host} said: {why}" if host
-                                                         else why))
+        human.append(_clip(f"<{rcpts[f.index].address}>: "
+                           + (f"host {host} said: {why}" if host else why), LINE_MAX))
     if truncated:
         human += ["", f"The message was larger than {max_full_return} bytes; only its "
                       "headers are returned."]

@@ -200,7 +200,9 @@ def parse_reply(lines: Sequence[bytes], *, enhanced: bool = True) -> Reply:
             raise ReplyParseError(f"bad reply line {raw!r}")
         if sep in (b" ", b"") and not last:
             raise ReplyParseError("final reply line before the end")
-        texts.append(line[4:].decode("utf-8", "replace"))
+        text = line[4:].decode("utf-8", "replace")
+        # As Reply() will: a CR or LF inside a line is a space (read the status likewise).
+        texts.append(_CRLF_RE.sub(" ", text) if "\r" in text or "\n" in text else text)
     assert code is not None
     if not 200 <= code <= 599:
         raise ReplyParseError(f"reply code out of range: {code}")

@@ -35,9 +35,12 @@ Contract:
 * ``ConnectionClosing`` is terminal and sticky: once returned, ``next_event()`` returns the
   very same object for ever; input is ignored from then on.
 * Internal buffers are bounded: a partial command line is at most 512 octets (12288 for
-  AUTH, RFC 4954), a message at most ``max_message_size`` plus a few bytes (the excess is
-  discarded while the end of data is still looked for). The input buffer holds only what
-  the I/O layer fed since the last ``NEED_DATA`` (plus that bounded remainder).
+  AUTH, RFC 4954); a message in DATA at most ``max_message_size`` unstuffed octets, so
+  at most a third more as received (dot-stuffing adds one octet per ``..`` line, and
+  the shortest such line is 4 octets), plus a few bytes; the excess is discarded while
+  the end of data is still looked for. BDAT holds at most ``max_message_size``. The
+  input buffer holds only what the I/O layer fed since the last ``NEED_DATA`` (plus that
+  bounded remainder).
 
 SMTP smuggling: end of data is only ``CRLF . CRLF`` (or ``. CRLF`` as the first line). A
 bare CR in a command line gets 500 and the line is not executed; in message content the

@@ -339,3 +339,15 @@ def test_provider_errors(toml: bytes, expected: str) -> None:
     with pytest.raises(ConfigError) as e:
         decode_config(toml, "x.toml")
     assert expected in str(e.value)
+
+
+@pytest.mark.parametrize(("toml", "expected"), [
+    # Found by the config fuzz target (tests/fuzz/crashes/config/).
+    (b'[outbound.default]\nmax_message_rate = "1/0s"\n',
+     "outbound.default.max_message_rate: rate \"1/0s\" needs a period of at least 1 second"),
+    (b"[inbound]\nmax_message_size = 0\n", "inbound.max_message_size: must be at least 1"),
+])
+def test_values_that_would_stop_a_worker_are_config_errors(toml: bytes, expected: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        decode_config(toml, "x.toml")
+    assert expected in str(e.value)
