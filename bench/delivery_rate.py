@@ -35,7 +35,7 @@ from pathlib import Path
 import trio
 
 from relay.config import Config, OutboundConfig, Route, Throttle
-from relay.events import Delivery, EventLog
+from relay.events import Delivery, EventBus, EventLog, Metrics
 from relay.outbound.engine import DeliveryEngine
 from relay.outbound.wakeup import Waker
 from relay.spool import Envelope, GroupCommitWriter, NewMessage, Recipient, Spool, new_queue_id
@@ -79,12 +79,28 @@ def _stop_sink(proc: subprocess.Popen[str]) -> dict:
     return lines[-1] if lines else {}
 
 
-async def _deliver_all(spool: Spool, cfg: Config, events: EventLog, total: int) -> float:
-    engine = DeliveryEngine(cfg, spool, 0, 1, events, "bench.test", poll_interval=0.2)
+def _bus(path: Path) -> tuple[EventBus, EventLog, Metrics]:
+    """The bus a worker has: the JSON-lines log and the counters."""
+    log, metrics = EventLog(path), Metrics()
+    return EventBus([log, metrics]), log, metrics
+
+
+def _engine(cfg: Config, spool: Spool, events: EventBus, metrics: Metrics,
+            **kw: object) -> DeliveryEngine:
+    """An engine as a worker runs it: outcomes through a group-commit writer."""
+    writer = GroupCommitWriter(spool, 0.0, 512, metrics=metrics)
+    return DeliveryEngine(cfg, spool, 0, 1, events, "bench.test", writer=writer,
+                          metrics=metrics, **kw)  # type: ignore[arg-type]
+
+
+async def _deliver_all(spool: Spool, cfg: Config, events: EventBus, metrics: Metrics,
+                       total: int) -> float:
+    engine = _engine(cfg, spool, events, metrics, poll_interval=0.2)
     async with trio.open_nursery() as n:
         t0 = time.perf_counter()
+        await n.start(engine.writer.run)
         await n.start(engine.run)
-        while engine.completed < total:
+        while metrics.total("spool_completions_committed") < total:
             await trio.sleep(0.01)
         elapsed = time.perf_counter() - t0
         n.cancel_scope.cancel()
@@ -98,18 +114,19 @@ def phase_rate(args: argparse.Namespace, workdir: Path, port: int) -> dict:
         spool.store_batch([_message(i, args.size, args.domains)
                            for i in range(start, min(args.messages, start + 1000))])
     fill = time.perf_counter() - t
-    events = EventLog(workdir / "events-rate.jsonl")
-    elapsed = trio.run(_deliver_all, spool, _config(port, args.connections), events,
+    events, log, metrics = _bus(workdir / "events-rate.jsonl")
+    elapsed = trio.run(_deliver_all, spool, _config(port, args.connections), events, metrics,
                        args.messages)
     left = spool.next_due(0, 1)
     spool.close()
-    events.close()
+    log.close()
     return {
         "phase": "delivery_rate", "messages": args.messages, "size": args.size,
         "domains": args.domains, "max_connections": args.connections,
         "prefill_seconds": round(fill, 3), "deliver_seconds": round(elapsed, 3),
         "messages_per_second": round(args.messages / elapsed, 1),
-        "deliveries_logged": events.counts["Delivery"], "queue_empty": left is None,
+        "deliveries_logged": int(metrics.total("total_messages_delivered")),
+        "queue_empty": left is None,
     }
 
 
@@ -117,12 +134,13 @@ def _owner_worker(spool_path: str, port: int, connections: int, events_path: str
                   ready: multiprocessing.synchronize.Event) -> None:  # type: ignore[name-defined]
     """The owning worker process: one engine on the shared spool, until terminated."""
     spool = Spool(spool_path, map_size=8 << 30)
-    events = EventLog(events_path)
+    events, _log, metrics = _bus(Path(events_path))
 
     async def main() -> None:
-        engine = DeliveryEngine(_config(port, connections), spool, 0, 1, events,
-                                "bench.test", waker=Waker(spool_path), poll_interval=1.0)
+        engine = _engine(_config(port, connections), spool, events, metrics,
+                         waker=Waker(spool_path, metrics), poll_interval=1.0)
         async with trio.open_nursery() as n:
+            await n.start(engine.writer.run)
             await n.start(engine.run)
             ready.set()
             await trio.sleep_forever()
@@ -188,7 +206,7 @@ def phase_handoff(args: argparse.Namespace, workdir: Path, port: int) -> dict:
         "commit_to_delivered_p99_ms": (round(lat[int(len(lat) * 0.99) - 1] * 1000, 1)
                                        if lat else None),
         "commit_to_delivered_max_ms": round(lat[-1] * 1000, 1) if lat else None,
-        "wakeups_sent": waker.sent,
+        "wakeups_sent": int(waker.metrics.get("wakeups_sent")),
     }
 
 

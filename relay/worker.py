@@ -29,7 +29,7 @@ from pathlib import Path
 import trio
 
 from relay.config import Config, ConfigError, reload_config
-from relay.events import EventLog
+from relay.events import EventBus, EventLog, Metrics
 from relay.inbound.listener import bind_listeners, serve_listeners
 from relay.inbound.session import InboundContext, SessionRegistry, serve_session
 from relay.inbound.tls import server_ssl_context
@@ -56,8 +56,11 @@ class Worker:
         cfg = self.config
         Path(cfg.spool.path).mkdir(parents=True, exist_ok=True)
         spool = Spool(cfg.spool.path, cfg.spool.map_size_bytes())
-        events = EventLog(cfg.log.events)
-        waker = Waker(cfg.spool.path)
+        # One bus; the JSON-lines log and the counters subscribe (principle 7).
+        metrics = Metrics()
+        event_log = EventLog(cfg.log.events) if cfg.log.events else None
+        events = EventBus([s for s in (event_log, metrics) if s is not None])
+        waker = Waker(cfg.spool.path, metrics)
         nworkers = self.nworkers
 
         # Every commit maps all its recipients' domains to shards: remember the answers
@@ -74,13 +77,14 @@ class Worker:
                 waker.notify(owners)
 
         writer = GroupCommitWriter(
-            spool, cfg.spool.commit_window, cfg.spool.commit_max_messages, on_commit=wake_owners
+            spool, cfg.spool.commit_window, cfg.spool.commit_max_messages, on_commit=wake_owners,
+            metrics=metrics,
         )
         self.writer, self.events = writer, events
         self.ctx = self._context(cfg, server_ssl_context(cfg.inbound, self.config_path or "config"))
         self.engine = DeliveryEngine(
             cfg, spool, self.index, nworkers, events, self.ctx.hostname, waker=waker,
-            writer=writer, prepare_dsn=self._prepare_dsn,
+            writer=writer, metrics=metrics, prepare_dsn=self._prepare_dsn,
         )
         writer.claimant = self.engine
         listeners = bind_listeners(cfg.inbound.listen)
@@ -100,7 +104,8 @@ class Worker:
                 await writer.aclose()
                 services.cancel_scope.cancel()
         finally:
-            events.close()
+            if event_log is not None:
+                event_log.close()
             spool.close()
         log.info("worker %d stopped", self.index)
 

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import trio
 
-from relay.events import EventLog, Reception
+from relay.events import EventBus, Reception
 from relay.intake.admission import Admission
 from relay.model import NewMessage
 from relay.spool import GroupCommitWriter
@@ -26,7 +26,7 @@ class Intake:
     """The one way into the spool (one per worker; rebuilt on reload with new stages)."""
 
     def __init__(self, stages: Sequence[Stage], writer: GroupCommitWriter,
-                 events: EventLog) -> None:
+                 events: EventBus) -> None:
         self.stages = list(stages)
         self.writer = writer
         self.events = events

@@ -40,7 +40,8 @@ from typing import Protocol
 
 import trio
 
-from relay.config import Limits
+from relay.config import PROVIDER_PREFIX, Limits
+from relay.events import Metrics
 from relay.model import DeliveryJob, Envelope
 from relay.outbound.resolver import ResolveError
 from relay.outbound.routing import Hop, Router
@@ -54,6 +55,8 @@ class DestinationOwner(Protocol):
     """What a destination needs from the engine that runs it, and nothing more."""
 
     router: Router
+    #: The worker's counters and gauges (connections by destination, ...).
+    metrics: Metrics
     #: Our name in EHLO.
     hostname: str
     client_ssl_context: ssl.SSLContext | None
@@ -163,11 +166,7 @@ class Destination:
         self.created = trio.current_time()
         #: Jobs settled (any outcome), for the drain estimate.
         self.done = 0
-        #: Counters for tests and stats.
-        self.connections_opened = 0
-        self.peak_connections = 0
-        #: Transactions begun behind another one's end of data (RFC 2920 3.1).
-        self.begun_behind = 0
+        self.metrics = owner.metrics
         #: The manager waits in ``_lot`` for any change. Connections without work wait
         #: on an Event each in ``_idlers``, most recently idle last; a new job wakes the
         #: LAST one (and the manager only if more jobs wait than idle connections could
@@ -178,7 +177,8 @@ class Destination:
         self._idlers: list[trio.Event] = []
         #: Per member domain of a provider: its own caps and the jobs it has taken.
         self._members: dict[str, _Member] = {}
-        self._capped = False
+        #: Several domains share this destination (a provider): their caps apply.
+        self._shared = key.startswith(PROVIDER_PREFIX)
 
     # ------------------------------------------------------------------ engine side
 
@@ -200,7 +200,7 @@ class Destination:
         self.connection_bucket.reconfigure(rate_from_config(throttle.max_connection_rate))
         # Member caps are read again as each domain's next job comes; what they have
         # taken still counts.
-        old, self._members, self._capped = self._members, {}, False
+        old, self._members = self._members, {}
         for domain, member in old.items():
             self._member(domain).taken = member.taken
         self._poke()
@@ -271,7 +271,7 @@ class Destination:
                     continue
                 self.active += 1
                 self.connecting += 1
-                self.peak_connections = max(self.peak_connections, self.active)
+                self.metrics.set("connection_count", self.active, destination=self.key)
                 nursery.start_soon(self._connection)
                 continue
             if not self.queue and self.active == 0:
@@ -310,6 +310,7 @@ class Destination:
             if not connected:
                 self.connecting -= 1
             self.active -= 1
+            self.metrics.set("connection_count", self.active, destination=self.key)
             self._poke()
             if session is not None:
                 await session.aclose()
@@ -387,7 +388,7 @@ class Destination:
                     return None
                 errors.append(e)
                 continue
-            self.connections_opened += 1
+            self.metrics.inc("total_connections_opened", destination=self.key)
             self.failures = 0
             return session, hop
         # Postfix's deferral: the last hosts' own reasons, one status for all of them.
@@ -463,12 +464,12 @@ class Destination:
     # -- member domains of a provider: their own caps still hold (the stricter wins)
 
     def _take(self) -> DeliveryJob | None:
-        """The first queued job whose domain is under its own connection cap (FIFO when
-        no member has one: the common case costs one check)."""
+        """The next queued job: FIFO for a domain's own destination; in a provider's, the
+        first whose domain is under its own connection cap."""
         queue = self.queue
         if not queue:
             return None
-        if not self._capped:
+        if not self._shared:
             return queue.popleft()
         for i, job in enumerate(queue):
             member = self._member(job.domain)
@@ -483,7 +484,6 @@ class Destination:
         if member is None:
             cap, rate = (None, None) if domain == self.key else self.owner.member_caps(domain)
             member = self._members[domain] = _Member(cap, rate)
-            self._capped = self._capped or member.cap is not None
         return member
 
     def _release(self, job: DeliveryJob) -> None:
@@ -525,7 +525,8 @@ class Destination:
                     session.begin(run.envelope, run.chunks.popleft(), run.data)
                     run.open += 1
                     in_flight.append(run)
-                    self.begun_behind += len(in_flight) > 1
+                    if len(in_flight) > 1:  # behind another's end of data (RFC 2920 3.1)
+                        self.metrics.inc("total_transactions_pipelined", destination=self.key)
                     began = True
                 elif in_flight:
                     behind_ok = False  # nothing to begin behind it now: read its reply

@@ -49,7 +49,7 @@ from typing import Any
 import trio
 
 from relay.config import Config, parse_hostport
-from relay.events import EventLog
+from relay.events import EventBus, Metrics
 from relay.outbound.destination import Destination
 from relay.outbound.resolver import Resolver
 from relay.outbound.routing import Router
@@ -82,10 +82,11 @@ class DeliveryEngine:
         spool: Spool,
         shard: int,
         nshards: int,
-        events: EventLog,
+        events: EventBus,
         hostname: str,
         *,
         writer: GroupCommitWriter,
+        metrics: Metrics | None = None,
         prepare_dsn: Callable[[NewMessage], NewMessage] | None = None,
         waker: Waker | None = None,
         resolver: Resolver | None = None,
@@ -108,6 +109,8 @@ class DeliveryEngine:
         #: Outcomes are committed by the worker's group-commit writer: one fsync for the
         #: receptions and the deliveries of the same moment.
         self.writer = writer
+        #: The worker's counters and gauges (shared with the writer, the waker, ...).
+        self.metrics = metrics if metrics is not None else writer.metrics
         #: The intake's stages for the DSNs we generate (the worker wires the intake in;
         #: they are stored with the outcome that caused them, in one transaction).
         self.prepare_dsn = prepare_dsn

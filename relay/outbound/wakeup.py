@@ -22,6 +22,8 @@ from pathlib import Path
 
 import trio
 
+from relay.events.metrics import Metrics
+
 __all__ = ["WakeListener", "Waker"]
 
 _MAX_SUN_PATH = 107
@@ -32,12 +34,13 @@ _IGNORED = {errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN, errno.EWOULDBLOCK,
 class Waker:
     """Sends wake-ups to shards (any process) and opens this process's listener."""
 
-    def __init__(self, spool_path: str | os.PathLike[str]) -> None:
+    def __init__(self, spool_path: str | os.PathLike[str],
+                 metrics: Metrics | None = None) -> None:
         self.dir = Path(spool_path).resolve() / "wake"
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.setblocking(False)
-        #: Datagrams sent (tests, stats).
-        self.sent = 0
+        #: The worker's registry: ``wakeups_sent``.
+        self.metrics = metrics if metrics is not None else Metrics()
         #: address() by shard: notify runs after every commit, the shards never change.
         self._addresses: dict[int, str | bytes] = {}
 
@@ -60,7 +63,7 @@ class Waker:
         for shard in shards:
             try:
                 self._sock.sendto(b"!", self.address(shard))
-                self.sent += 1
+                self.metrics.inc("wakeups_sent")
             except OSError as e:
                 if e.errno not in _IGNORED:
                     raise

@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
+from relay.events.metrics import Metrics
 from relay.model import DeliveryJob, Envelope, NewMessage
 from relay.spool.store import (
     Claimant,
@@ -98,8 +99,9 @@ class GroupCommitWriter:
     (``submit_completion``), so deliveries and receptions share fsyncs too.
     ``on_commit(messages)`` gets every message the commit stored, DSNs included.
 
-    Counters ``commits``, ``messages`` (inbound), ``completions`` and ``failed_commits``
-    are for metrics and tests.
+    It reports to ``metrics`` (the worker's registry): ``spool_commits``,
+    ``spool_messages_committed`` (inbound), ``spool_completions_committed`` and
+    ``spool_commits_failed``.
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class GroupCommitWriter:
         max_batch: int = 512,
         on_commit: Callable[[Sequence[NewMessage]], object] | None = None,
         claimant: Claimant | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -123,10 +126,7 @@ class GroupCommitWriter:
         self._full = trio.Event()  # set when the head batch holds max_batch messages
         self._closing = False
         self._stopped = trio.Event()
-        self.commits = 0
-        self.messages = 0
-        self.failed_commits = 0
-        self.completions = 0
+        self.metrics = metrics if metrics is not None else Metrics()
         # Our own thread slot: outbound threads blocked on LMDB's writer lock must never
         # keep the commit from getting a thread.
         self._limiter = trio.CapacityLimiter(1)
@@ -243,16 +243,16 @@ class GroupCommitWriter:
             # A Cancelled cannot reach here mid-commit (the thread is not abandoned), so
             # any exception is the commit's own failure: nothing was written.
             batch.error = e
-            self.failed_commits += 1
+            self.metrics.inc("spool_commits_failed")
             batch.done.set()
             self._call_on_done(batch)
             if isinstance(e, Exception):
                 log.error("spool commit of %d items failed: %r", batch.size, e)
                 return
             raise
-        self.commits += 1
-        self.messages += len(batch.prepared)
-        self.completions += len(batch.completions)
+        self.metrics.inc("spool_commits")
+        self.metrics.inc("spool_messages_committed", len(batch.prepared))
+        self.metrics.inc("spool_completions_committed", len(batch.completions))
         batch.done.set()
         self._call_on_done(batch)
         if self.claimant is not None and batch.claimed:

@@ -64,9 +64,9 @@ async def test_group_commit_shares_commits_and_is_durable_on_return(spool):
                     sessions.start_soon(one, m)
             await writer.aclose()
     assert not_visible == []
-    assert writer.messages == n
+    assert writer.metrics.get("spool_messages_committed") == n
     assert sum(committed_batches) == n
-    assert writer.commits == len(committed_batches) < n // 4  # really shared
+    assert writer.metrics.get("spool_commits") == len(committed_batches) < n // 4  # really shared
     assert max(committed_batches) <= 64
     for m in msgs:
         assert spool.load(m.envelope.queue_id)[1] == m.data
@@ -80,7 +80,7 @@ async def test_single_submitter_latency_is_one_commit(spool):
             for _ in range(5):
                 await writer.submit(make_msg())
             await writer.aclose()
-    assert writer.commits == 5
+    assert writer.metrics.get("spool_commits") == 5
 
 
 async def test_bad_message_fails_only_its_submitter(spool):
@@ -120,7 +120,7 @@ async def test_commit_failure_raises_in_every_waiter(spool, monkeypatch):
                 for _ in range(10):
                     sessions.start_soon(one)
             await writer.aclose()
-    assert len(errors) == 10 and writer.failed_commits >= 1
+    assert len(errors) == 10 and writer.metrics.get("spool_commits_failed") >= 1
     assert spool.stats().messages == 0
 
 
@@ -243,8 +243,9 @@ async def test_completions_share_commits_with_inbound(spool):
                     work.start_soon(writer.submit, m)
             await writer.aclose()
     assert sorted(committed) == sorted(j.queue_id for j in jobs)
-    assert writer.completions == 30 and writer.messages == 30
-    assert writer.commits < 10
+    assert writer.metrics.get("spool_completions_committed") == 30
+    assert writer.metrics.get("spool_messages_committed") == 30
+    assert writer.metrics.get("spool_commits") < 10
     assert sorted(stored) == sorted([m.envelope.queue_id for m in second]
                                     + [bounce.envelope.queue_id])
     st = spool.stats()

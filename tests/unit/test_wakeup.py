@@ -24,7 +24,7 @@ async def test_notify_wakes_the_listener_and_coalesces(tmp_path):
 def test_notify_without_listener_is_silent(tmp_path):
     waker = Waker(tmp_path / "nowhere")
     waker.notify({0, 1, 2})  # no socket file, no directory: ignored
-    assert waker.sent == 0
+    assert waker.metrics.get("wakeups_sent") == 0
     waker.close()
 
 

@@ -1,0 +1,82 @@
+"""The events: one record per outcome, so an operator can account for every message.
+
+Every record has ``type`` (Reception, Delivery, TransientFailure, Bounce, Expiration),
+``time`` (Unix seconds) and ``queue_id``; the rest depends on the type. Fields are only
+added with defaults, so a log written by an older version still decodes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+
+__all__ = [
+    "Bounce",
+    "Delivery",
+    "Event",
+    "Expiration",
+    "Reception",
+    "TransientFailure",
+    "decode",
+    "encode",
+]
+
+
+class _Event(msgspec.Struct, kw_only=True, omit_defaults=True, tag_field="type"):
+    queue_id: str
+    time: float = msgspec.field(default_factory=time.time)
+
+
+class Reception(_Event, tag="Reception"):
+    sender: str
+    recipients: list[str]
+    size: int
+    client_ip: str
+    helo: str = ""
+    auth_user: str | None = None
+    tls: str | None = None
+    #: Seconds from the end of data to the durable commit.
+    commit_seconds: float = 0.0
+
+
+class _Attempt(_Event):
+    """Common fields of a delivery attempt's outcome, one event per recipient."""
+
+    recipient: str
+    destination: str
+    mx_host: str = ""
+    ip: str = ""
+    #: The remote reply ("250 2.0.0 Ok") or the local reason ("connection refused").
+    reply: str = ""
+    attempt: int = 1
+    #: Seconds the attempt took (connect to reply) and since arrival.
+    seconds: float = 0.0
+    queued_seconds: float = 0.0
+    #: The connection was lost after the end of data was sent: the message may have
+    #: been delivered (a Delivery with this set was judged delivered by policy).
+    ambiguous: bool = False
+
+
+class Delivery(_Attempt, tag="Delivery"):
+    pass
+
+
+class TransientFailure(_Attempt, tag="TransientFailure"):
+    #: Unix time of the next attempt.
+    next_attempt: float = 0.0
+
+
+class Bounce(_Attempt, tag="Bounce"):
+    #: Queue id of the DSN sent to the sender, "" when none was sent (null sender, NOTIFY).
+    dsn_queue_id: str = ""
+
+
+class Expiration(_Attempt, tag="Expiration"):
+    dsn_queue_id: str = ""
+
+
+Event = Reception | Delivery | TransientFailure | Bounce | Expiration
+
+encode = msgspec.json.Encoder().encode
+decode = msgspec.json.Decoder(Event).decode
