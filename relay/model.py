@@ -11,6 +11,7 @@ decodes after an upgrade.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Literal
 
 import msgspec
@@ -23,6 +24,7 @@ __all__ = [
     "Recipient",
     "RecipientOutcome",
     "ascii_int",
+    "ip_address",
 ]
 
 
@@ -117,6 +119,18 @@ class DeliveryJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: tried even if its destination is backed off (which lifts the backoff, as
     #: Postfix's ``postqueue -f`` does). Cleared by the next outcome.
     forced: bool = False
+
+
+def ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``text`` as an IP address, an IPv4-mapped IPv6 one (``::ffff:192.0.2.1``) as the
+    IPv4 address it stands for; None when it is not an address."""
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
 
 
 class RecipientOutcome(msgspec.Struct, frozen=True):

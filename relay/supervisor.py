@@ -43,7 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relay.config import Config, ConfigError, reload_config
+from relay.model import ascii_int
 from relay.preflight import StartupError, probe_listen
+from relay.spool import pid_alive
 
 __all__ = ["Supervisor"]
 
@@ -265,7 +267,8 @@ def lock_spool(spool_path: str) -> int:
                 os.close(fd)
                 raise StartupError([f"cannot lock {path}: {e.strerror}"]) from None
         holder = _lock_holder(fd)
-        if not holder.isdigit() or (int(holder) != os.getpid() and _alive(int(holder))):
+        pid = ascii_int(holder, max_digits=10)
+        if pid is None or (pid != os.getpid() and pid_alive(pid)):
             os.close(fd)
             raise StartupError(
                 [f"spool {spool_path} is in use by another relay (pid {holder})"], EX_TEMPFAIL
@@ -302,16 +305,6 @@ def _lock_holder(fd: int, wait: float = 1.0) -> str:
         if time.monotonic() >= deadline:
             return "unknown"
         time.sleep(0.01)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read_error(slot: _Slot) -> str:

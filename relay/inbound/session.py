@@ -36,7 +36,7 @@ import trio
 from relay.config import Config, InboundConfig
 from relay.inbound.auth import Authenticator
 from relay.intake import Admission, Intake, Refused
-from relay.model import Envelope
+from relay.model import Envelope, ip_address
 from relay.smtp import (
     NEED_DATA,
     AuthRequested,
@@ -131,13 +131,8 @@ class InboundContext:
         return verdict
 
     def _match_networks(self, client_ip: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(client_ip)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.networks)
+        ip = ip_address(client_ip)
+        return ip is not None and any(ip in net for net in self.networks)
 
 
 def server_settings(config: InboundConfig, *, hostname: str,

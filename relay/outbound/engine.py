@@ -38,7 +38,6 @@ while the spool still sees consistent Unix-like times.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
 import os
 import ssl
@@ -50,6 +49,7 @@ import trio
 
 from relay.config import Config, parse_hostport
 from relay.events import EventBus, Metrics
+from relay.model import ip_address
 from relay.outbound.destination import Destination
 from relay.outbound.resolver import Resolver
 from relay.outbound.routing import Router
@@ -513,19 +513,16 @@ def _owner_of(dest_key: str, nshards: int) -> int:
 def own_listener(listen: tuple[str, ...], ip: str, port: int) -> bool:
     """See ``DeliveryEngine.is_own_listener`` (cached: the answer depends only on the
     listen list and the address)."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
+    addr = ip_address(ip)
+    if addr is None:
         return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
     for spec in listen:
         try:
             host, lport = parse_hostport(spec)
-            listener = ipaddress.ip_address(host)
         except ValueError:
             continue
-        if lport != port:
+        listener = ip_address(host)
+        if listener is None or lport != port:
             continue
         if listener == addr or (listener.is_unspecified and addr.is_loopback):
             return True

@@ -86,6 +86,7 @@ from relay.spool.store import (
     SpoolError,
     SpoolVersionError,
     job_hash,
+    pid_alive,
     shard_hash,
     shard_of,
 )
@@ -115,6 +116,7 @@ __all__ = [
     "SpoolVersionError",
     "job_hash",
     "new_queue_id",
+    "pid_alive",
     "queue_id_time",
     "shard_hash",
     "shard_of",

@@ -41,6 +41,7 @@ __all__ = [
     "SpoolError",
     "SpoolVersionError",
     "job_hash",
+    "pid_alive",
     "shard_hash",
     "shard_of",
 ]
@@ -753,7 +754,7 @@ class Spool:
                 h = job_hash(job)
                 if shard is not None and h % nshards != shard:
                     continue
-                if only_dead and _pid_alive(job.claimed_by):
+                if only_dead and pid_alive(job.claimed_by):
                     continue
                 self._make_due(txn, idx, bytes(k), job, h, now)
                 count += 1
@@ -940,7 +941,7 @@ def _queue_domain(job: DeliveryJob, addrs: list[str], now: float) -> QueueDomain
     )
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Is the claiming process still running? A zombie is dead: after ``kill -9`` of a
     whole relay its workers are orphans, and where nothing reaps orphans (PID 1 in a
     container) they stay zombies that ``kill(pid, 0)`` still finds."""
