@@ -36,8 +36,10 @@ class Metrics:
         self._values: dict[str, dict[_Labels, float]] = {}
 
     def _series(self, name: str, labels: dict[str, str]) -> tuple[dict[_Labels, float], _Labels]:
-        series = self._values.setdefault(name, {})
-        key = tuple(sorted(labels.items()))
+        series = self._values.get(name)
+        if series is None:
+            series = self._values[name] = {}
+        key = _key(labels)
         if key not in series and len(series) >= self.max_series:
             key = tuple((k, "other") for k, _ in key)
         return series, key
@@ -52,7 +54,7 @@ class Metrics:
 
     def get(self, name: str, **labels: str) -> float:
         """The value of one series (0 when it was never reported)."""
-        return self._values.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+        return self._values.get(name, {}).get(_key(labels), 0.0)
 
     def total(self, name: str) -> float:
         """The sum over every label set of ``name``."""
@@ -71,3 +73,10 @@ class Metrics:
                     self.inc(name)
                 else:
                     self.inc(name, destination=destination)
+
+
+def _key(labels: dict[str, str]) -> _Labels:
+    """The series key of ``labels``: in name order (no sort for the usual one label: this
+    runs for every event)."""
+    items = tuple(labels.items())
+    return items if len(items) < 2 else tuple(sorted(items))
