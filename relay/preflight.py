@@ -118,15 +118,25 @@ def _check_spool(path: str, made: list[Path]) -> str | None:
     problem = _makedirs(Path(path), made)
     if problem:
         return problem
+    failed = _probe_file(Path(path))
+    if failed is None:
+        return None
+    step, e = failed
+    return f"cannot {step} files in {path}: {_reason(e)}"
+
+
+def _probe_file(directory: Path) -> tuple[str, OSError] | None:
+    """Create and remove a probe file in ``directory``: None, or the step that failed
+    ("create" or "remove") and why."""
     try:
-        fd, probe = tempfile.mkstemp(prefix=".preflight-", dir=path)
+        fd, probe = tempfile.mkstemp(prefix=".preflight-", dir=directory)
     except OSError as e:
-        return f"cannot create files in {path}: {_reason(e)}"
+        return "create", e
     os.close(fd)
     try:
         os.unlink(probe)
     except OSError as e:
-        return f"cannot remove files in {path}: {_reason(e)}"
+        return "remove", e
     return None
 
 
@@ -149,13 +159,9 @@ def _check_events(path: str, made: list[Path]) -> str | None:
     problem = _makedirs(parent, made)
     if problem:
         return problem
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".preflight-", dir=parent)
-    except OSError as e:
-        return f"cannot create {path}: {_reason(e)}"
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        os.unlink(probe)
+    failed = _probe_file(parent)
+    if failed is not None and failed[0] == "create":  # a leftover probe harms nothing
+        return f"cannot create {path}: {_reason(failed[1])}"
     return None
 
 

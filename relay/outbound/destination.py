@@ -482,8 +482,7 @@ class Destination:
     def _member(self, domain: str) -> _Member:
         member = self._members.get(domain)
         if member is None:
-            cap, rate = (None, None) if domain == self.key else self.owner.member_caps(domain)
-            member = self._members[domain] = _Member(cap, rate)
+            member = self._members[domain] = _Member(*self.owner.member_caps(domain))
         return member
 
     def _release(self, job: DeliveryJob) -> None:
@@ -574,7 +573,7 @@ class Destination:
     async def _paced(self, domain: str, wait: bool) -> bool:
         """Take a token from the message-rate bucket, and from the domain's own when it
         has one (``wait``: sleeping for them)."""
-        own = self._member(domain).bucket
+        own = self._member(domain).bucket if self._shared else None
         if wait:
             if own is not None:
                 await own.acquire()
