@@ -12,7 +12,7 @@ decodes after an upgrade.
 from __future__ import annotations
 
 import ipaddress
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -83,6 +83,19 @@ class Envelope(msgspec.Struct, kw_only=True, omit_defaults=True):
     protocol: str = "ESMTP"
     #: Set on DSNs the relay generated itself, so they are never bounced again.
     is_bounce: bool = False
+    #: Who sent it, for accounting: the tenant of the HTTP API key, or of the SMTP
+    #: tenant header (``inbound.tenant_header``); None when unknown.
+    tenant: str | None = None
+    #: The sender's campaign (SparkPost ``campaign_id``, or ``inbound.campaign_header``).
+    campaign_id: str | None = None
+    #: The sender's own data about this message (SparkPost ``metadata``), carried into
+    #: every event about it.
+    metadata: dict[str, Any] | None = None
+    tags: list[str] | None = None
+    #: The egress pool asked for (SparkPost ``options.ip_pool``).
+    ip_pool: str | None = None
+    #: Sent as transactional (SparkPost ``options.transactional``): not bulk mail.
+    transactional: bool = False
 
 
 class NewMessage(msgspec.Struct, kw_only=True):

@@ -15,6 +15,7 @@ from relay.events.types import (
     Expiration,
     Reception,
     TransientFailure,
+    event_tags,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "Reception",
     "Subscriber",
     "TransientFailure",
+    "event_tags",
 ]

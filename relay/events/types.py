@@ -8,8 +8,11 @@ added with defaults, so a log written by an older version still decodes.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import msgspec
+
+from relay.model import Envelope
 
 __all__ = [
     "Bounce",
@@ -20,12 +23,19 @@ __all__ = [
     "TransientFailure",
     "decode",
     "encode",
+    "event_tags",
 ]
 
 
 class _Event(msgspec.Struct, kw_only=True, omit_defaults=True, tag_field="type"):
     queue_id: str
     time: float = msgspec.field(default_factory=time.time)
+    #: The message's accounting tags (``Envelope``): on every event about it, so an
+    #: operator can account per tenant and campaign.
+    tenant: str | None = None
+    campaign_id: str | None = None
+    metadata: dict[str, Any] | None = None
+    tags: list[str] | None = None
 
 
 class Reception(_Event, tag="Reception"):
@@ -74,6 +84,21 @@ class Bounce(_Attempt, tag="Bounce"):
 
 class Expiration(_Attempt, tag="Expiration"):
     dsn_queue_id: str = ""
+
+
+def event_tags(envelope: Envelope) -> dict[str, Any]:
+    """The accounting fields of ``envelope`` that every event about it carries (only the
+    ones set, so an untagged message's events stay as small as before)."""
+    tags: dict[str, Any] = {}
+    if envelope.tenant is not None:
+        tags["tenant"] = envelope.tenant
+    if envelope.campaign_id is not None:
+        tags["campaign_id"] = envelope.campaign_id
+    if envelope.metadata:
+        tags["metadata"] = envelope.metadata
+    if envelope.tags:
+        tags["tags"] = envelope.tags
+    return tags
 
 
 Event = Reception | Delivery | TransientFailure | Bounce | Expiration

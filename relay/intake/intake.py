@@ -7,7 +7,7 @@ from typing import Protocol
 
 import trio
 
-from relay.events import EventBus, Reception
+from relay.events import EventBus, Reception, event_tags
 from relay.intake.admission import Admission
 from relay.model import NewMessage
 from relay.spool import GroupCommitWriter
@@ -48,6 +48,6 @@ class Intake:
             queue_id=env.queue_id, time=env.received_at, sender=env.sender,
             recipients=[r.address for r in env.recipients], size=len(stored.data),
             client_ip=env.client_ip, helo=msg.helo, auth_user=env.auth_user, tls=env.tls,
-            commit_seconds=round(trio.current_time() - started, 6),
+            commit_seconds=round(trio.current_time() - started, 6), **event_tags(env),
         ))
         return stored

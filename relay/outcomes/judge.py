@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from relay.events import Bounce, Delivery, Event, Expiration, TransientFailure
+from relay.events import Bounce, Delivery, Event, Expiration, TransientFailure, event_tags
 from relay.model import Completion, DeliveryJob, Envelope, NewMessage, RecipientOutcome
 from relay.outcomes.dsn import FailedRecipient, build_dsn
 
@@ -110,12 +110,13 @@ def judge(
     events: list[Event] = []
     last_error: str | None = None
     queued = now - envelope.received_at
+    tags = event_tags(envelope)
     for o in attempt.outcomes:
         common: dict[str, Any] = dict(
             queue_id=job.queue_id, time=now, recipient=envelope.recipients[o.index].address,
             destination=attempt.destination, mx_host=attempt.mx_host, ip=attempt.ip,
             reply=o.reply_line, attempt=max(attempts, 1), seconds=attempt.seconds,
-            queued_seconds=queued, ambiguous=o.ambiguous,
+            queued_seconds=queued, ambiguous=o.ambiguous, **tags,
         )
         kind = o.kind
         if kind == "transient" and o.ambiguous and policy.ambiguous == "delivered":
