@@ -41,9 +41,11 @@ import msgspec.structs
 from relay.model import ascii_int
 
 __all__ = [
+    "ApiKey",
     "AuthUser",
     "Config",
     "ConfigError",
+    "HttpConfig",
     "InboundConfig",
     "Limits",
     "LogConfig",
@@ -52,6 +54,7 @@ __all__ = [
     "Route",
     "ServerConfig",
     "SpoolConfig",
+    "TenantLimits",
     "Throttle",
     "decode_config",
     "load_config",
@@ -402,6 +405,49 @@ def _best_wildcard(domain: str, table: dict[str, object]) -> str | None:
     return "*" if "*" in table else None
 
 
+class ApiKey(_Base):
+    """One HTTP API key. ``key`` is stored hashed like ``inbound.auth_users``
+    (``scrypt$...`` from ``relay api-key``; ``plain$secret`` for tests only)."""
+
+    key: str
+    #: The sender this key injects for: carried into the envelope and every event.
+    tenant: str
+    #: A label for logs ("ci", "campaign-tool").
+    name: str = ""
+
+
+class TenantLimits(_Base):
+    """Injection limits of one tenant over HTTP."""
+
+    #: Messages (recipients) per time a tenant may inject over HTTP, on this node:
+    #: "5000/s", "1000000/h". Over it: 429 with Retry-After. "" is unlimited.
+    max_message_rate: str = ""
+
+
+class HttpConfig(_Base):
+    """The HTTP listener: injection (SparkPost's and KumoMTA's APIs) and health."""
+
+    #: Addresses to serve HTTP on, every worker (SO_REUSEPORT); empty: no HTTP listener.
+    listen: list[str] = msgspec.field(default_factory=list)
+    #: Serve HTTPS with ``inbound.tls_cert``/``inbound.tls_key``.
+    tls: bool = False
+    #: Largest request body (413 above it).
+    max_body: int | str = "25MiB"
+    #: Recipients per injection request (422 above it).
+    max_recipients: PositiveInt = 10000
+    #: A request's headers and body must arrive within this many seconds (408 if not).
+    request_timeout: Seconds = 60.0
+    #: An idle keep-alive connection is closed after this many seconds.
+    keepalive_timeout: Seconds = 75.0
+    #: Open HTTP connections per worker (503 above it).
+    max_connections: PositiveInt = 1000
+    api_keys: list[ApiKey] = msgspec.field(default_factory=list)
+    tenants: dict[str, TenantLimits] = msgspec.field(default_factory=dict)
+
+    def max_body_bytes(self) -> int:
+        return parse_size(self.max_body)
+
+
 class Config(_Base):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     inbound: InboundConfig = msgspec.field(default_factory=InboundConfig)
@@ -409,6 +455,7 @@ class Config(_Base):
     spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     outbound: OutboundConfig = msgspec.field(default_factory=OutboundConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
 
 
 def _semantic_checks(cfg: Config) -> None:
@@ -459,6 +506,26 @@ def _semantic_checks(cfg: Config) -> None:
         check("outbound.smart_host", parse_hostport, cfg.outbound.smart_host)
     for i, r in enumerate(cfg.outbound.resolvers):
         check(f"outbound.resolvers[{i}]", parse_hostport, r)
+    _http_checks(cfg, check)
+
+
+def _http_checks(cfg: Config, check) -> None:  # type: ignore[no-untyped-def]
+    http = cfg.http
+    for i, addr in enumerate(http.listen):
+        check(f"http.listen[{i}]", parse_hostport, addr)
+        if parse_hostport(addr)[1] is None:
+            raise ValueError(f"http.listen[{i}]: {_toml_str(addr)} needs a port")
+    check("http.max_body", parse_size, http.max_body)
+    if http.tls and not cfg.inbound.tls_cert:
+        raise ValueError("http.tls: needs inbound.tls_cert and inbound.tls_key")
+    for i, key in enumerate(http.api_keys):
+        check(f"http.api_keys[{i}].key", _check_password_hash, key.key)
+        if not key.tenant:
+            raise ValueError(f"http.api_keys[{i}].tenant: must not be empty")
+    for name, limits in http.tenants.items():
+        if limits.max_message_rate:
+            check(_toml_key(["http", "tenants", name]) + ".max_message_rate", parse_rate,
+                  limits.max_message_rate)
 
 
 def _check_password_hash(stored: str) -> None:

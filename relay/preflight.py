@@ -80,16 +80,18 @@ def preflight(config: Config, source: str, *, dry_run: bool = False) -> list[str
 def probe_listen(config: Config, source: str) -> list[str]:
     """Bind (and at once close) each listening address as a worker would."""
     problems = []
-    for i, spec in enumerate(config.inbound.listen):
-        try:
-            for sock in bind_listeners([spec]):
-                sock.close()
-        except ValueError as e:  # no port: preflight reports it too
-            problems.append(f"{source}: inbound.listen[{i}]: {e}")
-        except OSError as e:
-            problems.append(
-                f"{source}: inbound.listen[{i}]: cannot listen on {spec}: {_reason(e)}"
-            )
+    addresses = [("inbound.listen", config.inbound.listen), ("http.listen", config.http.listen)]
+    for key, specs in addresses:
+        for i, spec in enumerate(specs):
+            try:
+                for sock in bind_listeners([spec]):
+                    sock.close()
+            except ValueError as e:  # no port: preflight reports it too
+                problems.append(f"{source}: {key}[{i}]: {e}")
+            except OSError as e:
+                problems.append(
+                    f"{source}: {key}[{i}]: cannot listen on {spec}: {_reason(e)}"
+                )
     return problems
 
 

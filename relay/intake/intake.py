@@ -8,7 +8,7 @@ from typing import Protocol
 import trio
 
 from relay.events import EventBus, Reception, event_tags
-from relay.intake.admission import Admission
+from relay.intake.admission import Admission, Refused
 from relay.model import NewMessage
 from relay.spool import GroupCommitWriter
 
@@ -43,11 +43,43 @@ class Intake:
         stored = self.prepare(msg)
         started = trio.current_time()
         await self.writer.submit(stored)
-        env = stored.envelope
-        self.events.emit(Reception(
-            queue_id=env.queue_id, time=env.received_at, sender=env.sender,
-            recipients=[r.address for r in env.recipients], size=len(stored.data),
-            client_ip=env.client_ip, helo=msg.helo, auth_user=env.auth_user, tls=env.tls,
-            commit_seconds=round(trio.current_time() - started, 6), **event_tags(env),
-        ))
+        self.events.emit(_reception(msg, stored, trio.current_time() - started))
         return stored
+
+    def prepare_many(self, msgs: Sequence[Admission]) -> list[NewMessage | Refused]:
+        """``prepare`` for each message: the message to store, or the ``Refused`` of
+        the stage that refused it."""
+        answers: list[NewMessage | Refused] = []
+        for msg in msgs:
+            try:
+                answers.append(self.prepare(msg))
+            except Refused as e:
+                answers.append(e)
+        return answers
+
+    async def commit_many(self, msgs: Sequence[Admission],
+                          answers: Sequence[NewMessage | Refused],
+                          guard: tuple[bytes, bytes, float] | None = None) -> bytes | None:
+        """The prepared ones of ``answers`` (``prepare_many(msgs)``) in ONE durable
+        commit, then their ``Reception`` events. ``guard`` makes it idempotent
+        (``GroupCommitWriter.submit_many``): when its key was already used, nothing is
+        stored and the first request's record is returned. Raises the writer's errors
+        (nothing was stored)."""
+        stored = [(m, a) for m, a in zip(msgs, answers, strict=True)
+                  if isinstance(a, NewMessage)]
+        started = trio.current_time()
+        existing = await self.writer.submit_many([a for _, a in stored], guard)
+        if existing is None:
+            seconds = trio.current_time() - started
+            self.events.emit_many([_reception(m, a, seconds) for m, a in stored])
+        return existing
+
+
+def _reception(msg: Admission, stored: NewMessage, commit_seconds: float) -> Reception:
+    env = stored.envelope
+    return Reception(
+        queue_id=env.queue_id, time=env.received_at, sender=env.sender,
+        recipients=[r.address for r in env.recipients], size=len(stored.data),
+        client_ip=env.client_ip, helo=msg.helo, auth_user=env.auth_user, tls=env.tls,
+        commit_seconds=round(commit_seconds, 6), via=msg.via, **event_tags(env),
+    )

@@ -76,6 +76,16 @@ class TokenBucket:
             return True
         return False
 
+    def take_or_wait(self, n: float) -> float:
+        """Take ``n`` tokens now and return 0 if at least ``min(n, burst)`` are there (a
+        request bigger than the burst runs the bucket into debt, repaid before the next
+        one); else take nothing and return the seconds until that many are there."""
+        need = min(n, self.burst)
+        wait = self.delay_for(need)
+        if wait == 0.0:
+            self._tokens -= n
+        return wait
+
     def delay_for(self, n: float = 1.0) -> float:
         """Seconds until ``n`` tokens will be available (0 if now)."""
         self._refill()

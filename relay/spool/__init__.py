@@ -47,6 +47,11 @@ Keys are bytes; ``qid`` is the ASCII queue id (18 chars, time-sortable, see
     ``u64be(earliest due in ms) + u32be(crc32(domain))`` -> ``b""``: one entry per
     domain hash that has jobs, ordered by that domain's earliest due time (claimed jobs
     count with their lease expiry). Kept exact inside every write transaction.
+``idem``
+    idempotency key (the HTTP API's ``Idempotency-Key`` scoped by tenant) ->
+    ``u64be(written, ms)`` + the answer to repeat. Written in the same transaction as
+    the messages of the request (``Guarded``), so a retried request is either answered
+    from here or stored for the first time, never both; old records are purged.
 
     A worker of ``shard`` out of ``nshards`` walks ``dsched`` from the start while the
     due time is <= now, keeps hashes with ``hash % nshards == shard`` (``shard_of``),

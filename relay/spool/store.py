@@ -36,6 +36,7 @@ __all__ = [
     "Claimant",
     "Completion",
     "DuplicateQueueId",
+    "Guarded",
     "MessageNotFound",
     "Spool",
     "SpoolError",
@@ -56,6 +57,7 @@ _DB_ENV = b"env"
 _DB_JOB = b"job"
 _DB_SCHED = b"sched"
 _DB_DSCHED = b"dsched"
+_DB_IDEM = b"idem"
 _META_SCHEMA = b"schema_version"
 
 #: sched key prefix: crc32 of the domain (u32 BE) + due time in milliseconds (u64 BE).
@@ -64,6 +66,8 @@ _SCHED_LEN = _SCHED.size
 _HASH = struct.Struct(">I")
 #: dsched key: the earliest due time (ms, u64 BE) of a domain hash's jobs + the hash.
 _DSCHED = struct.Struct(">QI")
+#: idem value prefix: when the record was written (ms, u64 BE).
+_IDEM_TIME = struct.Struct(">Q")
 _SEP = b"\x00"
 
 _env_encode = msgspec.msgpack.Encoder().encode
@@ -252,6 +256,23 @@ def prepare(msg: NewMessage, now: float | None = None,
 _PreparedCompletion = tuple[Completion, list[_Prepared]]
 
 
+class Guarded:
+    """Messages stored only if their idempotency ``key`` is new (``write_prepared``)."""
+
+    __slots__ = ("existing", "fresh_after", "key", "prepared", "record")
+
+    def __init__(self, key: bytes, record: bytes, prepared: list[_Prepared],
+                 fresh_after: float) -> None:
+        self.key = key
+        #: What a retry of the same request gets back (stored with the messages).
+        self.record = record
+        self.prepared = prepared
+        #: Records written before this Unix time have expired.
+        self.fresh_after = fresh_after
+        #: Set by the commit: the record already stored, when the key was not new.
+        self.existing: bytes | None = None
+
+
 def prepare_completion(c: Completion, claimant: Claimant | None = None) -> _PreparedCompletion:
     """Validate and encode the DSNs of a completion (ValueError for a bad one)."""
     return c, [prepare(m, claimant=claimant) for m in c.new_messages]
@@ -336,6 +357,10 @@ class Spool:
             self._dsched = env.open_db(_DB_DSCHED, txn=txn, create=create)
         except lmdb.NotFoundError:
             raise SpoolError(f"{self.path}: not a relay spool (missing databases)") from None
+        try:  # added later than the others: a spool no worker has opened since may lack it
+            self._idem: lmdb._Database | None = env.open_db(_DB_IDEM, txn=txn, create=create)
+        except lmdb.NotFoundError:
+            self._idem = None
 
     def _check_schema(self, txn: lmdb.Transaction, write: bool) -> None:
         raw = txn.get(_META_SCHEMA, db=self._meta)
@@ -386,21 +411,69 @@ class Spool:
         self,
         prepared: Sequence[_Prepared],
         completions: Sequence[_PreparedCompletion] = (),
+        guarded: Sequence[Guarded] = (),
     ) -> None:
         """Store prepared messages and apply prepared completions in ONE synced write
-        transaction (what the group-commit writer runs in its thread)."""
-        if not prepared and not completions:
+        transaction (what the group-commit writer runs in its thread).
+
+        Each ``Guarded`` group's messages are stored only if its idempotency key has no
+        record younger than its ``fresh_after`` yet: then its record is written in the
+        same transaction; else its ``existing`` is set to the stored record and none of
+        its messages are written (a retried request, answered as the first time)."""
+        if not prepared and not completions and not guarded:
             return
         with self._env.begin(write=True) as txn:
             idx = _Index(self, txn)
             new = list(prepared)
             for _, dsns in completions:
                 new += dsns
+            for g in guarded:
+                g.existing = self._idempotent(txn, g.key, g.fresh_after)
+                if g.existing is None:
+                    txn.put(g.key, _IDEM_TIME.pack(int(time.time() * 1000)) + g.record,
+                            db=self._idem_db())
+                    new += g.prepared
             if new:
                 self._put_prepared(txn, new, idx)
             for c, _ in completions:
                 self._apply_completion(txn, idx, c)
             idx.finish()
+
+    # ------------------------------------------------------------------ idempotency
+
+    def _idem_db(self) -> lmdb._Database:
+        if self._idem is None:
+            raise SpoolError(f"{self.path}: spool has no idempotency database (read-only)")
+        return self._idem
+
+    def _idempotent(self, txn: lmdb.Transaction, key: bytes, fresh_after: float
+                    ) -> bytes | None:
+        if self._idem is None:
+            return None
+        raw = txn.get(key, db=self._idem)
+        if raw is None or _IDEM_TIME.unpack_from(raw)[0] < fresh_after * 1000:
+            return None
+        return bytes(raw[_IDEM_TIME.size:])
+
+    def idempotent_record(self, key: bytes, fresh_after: float) -> bytes | None:
+        """The record stored for an idempotency ``key`` after ``fresh_after`` (Unix
+        time), or None."""
+        with self._env.begin() as txn:
+            return self._idempotent(txn, key, fresh_after)
+
+    def purge_idempotency(self, before: float, limit: int = 10000) -> int:
+        """Delete up to ``limit`` idempotency records written before ``before``; how many
+        were deleted (call again while it returns ``limit``)."""
+        if self._idem is None:
+            return 0
+        cutoff = before * 1000
+        with self._env.begin(write=True) as txn:
+            cursor = txn.cursor(self._idem)
+            stale = [bytes(k) for k, v in cursor
+                     if _IDEM_TIME.unpack_from(v)[0] < cutoff][:limit]
+            for key in stale:
+                txn.delete(key, db=self._idem)
+        return len(stale)
 
     def _put_prepared(
         self, txn: lmdb.Transaction, prepared: Sequence[_Prepared], idx: _Index | None = None

@@ -34,7 +34,6 @@ waiters with ``SpoolClosed``: a session then answers 451, never 250, never hangs
 from __future__ import annotations
 
 import logging
-import math
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -45,6 +44,7 @@ from relay.model import DeliveryJob, Envelope, NewMessage
 from relay.spool.store import (
     Claimant,
     Completion,
+    Guarded,
     Spool,
     SpoolError,
     prepare,
@@ -61,8 +61,8 @@ class SpoolClosed(SpoolError):
 
 
 class _Batch:
-    __slots__ = ("claimed", "completions", "done", "error", "messages", "on_done", "prepared",
-                 "size")
+    __slots__ = ("claimed", "completions", "done", "error", "guarded", "messages", "on_done",
+                 "prepared", "size")
 
     def __init__(self) -> None:
         #: Every message this commit stores: inbound ones and DSNs from completions.
@@ -73,6 +73,8 @@ class _Batch:
         self.on_done: list[Callable[[BaseException | None], object]] = []
         #: Jobs stored claimed for the claimant, with their message.
         self.claimed: list[tuple[DeliveryJob, Envelope, bytes]] = []
+        #: Idempotent groups (``submit_many`` with a guard): stored only if their key is new.
+        self.guarded: list[tuple[Guarded, Sequence[NewMessage]]] = []
         self.size = 0
         self.done = trio.Event()
         self.error: BaseException | None = None
@@ -80,6 +82,14 @@ class _Batch:
     def add_claimed(self, jobs: list[DeliveryJob], envelope: Envelope, data: bytes) -> None:
         """Remember the jobs ``prepare`` stored claimed, for the claimant."""
         self.claimed.extend((job, envelope, data) for job in jobs)
+
+    def stored_guarded(self) -> None:
+        """After the commit: the guarded groups that were stored count as stored."""
+        for g, msgs in self.guarded:
+            if g.existing is None:
+                self.messages.extend(msgs)
+                for msg, p in zip(msgs, g.prepared, strict=True):
+                    self.add_claimed(p[4], msg.envelope, p[1])
 
 
 class GroupCommitWriter:
@@ -149,6 +159,36 @@ class GroupCommitWriter:
         batch.add_claimed(prepared[4], msg.envelope, prepared[1])
         await self._wait(batch)
 
+    async def submit_many(self, msgs: Sequence[NewMessage],
+                          guard: tuple[bytes, bytes, float] | None = None) -> bytes | None:
+        """``submit`` for several messages that must share one commit (an HTTP request's
+        recipients: one fsync for the request, and its answer covers all of them). They
+        all go into the open batch, even past ``max_batch``. Every message is encoded
+        before any is queued, so a ValueError stores none of them.
+
+        ``guard`` = (idempotency key, record, fresh_after) stores the messages only if
+        the key has no record since ``fresh_after``, together with ``record``; when it
+        has one, nothing is stored and that record is returned (``Spool.write_prepared``).
+        The check is inside the commit, so two workers racing with the same key store
+        the messages once."""
+        if self._closing:
+            raise SpoolClosed("spool writer is shutting down")
+        if not msgs and guard is None:
+            return None
+        prepared = [prepare(msg, claimant=self.claimant) for msg in msgs]
+        batch = self._enqueue(max(len(msgs), 1))
+        if guard is None:
+            batch.messages.extend(msgs)
+            batch.prepared.extend(prepared)
+            for msg, p in zip(msgs, prepared, strict=True):
+                batch.add_claimed(p[4], msg.envelope, p[1])
+            await self._wait(batch)
+            return None
+        guarded = Guarded(guard[0], guard[1], prepared, guard[2])
+        batch.guarded.append((guarded, msgs))
+        await self._wait(batch)
+        return guarded.existing
+
     def submit_completion(self, completion: Completion,
                           on_done: Callable[[BaseException | None], object]) -> None:
         """``Spool.complete`` through the group commit, without waiting: the outcome (and
@@ -169,12 +209,12 @@ class GroupCommitWriter:
         for msg, p in zip(completion.new_messages, prepared[1], strict=True):
             batch.add_claimed(p[4], msg.envelope, p[1])
 
-    def _enqueue(self) -> _Batch:
+    def _enqueue(self, count: int = 1) -> _Batch:
         batches = self._batches
         if not batches or batches[-1].size >= self.max_batch:
             batches.append(_Batch())
         batch = batches[-1]
-        batch.size += 1
+        batch.size += count
         self._pending.set()
         if batch.size >= self.max_batch or len(batches) > 1:
             self._full.set()
@@ -237,7 +277,7 @@ class GroupCommitWriter:
         try:
             await trio.to_thread.run_sync(
                 self.spool.write_prepared, batch.prepared, batch.completions,
-                limiter=self._limiter,
+                [g for g, _ in batch.guarded], limiter=self._limiter,
             )
         except BaseException as e:
             # A Cancelled cannot reach here mid-commit (the thread is not abandoned), so
@@ -250,8 +290,10 @@ class GroupCommitWriter:
                 log.error("spool commit of %d items failed: %r", batch.size, e)
                 return
             raise
+        batch.stored_guarded()
         self.metrics.inc("spool_commits")
-        self.metrics.inc("spool_messages_committed", len(batch.prepared))
+        self.metrics.inc("spool_messages_committed", len(batch.prepared) + sum(
+            len(g.prepared) for g, _ in batch.guarded if g.existing is None))
         self.metrics.inc("spool_completions_committed", len(batch.completions))
         batch.done.set()
         self._call_on_done(batch)
@@ -281,15 +323,3 @@ class GroupCommitWriter:
         self._pending.set()
         self._full.set()
         await self._stopped.wait()
-
-    def stats(self) -> dict[str, float]:
-        """Counters for metrics: commits, messages, failed commits, mean batch size."""
-        return {
-            "commits": self.commits,
-            "messages": self.messages,
-            "completions": self.completions,
-            "failed_commits": self.failed_commits,
-            "mean_batch": (
-                (self.messages + self.completions) / self.commits if self.commits else math.nan
-            ),
-        }
