@@ -4,6 +4,7 @@
     relay check-config conf/relay.toml
     relay queue [--config F] stats|list|show ID|retry [ID]|delete ID  [--domain D] [--json]
     relay hash-password            (reads the password from stdin)
+    relay dkim keygen --domain D --selector S [--algorithm A] [--bits N] [--out DIR]
 
 ``queue stats`` and ``queue list`` print for people (sizes in KiB/MiB, ages like
 ``3h12m``; ``list`` looks like Postfix's ``mailq``, ``*`` marking a message with a delivery
@@ -34,7 +35,7 @@ __all__ = ["main"]
 
 DEFAULT_CONFIG = "conf/relay.toml"
 
-EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_CONFIG = 64, 65, 66, 78
+EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_CANTCREAT, EX_CONFIG = 64, 65, 66, 73, 78
 
 
 class CliError(Exception):
@@ -280,6 +281,47 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_api_key(args: argparse.Namespace) -> int:
+    """A new random API key for the HTTP API, and its config entry (stored hashed)."""
+    import secrets
+
+    from relay.inbound.auth import hash_password
+
+    if not args.tenant or any(c in args.tenant for c in '"\\\r\n'):
+        raise CliError("api-key needs --tenant NAME (no quotes or backslashes)", EX_USAGE)
+    key = secrets.token_urlsafe(32)
+    print(f"API key (shown once; give it to the client): {key}")
+    print("Add to the config file:")
+    print("[[http.api_keys]]")
+    print(f'key = "{hash_password(key)}"')
+    print(f'tenant = "{args.tenant}"')
+    if args.name:
+        print(f'name = "{args.name}"')
+    return 0
+
+
+def cmd_dkim_keygen(args: argparse.Namespace) -> int:
+    """A new DKIM key file (0600, never overwritten), its DNS record, its config lines."""
+    from relay.dkim.keygen import keygen
+
+    try:
+        made = keygen(args.domain, args.selector, args.algorithm, args.bits, args.out)
+    except ValueError as e:
+        raise CliError(f"dkim keygen: {e}", EX_USAGE) from None
+    except FileExistsError as e:
+        raise CliError(f"dkim keygen: {e.filename} exists: not overwritten (remove it, or "
+                       "choose another --selector)", EX_CANTCREAT) from None
+    except OSError as e:
+        raise CliError(f"dkim keygen: cannot write {e.filename or args.out}: "
+                       f"{e.strerror or e}", EX_CANTCREAT) from None
+    print(f"Private key written to {made.path} (mode 0600; the relay's user must read it)")
+    print("\nPublish this DNS record:")
+    print(made.record)
+    print("\nAdd this to the relay's config:")
+    print(made.snippet)
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------
 
 
@@ -309,6 +351,24 @@ def _parser() -> argparse.ArgumentParser:
 
     hp = sub.add_parser("hash-password", help="scrypt hash for inbound.auth_users")
     hp.set_defaults(func=cmd_hash_password)
+
+    ak = sub.add_parser("api-key", help="make an HTTP API key and print its http.api_keys entry")
+    ak.add_argument("--tenant", required=True, help="who the key injects for")
+    ak.add_argument("--name", default="", help="a label for logs")
+    ak.set_defaults(func=cmd_api_key)
+
+    dkim = sub.add_parser("dkim", help="DKIM signing keys")
+    dkim_sub = dkim.add_subparsers(dest="dkim_command", required=True)
+    kg = dkim_sub.add_parser("keygen", help="make a DKIM key and print its DNS record "
+                                            "and [[dkim.signers]] entry")
+    kg.add_argument("--domain", required=True, help="the signing domain (d=)")
+    kg.add_argument("--selector", required=True, help="the selector (s=)")
+    kg.add_argument("--algorithm", choices=["rsa-sha256", "ed25519-sha256"],
+                    default="rsa-sha256")
+    kg.add_argument("--bits", type=int, default=None,
+                    help="RSA key size, 1024..4096 (default 2048)")
+    kg.add_argument("--out", default=".", help="directory for the key file (default .)")
+    kg.set_defaults(func=cmd_dkim_keygen)
     return parser
 
 

@@ -11,9 +11,10 @@ outbound.domains."gmail.com".tls: must be one of "off", "opportunistic", "requir
 "yes")``), which is what ``relay check-config`` and a failed SIGHUP reload print.
 
 Relative paths in a file (``spool.path``, ``log.events``, ``inbound.tls_cert``,
-``inbound.tls_key``) are relative to the directory of that file, so the queue commands
-work from any directory: ``load_config`` makes them absolute. ``decode_config`` has no
-file and leaves them as they are (relative to the current directory).
+``inbound.tls_key``, ``dkim.signers[].key``) are relative to the directory of that file,
+so the queue commands work from any directory: ``load_config`` makes them absolute.
+``decode_config`` has no file and leaves them as they are (relative to the current
+directory).
 
 Names and defaults follow Postfix where Postfix has an equivalent (``smtpd_recipient_limit``
 -> ``inbound.max_recipients = 1000``, ``message_size_limit`` -> ``inbound.max_message_size``,
@@ -45,6 +46,8 @@ __all__ = [
     "AuthUser",
     "Config",
     "ConfigError",
+    "DkimConfig",
+    "DkimSigner",
     "HttpConfig",
     "InboundConfig",
     "Limits",
@@ -56,6 +59,7 @@ __all__ = [
     "SpoolConfig",
     "TenantLimits",
     "Throttle",
+    "check_dkim_name",
     "decode_config",
     "load_config",
     "parse_rate",
@@ -189,6 +193,13 @@ class InboundConfig(_Base):
     #: Received: plus Delivered-To: headers a message may carry before it is refused as
     #: a mail loop, 554 5.4.6 (RFC 5321 6.3; Postfix hopcount_limit).
     max_hops: PositiveInt = 50
+    #: Header fields that tag a message received over SMTP for accounting, like the
+    #: HTTP API's tenant and campaign_id (e.g. "X-Tenant", "X-Campaign"); "" = none.
+    #: Only clients that may relay send mail at all, so the tags are theirs to set.
+    tenant_header: str = ""
+    campaign_header: str = ""
+    #: Remove those fields before the message is stored (and delivered).
+    strip_tag_headers: bool = True
 
     def max_message_bytes(self) -> int:
         return parse_size(self.max_message_size)
@@ -448,6 +459,58 @@ class HttpConfig(_Base):
         return parse_size(self.max_body)
 
 
+#: Fields signed by default, when present (``headers``): RFC 6376 5.4.1's list, the
+#: one-click unsubscribe and feedback-loop fields mailbox providers ask bulk senders to
+#: sign (RFC 8058, Gmail's Feedback-ID), and the fields that say what the body is
+#: (Message-ID, Sender, MIME-Version, Content-Type, Content-Transfer-Encoding: dkimpy
+#: and OpenDKIM sign them too; unsigned, a replay could re-label the signed body).
+DKIM_HEADERS = (
+    "From", "Reply-To", "Subject", "Date", "To", "Cc", "Resent-Date", "Resent-From",
+    "Resent-To", "Resent-Cc", "In-Reply-To", "References", "List-Id", "List-Help",
+    "List-Unsubscribe", "List-Unsubscribe-Post", "List-Subscribe", "List-Post",
+    "List-Owner", "List-Archive", "Feedback-ID", "Message-ID", "Sender", "MIME-Version",
+    "Content-Type", "Content-Transfer-Encoding",
+)
+
+
+class DkimSigner(_Base):
+    """One DKIM signature to add (``[[dkim.signers]]``): a row of OpenDKIM's SigningTable
+    and its KeyTable entry in one. ``domain`` is the From: domain it signs for, or
+    ``*.example.com`` for that domain's subdomains (signed as d=example.com)."""
+
+    domain: str
+    selector: str
+    #: PEM private key (PKCS#8 or traditional, unencrypted); relative to the config file.
+    key: str
+    algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
+    #: Field names to sign when present (case-insensitive); must include From.
+    headers: list[str] = msgspec.field(default_factory=lambda: list(DKIM_HEADERS))
+    #: List each signed name once more than it occurs, so none can be added in transit.
+    over_sign: bool = True
+    #: header/body canonicalisation (RFC 6376 3.4).
+    canonicalization: Literal["relaxed/relaxed", "simple/simple", "relaxed/simple",
+                              "simple/relaxed"] = "relaxed/relaxed"
+    #: Seconds a signature stays valid (x= tag); 0 = no x=.
+    expiration: NonNegInt = 0
+    #: Write the signing time (t= tag).
+    timestamp: bool = True
+
+    def signing_domain(self) -> str:
+        """d=: the domain itself, or the parent of a ``*.`` wildcard."""
+        return self.domain.lower().rstrip(".").removeprefix("*.")
+
+
+class DkimConfig(_Base):
+    """DKIM signing, the last intake stage (relay.intake.signing)."""
+
+    #: A message whose From: domain no signer matches: "unsigned" sends it unsigned,
+    #: "refuse" refuses it (550 5.7.1). The relay's own DSNs are never refused.
+    policy: Literal["unsigned", "refuse"] = "unsigned"
+    #: The ``domain`` of signers that sign every message as well (an ESP's own domain).
+    always: str = ""
+    signers: list[DkimSigner] = msgspec.field(default_factory=list)
+
+
 class Config(_Base):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     inbound: InboundConfig = msgspec.field(default_factory=InboundConfig)
@@ -456,6 +519,7 @@ class Config(_Base):
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     outbound: OutboundConfig = msgspec.field(default_factory=OutboundConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    dkim: DkimConfig = msgspec.field(default_factory=DkimConfig)
 
 
 def _semantic_checks(cfg: Config) -> None:
@@ -507,6 +571,7 @@ def _semantic_checks(cfg: Config) -> None:
     for i, r in enumerate(cfg.outbound.resolvers):
         check(f"outbound.resolvers[{i}]", parse_hostport, r)
     _http_checks(cfg, check)
+    _dkim_checks(cfg.dkim)
 
 
 def _http_checks(cfg: Config, check) -> None:  # type: ignore[no-untyped-def]
@@ -526,6 +591,49 @@ def _http_checks(cfg: Config, check) -> None:  # type: ignore[no-untyped-def]
         if limits.max_message_rate:
             check(_toml_key(["http", "tenants", name]) + ".max_message_rate", parse_rate,
                   limits.max_message_rate)
+
+
+_DKIM_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DKIM_NAME_RE = re.compile(rf"^{_DKIM_LABEL}(?:\.{_DKIM_LABEL})*$", re.ASCII)
+_FIELD_NAME_RE = re.compile(r"^[!-9;-~]+$", re.ASCII)
+
+
+def check_dkim_name(value: str, what: str = "domain", *, wildcard: bool = False) -> None:
+    """A DKIM domain (``*.`` prefix when ``wildcard``) or selector: dot-separated LDH
+    labels (RFC 6376 3.1, 3.5), ASCII (an IDN in its xn-- form); ValueError if not."""
+    name = value.rstrip(".") if what == "domain" else value
+    if wildcard and name.startswith("*."):
+        name = name[2:]
+    if not _DKIM_NAME_RE.match(name) or len(name) > 253:
+        hint = " (an IDN in its xn-- form)" if not value.isascii() else ""
+        raise ValueError(f"{_toml_str(value)} is not a valid {what}{hint}")
+
+
+def _dkim_checks(dkim: DkimConfig) -> None:
+    seen: dict[tuple[str, str], int] = {}
+    for i, s in enumerate(dkim.signers):
+        key = f"dkim.signers[{i}]"
+        for field in ("domain", "selector"):
+            try:
+                check_dkim_name(getattr(s, field), field, wildcard=field == "domain")
+            except ValueError as e:
+                raise ValueError(f"{key}.{field}: {e}") from None
+        if not s.key:
+            raise ValueError(f"{key}.key: must name the private key's PEM file")
+        bad = [h for h in s.headers if not _FIELD_NAME_RE.match(h)]
+        if bad:
+            raise ValueError(f"{key}.headers: {_toml_str(bad[0])} is not a field name")
+        if "from" not in {h.lower() for h in s.headers}:
+            raise ValueError(f"{key}.headers: must include \"From\" (RFC 6376 5.4)")
+        ident = (s.domain.lower().rstrip("."), s.selector.lower())
+        if ident in seen:
+            raise ValueError(f"{key}: the same domain and selector as "
+                             f"dkim.signers[{seen[ident]}]")
+        seen[ident] = i
+    domains = {s.domain.lower().rstrip(".") for s in dkim.signers}
+    if dkim.always and dkim.always.lower().rstrip(".") not in domains:
+        raise ValueError(f"dkim.always: no [[dkim.signers]] entry has domain = "
+                         f"{_toml_str(dkim.always)}")
 
 
 def _check_password_hash(stored: str) -> None:
@@ -932,4 +1040,6 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         log=replace(cfg.log, events=absolute(cfg.log.events)),
         inbound=replace(cfg.inbound, tls_cert=absolute(cfg.inbound.tls_cert),
                         tls_key=absolute(cfg.inbound.tls_key)),
+        dkim=replace(cfg.dkim, signers=[replace(s, key=absolute(s.key))
+                                        for s in cfg.dkim.signers]),
     )

@@ -7,6 +7,8 @@ start), each naming the file and the dotted key, e.g.
 - ``inbound.listen``: every address has a port;
 - ``inbound.tls_cert`` / ``tls_key``: each file can be read, and the pair loads
   (``relay.inbound.tls.server_ssl_context``, which the workers use);
+- ``dkim.signers[].key``: each DKIM key loads and fits its ``algorithm``
+  (``relay.dkim.check_keys``, the loading the intake's signing stage does);
 - ``spool.path``: is a directory or can be created (mkdir -p), and a file can be created
   and removed in it;
 - ``log.events`` (unless ""): its directory exists or can be created, and the file can be
@@ -34,6 +36,7 @@ import tempfile
 from pathlib import Path
 
 from relay.config import Config, ConfigError
+from relay.dkim import check_keys
 from relay.inbound.listener import bind_listeners, listen_address
 from relay.inbound.tls import server_ssl_context
 
@@ -62,6 +65,7 @@ def preflight(config: Config, source: str, *, dry_run: bool = False) -> list[str
             except ValueError as e:
                 problems.append(f"{source}: inbound.listen[{i}]: {e}")
         problems += _check_tls(config, source)
+        problems += check_keys(config, source)
         problem = _check_spool(config.spool.path, made)
         if problem:
             problems.append(f"{source}: spool.path: {problem}")

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from relay.config import Config, ConfigError, reload_config
 from relay.model import ascii_int
-from relay.preflight import StartupError, probe_listen
+from relay.preflight import StartupError, preflight, probe_listen
 from relay.spool import pid_alive
 
 __all__ = ["Supervisor"]
@@ -159,6 +159,13 @@ class Supervisor:
             return
         new = reload_config(self.config_path, log)
         if new is None:
+            return
+        # What would stop a (re)started worker (a TLS or DKIM key that does not load)
+        # keeps the running config, as a syntax error does.
+        problems = preflight(new, str(self.config_path), dry_run=True)
+        if problems:
+            for problem in problems:
+                log.error("reload failed, keeping the running config: %s", problem)
             return
         if new.server.resolved_workers() != self.nworkers:
             log.warning("reload: server.workers changes need a restart")

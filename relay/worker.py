@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +31,8 @@ import trio
 
 from relay.config import Config, ConfigError, reload_config
 from relay.events import EventBus, EventLog, Metrics
+from relay.http.api import IDEMPOTENCY_TTL, HttpApi
+from relay.http.server import HttpRegistry, serve_http
 from relay.inbound.listener import bind_listeners, serve_listeners
 from relay.inbound.session import InboundContext, SessionRegistry, serve_session
 from relay.inbound.tls import server_ssl_context
@@ -50,6 +53,7 @@ class Worker:
         self.index = index
         self.nworkers = nworkers
         self.registry = SessionRegistry()
+        self.http_registry = HttpRegistry()
         self.accepting = trio.CancelScope()
 
     async def main(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -87,18 +91,24 @@ class Worker:
             writer=writer, metrics=metrics, prepare_dsn=self._prepare_dsn,
         )
         writer.claimant = self.engine
+        self.spool = spool
+        self.http_app = self._http_app(cfg, self.ctx)
         listeners = bind_listeners(cfg.inbound.listen)
+        http_listeners = bind_listeners(cfg.http.listen)
         try:
             async with trio.open_nursery() as services:
                 await services.start(writer.run)
                 await services.start(self.engine.run)
                 services.start_soon(self.registry.watch, lambda: self.ctx)
+                if self.index == 0 and http_listeners:
+                    services.start_soon(_purge_idempotency, spool)
                 async with trio.open_nursery() as sessions:
-                    await sessions.start(self._accept, listeners, sessions)
+                    await sessions.start(self._accept, listeners, http_listeners, sessions)
                     services.start_soon(self._signals, sessions)
                     task_status.started()
                     log.info("worker %d/%d ready (pid %d) on %s", self.index, nworkers,
-                             os.getpid(), ", ".join(cfg.inbound.listen))
+                             os.getpid(), ", ".join(cfg.inbound.listen + [
+                                 f"http://{a}" for a in cfg.http.listen]))
                 # Sessions are drained: nothing more will be submitted. Commit what was,
                 # then stop delivery (in-flight jobs are covered by their claim lease).
                 await writer.aclose()
@@ -112,18 +122,27 @@ class Worker:
     async def _accept(
         self,
         listeners: list[socket.socket],
+        http_listeners: list[socket.socket],
         sessions: trio.Nursery,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        """Accept SMTP and HTTP connections until ``accepting`` is cancelled; both kinds
+        run in ``sessions``, so shutdown drains them alike."""
         ctx_ref: Callable[[], InboundContext] = lambda: self.ctx  # noqa: E731
+        app_ref: Callable[[], HttpApi] = lambda: self.http_app  # noqa: E731
         with self.accepting:
-            await serve_listeners(
-                listeners,
-                lambda sock, peer: serve_session(sock, peer, ctx_ref, self.registry),
-                sessions,
-                task_status=task_status,
-            )
+            async with trio.open_nursery() as both:
+                await both.start(functools.partial(
+                    serve_listeners, listeners,
+                    lambda sock, peer: serve_session(sock, peer, ctx_ref, self.registry),
+                    sessions))
+                if http_listeners:
+                    await both.start(functools.partial(
+                        serve_listeners, http_listeners,
+                        lambda sock, peer: serve_http(sock, peer, app_ref, self.http_registry),
+                        sessions))
+                task_status.started()
 
     async def _signals(self, sessions: trio.Nursery) -> None:
         """Handle signals for the worker's whole life. A repeated SIGTERM/SIGINT is
@@ -138,6 +157,7 @@ class Worker:
                     log.info("worker %d: shutting down", self.index)
                     self.accepting.cancel()
                     self.registry.drain()
+                    self.http_registry.drain()
                     sessions.cancel_scope.deadline = (
                         trio.current_time() + self.config.server.shutdown_timeout
                     )
@@ -145,9 +165,17 @@ class Worker:
     def _context(self, config: Config, ssl_context: ssl.SSLContext | None) -> InboundContext:
         """The sessions' view of this worker for ``config``: its intake stages included."""
         hostname = config.server.resolved_hostname()
-        intake = Intake(default_stages(config, hostname), self.writer, self.events)
+        stages = default_stages(config, hostname, self.config_path or "config")
+        intake = Intake(stages, self.writer, self.events)
         return InboundContext.build(config, intake=intake, new_queue_id=new_queue_id,
                                     ssl_context=ssl_context)
+
+    def _http_app(self, config: Config, ctx: InboundContext) -> HttpApi:
+        """The HTTP endpoints for ``config``, admitting through ``ctx``'s intake."""
+        return HttpApi(config, intake=ctx.intake, spool=self.spool,
+                       new_queue_id=new_queue_id, nworkers=self.nworkers,
+                       draining=lambda: self.registry.draining,
+                       ssl_context=ctx.ssl_context)
 
     def _prepare_dsn(self, dsn: NewMessage) -> NewMessage:
         """A DSN of ours through the current intake's stages (it is stored with the
@@ -166,12 +194,35 @@ class Worker:
         except ConfigError as e:
             log.error("reload failed, keeping the running config: %s", e)
             return
-        if new.inbound.listen != self.config.inbound.listen or new.spool != self.config.spool:
-            log.warning("reload: inbound.listen and [spool] changes need a restart")
-        self.ctx = self._context(new, ssl_context)
+        if (new.inbound.listen != self.config.inbound.listen or new.spool != self.config.spool
+                or new.http.listen != self.config.http.listen):
+            log.warning("reload: inbound.listen, http.listen and [spool] changes need a "
+                        "restart")
+        try:
+            ctx = self._context(new, ssl_context)
+            http_app = self._http_app(new, ctx)
+        except ConfigError as e:
+            log.error("reload failed, keeping the running config: %s", e)
+            return
+        self.ctx, self.http_app = ctx, http_app
         self.engine.apply_config(new)
         self.config = new
         log.info("worker %d: configuration reloaded", self.index)
+
+
+#: How often the worker of index 0 deletes idempotency records past their 24 hours.
+IDEMPOTENCY_PURGE_INTERVAL = 3600.0
+
+
+async def _purge_idempotency(spool: Spool) -> None:
+    while True:
+        try:
+            before = time.time() - IDEMPOTENCY_TTL
+            while await trio.to_thread.run_sync(spool.purge_idempotency, before) == 10000:
+                pass
+        except Exception:
+            log.exception("purging idempotency records failed; trying again later")
+        await trio.sleep(IDEMPOTENCY_PURGE_INTERVAL)
 
 
 def run_worker(config: Config, config_path: str | None, index: int, nworkers: int) -> None:

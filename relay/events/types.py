@@ -48,6 +48,13 @@ class Reception(_Event, tag="Reception"):
     tls: str | None = None
     #: Seconds from the end of data to the durable commit.
     commit_seconds: float = 0.0
+    #: What carried it: "smtp", "http", or "dsn" (one of ours).
+    via: str = "smtp"
+    #: The DKIM signatures added ("d=example.com s=s2024 a=rsa-sha256"); absent when none
+    #: was. ``dkim_reason``: why the From: domain got none ("no signer for From: domain
+    #: example.org", "no From: field", ...); absent when it got one, or DKIM is not set up.
+    dkim: list[str] | None = None
+    dkim_reason: str = ""
 
 
 class _Attempt(_Event):

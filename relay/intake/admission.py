@@ -24,8 +24,9 @@ class Refused(Exception):
 class Admission:
     """One message on its way into the spool.
 
-    ``data`` is the message as received (CRLF lines, unstuffed); stages never rewrite it,
-    they add lines to ``head`` (prepended in order when it is stored). ``envelope`` is
+    ``data`` is the message as received (CRLF lines, unstuffed); stages add lines to
+    ``head`` (prepended in order when it is stored) rather than rewrite it, but for
+    removing a field meant for the relay only (``replace_data``). ``envelope`` is
     complete (queue id, arrival time, client facts); a stage may replace it (e.g. to
     choose a pool). ``via`` says what carried the message.
     """
@@ -37,6 +38,10 @@ class Admission:
     helo: str = ""
     #: Header lines the stages add, CRLF-terminated, in the order they go on top.
     head: list[bytes] = field(default_factory=list)
+    #: The DKIM signatures the signing stage added (``d=example.com s=s2024
+    #: a=rsa-sha256``), None for none; and why the From: domain got none ("" if it did).
+    dkim: list[str] | None = None
+    dkim_reason: str = ""
     _fields: bytes | None = field(default=None, repr=False)
 
     @property
@@ -46,6 +51,12 @@ class Admission:
         if self._fields is None:
             self._fields = lowered_header_section(self.data)
         return self._fields
+
+    def replace_data(self, data: bytes) -> None:
+        """For a stage that must change the message as received (remove a header field
+        that is for us, not for the recipient): the rest of the stages see ``data``."""
+        self.data = data
+        self._fields = None
 
     @property
     def final(self) -> bytes:

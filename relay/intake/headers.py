@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import email.utils
 
-__all__ = ["has_message_id", "hop_count", "lowered_header_section", "received_header"]
+__all__ = [
+    "field_value",
+    "has_message_id",
+    "hop_count",
+    "lowered_header_section",
+    "received_header",
+    "without_fields",
+]
 
 
 def lowered_header_section(data: bytes) -> bytes:
@@ -18,6 +25,41 @@ def lowered_header_section(data: bytes) -> bytes:
     the checks below."""
     end = data.find(b"\r\n\r\n")
     return b"\r\n" + (data if end < 0 else data[: end + 2]).lower()
+
+
+def _field_span(data: bytes, fields: bytes, name: bytes) -> tuple[int, int] | None:
+    """(start, end) in ``data`` of the first field ``name`` (lower-case, no colon): from
+    its name to the CRLF that ends it, folded continuation lines included."""
+    at = fields.find(b"\r\n" + name + b":")
+    if at < 0:
+        return None
+    start = at  # fields has a CRLF in front: offsets are data's + 2, the field's is at
+    end = data.find(b"\r\n", start)
+    while end >= 0 and data[end + 2: end + 3] in (b" ", b"\t"):
+        end = data.find(b"\r\n", end + 2)
+    return start, (len(data) if end < 0 else end + 2)
+
+
+def field_value(data: bytes, fields: bytes, name: bytes) -> str | None:
+    """The unfolded, stripped value of the first header field ``name`` (lower-case, no
+    colon) of ``data``, whose ``lowered_header_section`` is ``fields``; None if absent."""
+    span = _field_span(data, fields, name)
+    if span is None:
+        return None
+    raw = data[span[0] + len(name) + 1: span[1]]
+    return b" ".join(raw.split()).decode("utf-8", "replace")
+
+
+def without_fields(data: bytes, names: list[bytes]) -> bytes:
+    """``data`` with every header field named in ``names`` (lower-case, no colon)
+    removed, folded lines and repeats included; the body is untouched."""
+    for name in names:
+        while True:
+            span = _field_span(data, lowered_header_section(data), name)
+            if span is None:
+                break
+            data = data[: span[0]] + data[span[1]:]
+    return data
 
 
 def has_message_id(head: bytes) -> bool:

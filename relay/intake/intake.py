@@ -81,5 +81,6 @@ def _reception(msg: Admission, stored: NewMessage, commit_seconds: float) -> Rec
         queue_id=env.queue_id, time=env.received_at, sender=env.sender,
         recipients=[r.address for r in env.recipients], size=len(stored.data),
         client_ip=env.client_ip, helo=msg.helo, auth_user=env.auth_user, tls=env.tls,
-        commit_seconds=round(commit_seconds, 6), via=msg.via, **event_tags(env),
+        commit_seconds=round(commit_seconds, 6), via=msg.via, dkim=msg.dkim,
+        dkim_reason=msg.dkim_reason, **event_tags(env),
     )

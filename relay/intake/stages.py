@@ -2,7 +2,8 @@
 
 Each is one small class whose ``admit`` may add header lines, change the envelope, or
 raise ``Refused``. Loop detection runs first, on the message as it arrived; the trace
-headers then go on top; signing (to come) goes last, over the final bytes.
+headers then go on top; DKIM signing (``relay.intake.signing``) goes last, over the
+final bytes.
 """
 
 from __future__ import annotations
@@ -11,10 +12,18 @@ import logging
 
 from relay.config import Config
 from relay.intake.admission import Admission, Refused
-from relay.intake.headers import has_message_id, hop_count, received_header
+from relay.intake.headers import (
+    field_value,
+    has_message_id,
+    hop_count,
+    received_header,
+    without_fields,
+)
+from relay.intake.intake import Stage
+from relay.intake.signing import signing_stages
 from relay.smtp.replies import Reply
 
-__all__ = ["LoopCheck", "MessageId", "TraceHeaders", "default_stages"]
+__all__ = ["LoopCheck", "MessageId", "TagHeaders", "TraceHeaders", "default_stages"]
 
 log = logging.getLogger("relay.intake")
 
@@ -66,10 +75,38 @@ class MessageId:
                             .encode("utf-8", "surrogateescape"))
 
 
-def default_stages(config: Config, hostname: str) -> list[LoopCheck | TraceHeaders | MessageId]:
-    """The stages every message goes through, in order."""
+class TagHeaders:
+    """Tenant and campaign of an SMTP message from the configured header fields
+    (``inbound.tenant_header``/``campaign_header``), removed unless configured to stay."""
+
+    def __init__(self, tenant_header: str, campaign_header: str, strip: bool) -> None:
+        self.tenant = tenant_header.lower().encode() or None
+        self.campaign = campaign_header.lower().encode() or None
+        self.strip = [n for n in (self.tenant, self.campaign) if n] if strip else []
+
+    def admit(self, msg: Admission) -> None:
+        if msg.via != "smtp":
+            return
+        fields = msg.fields
+        if self.tenant and (tenant := field_value(msg.data, fields, self.tenant)):
+            msg.envelope.tenant = tenant
+        if self.campaign and (campaign := field_value(msg.data, fields, self.campaign)):
+            msg.envelope.campaign_id = campaign
+        if self.strip and any(b"\r\n" + n + b":" in fields for n in self.strip):
+            msg.replace_data(without_fields(msg.data, self.strip))
+
+
+def default_stages(config: Config, hostname: str, source: str = "config") -> list[Stage]:
+    """The stages every message goes through, in order. Building them loads the DKIM
+    keys (``ConfigError`` naming ``source``, the config file, if one cannot be used)."""
+    inbound = config.inbound
+    stages: list[Stage] = [LoopCheck(inbound.max_hops)]
+    if inbound.tenant_header or inbound.campaign_header:
+        stages.append(TagHeaders(inbound.tenant_header, inbound.campaign_header,
+                                 inbound.strip_tag_headers))
     return [
-        LoopCheck(config.inbound.max_hops),
+        *stages,
         TraceHeaders(hostname),
         MessageId(hostname),
+        *signing_stages(config, source),  # last: it signs the final bytes
     ]

@@ -266,5 +266,8 @@ def build_dsn(
         smtputf8=smtputf8,
         protocol="local",
         is_bounce=True,
+        # The bounce is accounted to whoever sent the original.
+        tenant=envelope.tenant,
+        campaign_id=envelope.campaign_id,
     )
     return NewMessage(envelope=dsn_envelope, data=message)

@@ -44,7 +44,7 @@ ROOT = HERE.parent.parent
 CORPUS = HERE / "corpus"
 CRASHES = HERE / "crashes"
 DICTS = HERE / "dicts"
-NAMES = ("server", "client", "address", "replies", "dsn", "config")
+NAMES = ("server", "client", "address", "replies", "dsn", "config", "injection")
 MUTE_ENV = "RELAY_FUZZ_MUTE"
 #: Read-only seed dirs besides the corpus.
 EXTRA_SEEDS = {"config": [ROOT / "conf"]}

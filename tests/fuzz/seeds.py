@@ -8,6 +8,7 @@ seed-<name>``; libFuzzer's own additions (named by their SHA-1) sit next to them
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 
 from tests.fuzz.targets import (
@@ -310,6 +311,43 @@ CONFIG_SEEDS: dict[str, bytes] = {
 }
 
 
+# -- HTTP injection -----------------------------------------------------------------------
+# First byte: even = SparkPost's schema, odd = KumoMTA's; then the JSON body.
+
+INJECTION_SEEDS: dict[str, bytes] = {
+    "sparkpost": b"\x00" + json.dumps({
+        "campaign_id": "spring", "metadata": {"list": "a"},
+        "substitution_data": {"code": "X1"},
+        "recipients": [{"address": {"email": "ann@example.com", "name": "Ann"},
+                        "substitution_data": {"first": "Ann", "items": [{"n": "a"}]}},
+                       {"address": "bob@example.com"}],
+        "content": {"from": {"email": "news@example.org", "name": "News"},
+                    "subject": "Hi {{first}} {{code}}", "reply_to": "r@example.org",
+                    "headers": {"X-Tag": "{{first}}"},
+                    "text": "{{if first}}Dear {{first}}{{else}}Hello{{end}}",
+                    "html": "<p>{{{first}}}</p>{{each items}}{{loop_var.n}}{{end}}",
+                    "attachments": [{"name": "a.txt", "type": "text/plain",
+                                     "data": "aGVsbG8="}]}}).encode(),
+    "sparkpost-rfc822": b"\x02" + json.dumps({
+        "return_path": "b@example.org", "recipients": [{"address": "c@example.com"}],
+        "content": {"email_rfc822": "From: a@example.org\nSubject: {{x}}\n\nbody\n"}}).encode(),
+    "kumo-string": b"\x01" + json.dumps({
+        "envelope_sender": "noreply@example.com",
+        "content": "Subject: hello {{ name }}\r\n\r\nHello {{ name }}\r\n",
+        "recipients": [{"email": "x@example.com", "substitutions": {"name": "X"}}]}).encode(),
+    "kumo-builder": b"\x03" + json.dumps({
+        "envelope_sender": "noreply@example.com",
+        "content": {"from": {"email": "n@example.com", "name": "N"}, "subject": "S {{ a }}",
+                    "text_body": "t {{ a }}", "html_body": "<b>{{ a }}</b>",
+                    "headers": {"X-Campaign": "c"},
+                    "attachments": [{"data": "aGk=", "base64": True,
+                                     "content_type": "text/plain", "file_name": "f.txt"}]},
+        "substitutions": {"a": "1"},
+        "recipients": [{"email": "y@example.com", "name": "Y"}, {"email": "broken"}]}).encode(),
+    "not-json": b"\x00{\"recipients\": [",
+}
+
+
 def write_seeds(corpus: Path) -> dict[str, int]:
     """Write every seed as ``corpus/<target>/seed-<name>``; returns counts per target."""
     files: dict[str, dict[str, bytes]] = {
@@ -322,6 +360,7 @@ def write_seeds(corpus: Path) -> dict[str, int]:
                    "conf-relay": (ROOT / "conf" / "relay.toml").read_bytes(),
                    **{f"conf-example-{p.stem}": p.read_bytes()
                       for p in sorted((ROOT / "conf" / "examples").glob("*.toml"))}},
+        "injection": INJECTION_SEEDS,
     }
     counts = {}
     for target, seeds in files.items():

@@ -30,6 +30,9 @@ from collections.abc import Callable, Iterator
 import msgspec
 
 from relay import config as relay_config
+from relay.http.kumo import kumo_injection
+from relay.http.payload import PayloadError
+from relay.http.sparkpost import sparkpost_injection
 from relay.inbound.session import server_settings
 from relay.model import Envelope, Recipient
 from relay.outbound.throttle import rate_from_config
@@ -949,6 +952,39 @@ def fuzz_config(data: bytes) -> None:
         relay_config.parse_hostport(cfg.outbound.smart_host)
 
 
+# -- 7. HTTP injection payloads -------------------------------------------------------------
+
+
+def fuzz_injection(data: bytes) -> None:
+    """SparkPost's (first byte even) or KumoMTA's (odd) payload decoding, templating and
+    MIME building on arbitrary bytes (``relay.http.sparkpost`` / ``relay.http.kumo``).
+
+    Invariants: only PayloadError comes out; every rendered message is CRLF-only with
+    lines of at most 998 octets and a header section the ``email`` package parses with
+    the same number of header fields, and its envelope recipient is a valid address.
+    """
+    if not data:
+        return
+    render = sparkpost_injection if data[0] % 2 == 0 else kumo_injection
+    try:
+        injection = render(data[1:], now=1_800_000_000.0, max_recipients=50)
+    except PayloadError:
+        return
+    for msg in injection.messages:
+        raw = msg.data
+        if raw.replace(b"\r\n", b"").count(b"\n") or raw.replace(b"\r\n", b"").count(b"\r"):
+            _fail("injection:bare-newline", repr(raw[:200]))
+        if any(len(line) > 998 for line in raw.split(b"\r\n")):
+            _fail("injection:long-line", repr(raw[:200]))
+        if "@" not in msg.address or any(c in msg.address for c in " <>\r\n"):
+            _fail("injection:bad-address", repr(msg.address))
+        head = raw.partition(b"\r\n\r\n")[0]
+        parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
+        fields = sum(1 for line in head.split(b"\r\n") if line and line[:1] not in b" \t")
+        if len(parsed.keys()) != fields or parsed.defects:
+            _fail("injection:header-section", repr(head[:300]))
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "server": fuzz_server,
     "client": fuzz_client,
@@ -956,8 +992,9 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "replies": fuzz_replies,
     "dsn": fuzz_dsn,
     "config": fuzz_config,
+    "injection": fuzz_injection,
 }
 
 #: libFuzzer -max_len per target: long enough for real sessions and the shipped config.
 MAX_LEN = {"server": 8192, "client": 4096, "address": 1024, "replies": 4096, "dsn": 8192,
-           "config": 16384}
+           "config": 16384, "injection": 8192}

@@ -10,7 +10,9 @@ Use it by re-exporting the fixture in a test module (there is no shared conftest
         resolver = Resolver([dns.nameserver])
 
 Every name under ``.test`` that is not configured answers NXDOMAIN (``--local=/test/``);
-``null_mx`` domains publish ``MX 0 .`` (RFC 7505). Queries are logged to a file so tests
+``null_mx`` domains publish ``MX 0 .`` (RFC 7505); ``txt`` records are given as one text
+and served as strings of at most 255 octets (RFC 1035 3.3.14; a DKIM RSA-2048 key needs
+two), which a DKIM verifier joins again (RFC 6376 3.6.2.2). Queries are logged to a file so tests
 can count what actually reached the server (``dns.count("MX", "a.test")``). Each server
 is killed when the test ends. Only loopback is ever used.
 """
@@ -24,7 +26,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import dns.message
@@ -32,7 +34,7 @@ import dns.query
 import dns.rcode
 import pytest
 
-__all__ = ["DnsServer", "dnsmasq"]
+__all__ = ["DnsServer", "dnsmasq", "txt_record_arg"]
 
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 
@@ -59,6 +61,9 @@ class DnsServer:
     port: int
     log_path: Path
     process: subprocess.Popen[bytes]
+    #: The command line it runs with (to start the same server elsewhere, e.g. on port 53
+    #: in a private network namespace for a tool that cannot be given a port).
+    args: list[str] = field(default_factory=list)
 
     @property
     def nameserver(self) -> str:
@@ -91,12 +96,22 @@ def _wait_ready(port: int, deadline: float) -> None:
         time.sleep(0.02)  # process start-up poll, bounded by the deadline
 
 
+def txt_record_arg(name: str, text: str) -> str:
+    """``--txt-record=NAME,S1,S2,...``: ``text`` as strings of at most 255 characters
+    (dnsmasq separates strings at commas, so the text must hold none)."""
+    if "," in text or '"' in text or "\\" in text:
+        raise ValueError(f"TXT text with a comma, quote or backslash: {text!r}")
+    strings = [text[i:i + 255] for i in range(0, len(text), 255)] or [""]
+    return f"--txt-record={name}," + ",".join(strings)
+
+
 @pytest.fixture
 def dnsmasq(tmp_path: Path) -> Iterator[Callable[..., DnsServer]]:
-    """Factory: ``dnsmasq(mx=..., hosts=..., null_mx=..., ttl=3, extra=[...])``.
+    """Factory: ``dnsmasq(mx=..., hosts=..., null_mx=..., txt=..., ttl=3, extra=[...])``.
 
     ``mx``: domain -> [(preference, exchange)]; ``hosts``: name -> ip or [ips] (A/AAAA by
-    form); ``null_mx``: domains publishing ``MX 0 .``; ``ttl``: TTL of every answer.
+    form); ``null_mx``: domains publishing ``MX 0 .``; ``txt``: name -> record text;
+    ``ttl``: TTL of every answer.
     """
     started: list[subprocess.Popen[bytes]] = []
 
@@ -105,6 +120,7 @@ def dnsmasq(tmp_path: Path) -> Iterator[Callable[..., DnsServer]]:
         mx: dict[str, list[tuple[int, str]]] | None = None,
         hosts: dict[str, str | list[str]] | None = None,
         null_mx: list[str] | None = None,
+        txt: dict[str, str] | None = None,
         ttl: int = 60,
         extra: list[str] | None = None,
     ) -> DnsServer:
@@ -125,6 +141,8 @@ def dnsmasq(tmp_path: Path) -> Iterator[Callable[..., DnsServer]]:
                 args.append(f"--host-record={name},{ip}")
         for domain in null_mx or []:
             args.append(f"--dns-rr={domain},15,000000")  # MX 0 "." in wire format
+        for name, text in (txt or {}).items():
+            args.append(txt_record_arg(name, text))
         args.extend(extra or [])
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         started.append(proc)
@@ -134,7 +152,7 @@ def dnsmasq(tmp_path: Path) -> Iterator[Callable[..., DnsServer]]:
             proc.kill()
             err = proc.stderr.read().decode() if proc.stderr else ""
             raise RuntimeError(f"dnsmasq did not start: {err}") from None
-        return DnsServer(port=port, log_path=log_path, process=proc)
+        return DnsServer(port=port, log_path=log_path, process=proc, args=args)
 
     try:
         yield start

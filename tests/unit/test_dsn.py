@@ -206,3 +206,10 @@ def test_message_without_body_separator() -> None:
     assert msg is not None
     assert b"Subject: only headers\r\n" in msg.data
     assert parts(parse(msg))[2].get_content_type() == "text/rfc822-headers"
+
+
+def test_the_dsn_is_accounted_to_the_tenant_and_campaign_of_the_original() -> None:
+    env = envelope(Recipient(address="gone@dest.test"), tenant="acme", campaign_id="spring")
+    dsn = build(env)
+    assert dsn is not None
+    assert (dsn.envelope.tenant, dsn.envelope.campaign_id) == ("acme", "spring")

@@ -62,3 +62,31 @@ def test_a_stage_is_one_small_class() -> None:
     data = pipeline.prepare(admission()).data
     assert data.index(b"X-Tag: yes") < data.index(b"Received:")
     assert isinstance(pipeline.stages[-1], MessageId)
+
+
+def tagging_intake(strip: bool) -> Intake:
+    config = Config(inbound=InboundConfig(tenant_header="X-Tenant",
+                                          campaign_header="X-Campaign",
+                                          strip_tag_headers=strip))
+    stand_in: object = object()
+    return Intake(default_stages(config, "relay.test"), stand_in, stand_in)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("strip", [True, False])
+def test_tag_headers_tag_smtp_mail_and_are_stripped_by_config(strip: bool) -> None:
+    data = (b"X-Tenant: acme\r\nSubject: hi\r\nx-campaign: spring\r\n\tsale\r\n"
+            b"From: a@sender.test\r\n\r\nX-Tenant: body text stays\r\n")
+    stored = tagging_intake(strip).prepare(admission(data))
+    assert stored.envelope.tenant == "acme"
+    assert stored.envelope.campaign_id == "spring sale"
+    assert stored.data.endswith(b"\r\n\r\nX-Tenant: body text stays\r\n")
+    header = stored.data.partition(b"\r\n\r\n")[0]
+    assert (b"X-Tenant: acme" in header) is not strip
+    assert (b"x-campaign" in header) is not strip
+    assert b"Subject: hi\r\n" in header and b"From: a@sender.test" in header
+
+
+def test_tag_headers_are_ignored_on_http_and_dsn_mail() -> None:
+    data = b"X-Tenant: forged\r\n" + BODY
+    stored = tagging_intake(True).prepare(admission(data, via="dsn"))
+    assert stored.envelope.tenant is None and stored.data.endswith(data)

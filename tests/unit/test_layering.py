@@ -43,3 +43,19 @@ def test_importing_the_protocol_core_loads_no_trio_and_no_lmdb() -> None:
     assert {m for m in loaded if m.startswith("relay")} <= {
         "relay", "relay.model", "relay.smtp", "relay.smtp.address", "relay.smtp.client",
         "relay.smtp.events", "relay.smtp.replies", "relay.smtp.server"}
+
+
+def test_the_injection_payload_layer_is_pure() -> None:
+    # Decoding, templating and MIME building run in a worker thread for every request:
+    # no trio, no spool, no sockets, so they can be tested and fuzzed without either.
+    code = ("import json, sys, relay.http.sparkpost, relay.http.kumo; "
+            "print(json.dumps(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    loaded = set(json.loads(out))
+    assert not {m for m in loaded if m.split(".")[0] in ("trio", "lmdb", "dns", "h11")}
+    relay_modules = {m for m in loaded if m.startswith("relay")}
+    assert relay_modules <= {"relay", "relay.model", "relay.http", "relay.http.payload",
+                             "relay.http.templates", "relay.http.compose",
+                             "relay.http.sparkpost", "relay.http.kumo"} | {
+        m for m in relay_modules if m.startswith("relay.smtp")}, relay_modules
