@@ -4,6 +4,7 @@
     python -m bench --peers postfix                # + a private Postfix, ratios per scenario
     python -m bench --scenarios inject,e2e --duration 5
     python -m bench --quick --target direct        # the bench against its own sink
+    python -m bench --scenarios http-inject --peers postfix   # HTTP API vs SMTP, goals
 
 Exit status: 0 when every run completed (all accepted mail delivered, throttles held),
 1 otherwise, 2 for usage errors.
@@ -23,7 +24,7 @@ from typing import Any
 
 import trio
 
-from bench.report import compute_ratios, format_table, round_ratios, write_report
+from bench.report import compute_ratios, format_table, goal_ratios, round_ratios, write_report
 from bench.scenarios import SCENARIOS, build_scenarios, run_rows
 
 
@@ -91,6 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="run the whole list N times; ratios are medians over the rounds")
     ap.add_argument("--relay-workers", type=int, default=0,
                     help="the relay's worker processes (default 0: one per CPU)")
+    ap.add_argument("--http-clients", type=int, default=8,
+                    help="concurrent HTTP clients (keep-alive connections) of http-inject "
+                         "(default 8)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     args.scenario_list = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -104,6 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"unknown peer {p!r}")
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
+    if args.http_clients < 1:
+        ap.error("--http-clients must be at least 1")
     return args
 
 
@@ -113,7 +119,8 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
                                 pipelining=not args.no_pipelining,
                                 messages_per_connection=args.messages_per_connection,
                                 sizes=args.sizes, recipients=args.recipients,
-                                domains=args.domains, relay_workers=args.relay_workers)
+                                domains=args.domains, relay_workers=args.relay_workers,
+                                http_clients=args.http_clients)
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     doc: dict[str, Any] = {"started": started, "machine": _machine(),
                            "settings": {k: v for k, v in vars(args).items()},
@@ -138,6 +145,7 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     doc["ratios"] = {p: compute_ratios(doc["results"], args.target, p) for p in args.peer_list}
     doc["ratio_rounds"] = {p: round_ratios(doc["results"], args.target, p)
                            for p in args.peer_list}
+    doc["goals"] = goal_ratios(doc["results"])
     return doc
 
 

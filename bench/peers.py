@@ -5,9 +5,11 @@ bench's own ceiling).
 Contract: a peer is an async context manager built from a ``PeerSetup`` (where the sink
 listens, throttles to mirror, retry timing); inside it, ``peer.port`` accepts SMTP on
 127.0.0.1, ``peer.root_pids()`` names the processes whose tree is measured for CPU and
-RSS, and ``peer.spool_dir`` is the directory whose size is the queue's footprint. Leaving
-the context stops the server and removes its temporary files. Everything listens on and
-connects to loopback only.
+RSS, and ``peer.spool_dir`` is the directory whose size is the queue's footprint.
+``peer.http_port`` is the relay's HTTP injection listener on 127.0.0.1 (SparkPost's and
+KumoMTA's APIs, API key ``BENCH_API_KEY`` for tenant ``bench``), None for peers without
+an HTTP API (Postfix, ``direct``). Leaving the context stops the server and removes its
+temporary files. Everything listens on and connects to loopback only.
 """
 
 from __future__ import annotations
@@ -27,8 +29,13 @@ from typing import Protocol
 
 import trio
 
-__all__ = ["DirectPeer", "Peer", "PeerError", "PeerSetup", "PostfixPeer", "RelayPeer",
-           "free_port", "make_peer", "wait_for_220"]
+__all__ = ["BENCH_API_KEY", "BENCH_TENANT", "DirectPeer", "Peer", "PeerError", "PeerSetup",
+           "PostfixPeer", "RelayPeer", "free_port", "make_peer", "wait_for_220"]
+
+#: The relay peer's HTTP API key (configured as ``plain$<key>``: no scrypt cost per
+#: connection) and the tenant it injects for.
+BENCH_API_KEY = "bench-api-key"
+BENCH_TENANT = "bench"
 
 
 class PeerError(Exception):
@@ -58,6 +65,8 @@ class PeerSetup:
 class Peer(Protocol):
     name: str
     port: int
+    #: HTTP injection port on 127.0.0.1, None when the server has no HTTP API.
+    http_port: int | None
     spool_dir: Path | None
 
     def root_pids(self) -> list[int]: ...
@@ -110,6 +119,7 @@ class DirectPeer:
 
     name = "direct"
     spool_dir: Path | None = None
+    http_port: int | None = None
 
     def __init__(self, setup: PeerSetup) -> None:
         self.port = setup.sink_port
@@ -136,6 +146,9 @@ class RelayPeer:
     def __init__(self, setup: PeerSetup, relay_bin: str | None = None) -> None:
         self.setup = setup
         self.port = free_port()
+        #: HTTP injection listener (always on; API key ``BENCH_API_KEY``)
+        self.http_port: int | None = free_port()
+        self.api_key = BENCH_API_KEY
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-relay-"))
         self.spool_dir: Path | None = self.tmp / "spool"
         self.config_path = self.tmp / "relay.toml"
@@ -164,6 +177,12 @@ class RelayPeer:
             "[log]",
             'level = "warning"',
             f"events = {_toml_str(str(self.tmp / 'events.jsonl'))}",
+            "[http]",
+            f'listen = ["127.0.0.1:{self.http_port}"]',
+            "[[http.api_keys]]",
+            f"key = {_toml_str('plain$' + self.api_key)}",
+            f"tenant = {_toml_str(BENCH_TENANT)}",
+            'name = "bench"',
             "[outbound]",
             f'smart_host = "{s.sink_host}:{s.sink_port}"',
             "[outbound.default]",
@@ -264,6 +283,8 @@ class PostfixPeer:
     /etc/postfix is never modified; the instance is started with ``postfix -c DIR``."""
 
     name = "postfix"
+    #: Postfix has no HTTP injection API.
+    http_port: int | None = None
 
     def __init__(self, setup: PeerSetup) -> None:
         self.setup = setup

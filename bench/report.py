@@ -6,6 +6,9 @@ paths; ``format_table(doc)`` is the text printed on the terminal. ``doc`` is the
 built by ``bench.__main__`` (``machine``, ``settings``, ``results``, ``ratios``). With
 ``--repeat N`` every result row carries its ``round`` (1..N), and a ratio is the median
 of the per-round ratios: on a shared box one run's ratio says little.
+``goal_ratios(results)`` are the http-inject scenario's two goals (HTTP with
+100-recipient requests vs SMTP injection into the relay, and vs Postfix end to end),
+printed under the table and stored in the JSON as ``goals``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,19 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-__all__ = ["compute_ratios", "format_table", "round_ratios", "write_chart", "write_report"]
+__all__ = ["HTTP_GOALS", "compute_ratios", "format_table", "goal_ratios", "round_ratios",
+           "write_chart", "write_report"]
+
+#: The http-inject issue's goals: (name, label, numerator row and key, denominator row
+#: and key, goal). A row is (scenario, peer); the ratio pairs rows of the same round.
+HTTP_GOALS: tuple[tuple[str, str, tuple[str, str, str], tuple[str, str, str], float], ...] = (
+    ("http_accept_vs_smtp", "HTTP 100-rcpt accepted msg/s / relay SMTP-inject accepted msg/s",
+     ("http-inject 100", "relay", "inject_msg_s"), ("smtp-inject", "relay", "inject_msg_s"),
+     2.0),
+    ("http_e2e_vs_postfix", "HTTP 100-rcpt e2e msg/s / Postfix SMTP-inject e2e msg/s",
+     ("http-inject 100", "relay", "e2e_msg_s"), ("smtp-inject", "postfix", "e2e_msg_s"),
+     3.0),
+)
 
 
 def _fmt(v: Any, nd: int = 0) -> str:
@@ -51,6 +66,58 @@ def compute_ratios(results: list[dict[str, Any]], target: str, peer: str) -> dic
         ok = [v for v in values if v is not None]
         out[scen] = statistics.median(ok) if ok else None
     return out
+
+
+def goal_ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per ``HTTP_GOALS`` entry: ``label``, ``goal``, per round ``rounds`` (ratio, None
+    when either row is missing, failed or incomplete), ``numerators``/``denominators``
+    (the msg/s values), ``median`` of the rounds' ratios and ``met`` (median >= goal;
+    None without a ratio). Empty when the results have no http-inject row."""
+    if not any(r.get("scenario", "").startswith("http-inject") for r in results):
+        return {}
+    by = {(r["scenario"], r["peer"], r.get("round", 1)): r for r in results}
+    rounds = sorted({r.get("round", 1) for r in results})
+
+    def value(scen: str, peer: str, key: str, rnd: int) -> float | None:
+        r = by.get((scen, peer, rnd))
+        if r is None or r.get("error") or not r.get("complete"):
+            return None
+        return r.get(key) or None
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, label, num, den, goal in HTTP_GOALS:
+        nums = [value(*num, rnd) for rnd in rounds]
+        dens = [value(*den, rnd) for rnd in rounds]
+        ratios = [a / b if a and b else None for a, b in zip(nums, dens, strict=True)]
+        ok = [v for v in ratios if v is not None]
+        median = statistics.median(ok) if ok else None
+        out[name] = {"label": label, "goal": goal, "rounds": ratios, "numerators": nums,
+                     "denominators": dens, "median": median,
+                     "met": None if median is None else median >= goal,
+                     "needs": den[1]}
+    return out
+
+
+def _goal_lines(results: list[dict[str, Any]]) -> list[str]:
+    goals = goal_ratios(results)
+    if not goals:
+        return []
+    n = len(next(iter(goals.values()))["rounds"])
+    lines = ["\nhttp-inject goals" + (f" (median over {n} rounds):" if n > 1 else ":")]
+    for g in goals.values():
+        if g["median"] is None:
+            hint = (f" (run with --peers {g['needs']})"
+                    if not any(r.get("peer") == g["needs"] for r in results) else "")
+            lines.append(f"  {g['label']}: -{hint} (goal >= {g['goal']:g})")
+            continue
+        verdict = "met" if g["met"] else "NOT met"
+        if n > 1:
+            detail = "rounds " + ", ".join(f"{_fmt(v, 2)}x" for v in g["rounds"])
+        else:
+            detail = f"{_fmt(g['numerators'][0])} / {_fmt(g['denominators'][0])} msg/s"
+        lines.append(f"  {g['label']}: {g['median']:.2f}x (goal >= {g['goal']:g}: {verdict};"
+                     f" {detail})")
+    return lines
 
 
 def format_table(doc: dict[str, Any]) -> str:
@@ -109,6 +176,11 @@ def format_table(doc: dict[str, Any]) -> str:
              for r in doc["results"] if r.get("loadgen_cpu_s_per_1000") is not None]
     if costs:
         notes.append("bench's own CPU s/1k (load generator + sink): " + ", ".join(costs))
+    http_costs = [f"{r['scenario']}/{r['peer']} {_fmt(r['bench_cpu_s_per_1000'], 2)}"
+                  for r in doc["results"] if r.get("bench_cpu_s_per_1000") is not None]
+    if http_costs:
+        notes.append("bench's own CPU s/1k (HTTP clients + sink, one thread): "
+                     + ", ".join(http_costs))
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     lines = []
     for i, row in enumerate(rows):
@@ -116,13 +188,17 @@ def format_table(doc: dict[str, Any]) -> str:
                                for j, (v, w) in enumerate(zip(row, widths, strict=True))))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    # a scenario row the peer never has (Postfix has no HTTP API) gets no ratio entry
+    present = {(r["scenario"], r["peer"]) for r in doc["results"]}
     for peer, ratios in doc.get("ratios", {}).items():
-        parts = [f"{s} {_fmt(v, 2)}x" for s, v in ratios.items()]
+        parts = [f"{s} {_fmt(v, 2)}x" for s, v in ratios.items() if (s, peer) in present]
         label = "median msg/s ratio over the rounds" if rounds else "msg/s ratio"
         lines.append(f"\n{doc['settings']['target']}/{peer} {label}: " + ", ".join(parts))
         if rounds:
             for s, values in doc.get("ratio_rounds", {}).get(peer, {}).items():
-                lines.append(f"  {s}: " + ", ".join(f"{_fmt(v, 2)}x" for v in values))
+                if (s, peer) in present:
+                    lines.append(f"  {s}: " + ", ".join(f"{_fmt(v, 2)}x" for v in values))
+    lines += _goal_lines(doc["results"])
     if notes:
         lines.append("")
         lines += notes

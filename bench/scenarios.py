@@ -19,6 +19,10 @@ Scenarios:
 ``smtp-source``  Postfix's C client ``smtp-source``, 2 KB messages, 20 sessions, with
             and without ``-d`` (two rows), the peer relaying to Postfix's ``smtp-sink``
             (``bench/smtp_source.py``).
+``http-inject``  the HTTP injection API (SparkPost's transmissions): requests of 1, 100
+            and 1000 recipients with per-recipient substitution, ~2 KB rendered messages,
+            end to end to the sink, next to SMTP injection of 2 KB single-recipient
+            messages (``smtp-inject`` row, every peer) (``bench/http_inject.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -37,7 +42,8 @@ from bench.metrics import dir_bytes, percentile, sample_tree
 from bench.peers import PeerError, PeerSetup, make_peer
 from bench.sink import Behaviour, Sink
 
-__all__ = ["SCENARIOS", "Scenario", "build_scenarios", "run_one", "run_rows"]
+__all__ = ["SCENARIOS", "Scenario", "build_scenarios", "run_one", "run_rows", "sample_server",
+           "start_sink"]
 
 
 @dataclass
@@ -53,18 +59,23 @@ class Scenario:
     domain_throttle: dict[str, Any] = field(default_factory=dict)
     #: domains whose behaviour turns to ACCEPT once the load ends (defer scenario).
     recover_after_load: list[str] = field(default_factory=list)
-    #: what drives the load: ``loadgen`` (bench/loadgen.py) or ``smtp-source``
+    #: what drives the load: ``loadgen`` (bench/loadgen.py), ``smtp-source``
     #: (bench/smtp_source.py; uses ``load.sessions``, ``load.sizes[0]``, ``load.messages``
-    #: and ``load.duration`` only).
+    #: and ``load.duration`` only) or ``http-inject`` (bench/http_inject.py: HTTP rows
+    #: per ``http_batches``, then ``load`` as the SMTP comparison row).
     driver: str = "loadgen"
     #: smtp-source: messages per variant, sized by the first peer's probe, reused by the
     #: next peers (the same load for every server of the run).
     sized: dict[str, int] = field(default_factory=dict)
     #: The relay peer's ``[server] workers`` (0: its default, one per CPU).
     relay_workers: int = 0
+    #: http-inject: recipients per request, one row each.
+    http_batches: tuple[int, ...] = ()
+    #: http-inject: concurrent HTTP clients (one keep-alive connection each).
+    http_clients: int = 8
 
 
-SCENARIOS = ("inject", "e2e", "fanout", "large", "defer", "smtp-source")
+SCENARIOS = ("inject", "e2e", "fanout", "large", "defer", "smtp-source", "http-inject")
 
 _SIZES = [(2048, 0.5), (8192, 0.35), (32768, 0.15)]
 _RCPTS = [(1, 0.8), (2, 0.15), (5, 0.05)]
@@ -75,10 +86,12 @@ def build_scenarios(duration: float = 8.0, quick: bool = False, sessions: int = 
                     messages_per_connection: int = 100,
                     sizes: list[tuple[int, float]] | None = None,
                     recipients: list[tuple[int, float]] | None = None,
-                    domains: int = 20, relay_workers: int = 0) -> dict[str, Scenario]:
+                    domains: int = 20, relay_workers: int = 0,
+                    http_clients: int = 8) -> dict[str, Scenario]:
     """The suite. ``quick`` shrinks everything to a few seconds (tests, smoke runs).
-    ``sizes``/``recipients``/``domains`` set the mix of inject, e2e and defer (fanout and
-    large have their own)."""
+    ``sizes``/``recipients``/``domains`` set the mix of inject, e2e and defer (fanout,
+    large, smtp-source and http-inject have their own). ``http_clients``: concurrent HTTP
+    clients of http-inject."""
     if quick:
         duration = min(duration, 2.0)
         fanout_domains = min(fanout_domains, 40)
@@ -123,6 +136,14 @@ def build_scenarios(duration: float = 8.0, quick: bool = False, sessions: int = 
         "smtp-source", "smtp-source -s 20 -l 2048, with and without -d, relaying to smtp-sink",
         LoadSpec(duration=duration, messages=200 if quick else 0, sessions=sessions,
                  sizes=[(2048, 1.0)]), e2e=False, driver="smtp-source")
+    # http-inject: ``load`` is the SMTP comparison (2 KB, 1 recipient); the HTTP rows take
+    # their size, domains, duration and (quick) recipient count from it too.
+    out["http-inject"] = Scenario(
+        "http-inject", "HTTP injection, 1/100/1000 recipients a request, vs SMTP, end to end",
+        LoadSpec(duration=duration, messages=200 if quick else 0, domains=plain_domains,
+                 sessions=sessions, sizes=[(2048, 1.0)], recipients=[(1, 1.0)]),
+        drain_timeout=drain, driver="http-inject", http_batches=(1, 100, 1000),
+        http_clients=http_clients)
     for sc in out.values():
         sc.relay_workers = relay_workers
         sc.load.pipelining = pipelining
@@ -163,12 +184,37 @@ async def run_rows(scenario: Scenario, peer_name: str, processes: int = 2,
                    show_progress: bool = True,
                    log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """The result rows of ``scenario`` against ``peer_name``: one for loadgen scenarios,
-    one per variant for ``smtp-source``."""
+    one per variant for ``smtp-source``, one per batch size plus ``smtp-inject`` for
+    ``http-inject``."""
     if scenario.driver == "smtp-source":
         from bench.smtp_source import run_smtp_source
 
         return await run_smtp_source(scenario, peer_name, show_progress, log)
+    if scenario.driver == "http-inject":
+        from bench.http_inject import run_http_inject
+
+        return await run_http_inject(scenario, peer_name, processes, show_progress, log)
     return [await run_one(scenario, peer_name, processes, show_progress, log)]
+
+
+async def start_sink(nursery: trio.Nursery, scenario: Scenario, sink: Sink) -> PeerSetup:
+    """Serve ``sink`` in ``nursery`` on 127.0.0.1 (ephemeral port) and on every route
+    address of ``scenario``; return the ``PeerSetup`` that makes a peer relay to it
+    (routes, throttles, relay workers). The sink stops when the nursery is cancelled."""
+    sink_port = await nursery.start(sink.serve, "127.0.0.1", 0)
+    routes: dict[str, str] = {}
+    for domain, addr in scenario.routes.items():
+        # every route address listens on the same port number when possible
+        try:
+            await nursery.start(sink.serve, addr, sink_port)
+        except OSError:
+            port = await nursery.start(sink.serve, addr, 0)
+            routes[domain] = f"{addr}:{port}"
+            continue
+        routes[domain] = f"{addr}:{sink_port}"
+    return PeerSetup(sink_port=sink_port, routes=routes,
+                     domain_throttle=scenario.domain_throttle,
+                     workers=scenario.relay_workers)
 
 
 async def run_one(scenario: Scenario, peer_name: str, processes: int = 2,
@@ -179,20 +225,7 @@ async def run_one(scenario: Scenario, peer_name: str, processes: int = 2,
                            "description": scenario.description}
     sink = Sink(behaviours=dict(scenario.behaviours))
     async with trio.open_nursery() as nursery:
-        sink_port = await nursery.start(sink.serve, "127.0.0.1", 0)
-        routes: dict[str, str] = {}
-        for domain, addr in scenario.routes.items():
-            # every route address listens on the same port number when possible
-            try:
-                await nursery.start(sink.serve, addr, sink_port)
-            except OSError:
-                port = await nursery.start(sink.serve, addr, 0)
-                routes[domain] = f"{addr}:{port}"
-                continue
-            routes[domain] = f"{addr}:{sink_port}"
-        setup = PeerSetup(sink_port=sink_port, routes=routes,
-                          domain_throttle=scenario.domain_throttle,
-                          workers=scenario.relay_workers)
+        setup = await start_sink(nursery, scenario, sink)
         try:
             peer = make_peer(peer_name, setup)
             async with peer:
@@ -223,33 +256,11 @@ async def _measure(scenario: Scenario, peer: Any, sink: Sink, row: dict[str, Any
         state["accepted"] = accepted
         state["rcpts"] = rcpts
 
-    async def sampler() -> None:
-        n = 0
-        while True:
-            tree = await trio.to_thread.run_sync(sample_tree, roots)
-            state["peak_rss"] = max(state["peak_rss"], tree.rss_bytes)
-            delivered = sink.total_messages
-            # Queued messages, estimated from recipients (a peer may split a message
-            # per destination, so the sink's message count can exceed ours).
-            queued_rcpts = max(0, state["rcpts"] - sink.total_recipients)
-            per_msg = state["accepted"] / state["rcpts"] if state["rcpts"] else 1.0
-            queued = round(queued_rcpts * per_msg)
-            if n % 2 == 0 and spool is not None:
-                size = await trio.to_thread.run_sync(dir_bytes, spool) - spool0
-                state["peak_spool"] = max(state["peak_spool"], size)
-                if queued >= max(20, state["peak_queue"]):
-                    state["peak_queue"] = queued
-                    state["spool_per_msg"] = size / queued
-            if progress is not None:
-                progress.update(state["accepted"], delivered, queued, tree.rss_bytes)
-            n += 1
-            await trio.sleep(0.25)
-
     spec = scenario.load
     spec = type(spec)(**{**{f: getattr(spec, f) for f in spec.__struct_fields__},
                          "port": peer.port})
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(sampler)
+        nursery.start_soon(sample_server, roots, spool, spool0, sink, state, progress)
         result: LoadResult = await run_load(spec, processes, on_progress)
         state["accepted"] = result.accepted
         load_end = time.monotonic()
@@ -285,6 +296,8 @@ async def _measure(scenario: Scenario, peer: Any, sink: Sink, row: dict[str, Any
         "failed": result.messages_failed + result.connect_errors,
         "delivered_messages": sink.total_messages,
         "delivered_recipients": sink.total_recipients,
+        "delivered_bytes_per_msg": (sink.total_bytes / sink.total_messages
+                                    if sink.total_messages else None),
         "complete": (complete and sink.total_recipients >= result.recipients_accepted
                      if is_e2e else accepted > 0 and not result.messages_failed),
         "duplicates": max(0, sink.total_recipients - result.recipients_accepted),
@@ -321,6 +334,36 @@ async def _measure(scenario: Scenario, peer: Any, sink: Sink, row: dict[str, Any
         row["throttle"] = _throttle_check(scenario, sink)
     if scenario.recover_after_load:
         row["defer"] = _defer_check(scenario, sink, first, load_end, mono)
+
+
+async def sample_server(roots: list[int], spool: Path | None, spool0: int, sink: Sink,
+                        state: dict[str, Any], progress: _Progress | None) -> None:
+    """Every 0.25 s until cancelled: the server tree's PSS into ``state["peak_rss"]``
+    (max), and every 0.5 s the spool's growth over ``spool0`` bytes into
+    ``state["peak_spool"]`` (max) and, when the estimated queue is at its largest (>= 20
+    messages), ``state["peak_queue"]`` and ``state["spool_per_msg"]``. The driver keeps
+    ``state["accepted"]`` (messages) and ``state["rcpts"]`` (their recipients) current;
+    the queue is estimated from those and the sink's recipients. Updates ``progress``."""
+    n = 0
+    while True:
+        tree = await trio.to_thread.run_sync(sample_tree, roots)
+        state["peak_rss"] = max(state["peak_rss"], tree.rss_bytes)
+        delivered = sink.total_messages
+        # Queued messages, estimated from recipients (a peer may split a message
+        # per destination, so the sink's message count can exceed ours).
+        queued_rcpts = max(0, state["rcpts"] - sink.total_recipients)
+        per_msg = state["accepted"] / state["rcpts"] if state["rcpts"] else 1.0
+        queued = round(queued_rcpts * per_msg)
+        if n % 2 == 0 and spool is not None:
+            size = await trio.to_thread.run_sync(dir_bytes, spool) - spool0
+            state["peak_spool"] = max(state["peak_spool"], size)
+            if queued >= max(20, state["peak_queue"]):
+                state["peak_queue"] = queued
+                state["spool_per_msg"] = size / queued
+        if progress is not None:
+            progress.update(state["accepted"], delivered, queued, tree.rss_bytes)
+        n += 1
+        await trio.sleep(0.25)
 
 
 def _cumulative(times: list[float], step: float = 0.25,

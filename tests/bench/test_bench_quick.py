@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from bench.metrics import percentile, sample_tree
-from bench.peers import PeerSetup, PostfixPeer, RelayPeer
-from bench.report import _rate_series, compute_ratios, format_table, round_ratios
+from bench.peers import BENCH_API_KEY, BENCH_TENANT, PeerSetup, PostfixPeer, RelayPeer
+from bench.report import _rate_series, compute_ratios, format_table, goal_ratios, round_ratios
 from bench.scenarios import _cumulative, build_scenarios
 from relay.config import decode_config
 
@@ -87,6 +87,9 @@ def test_generated_relay_config_is_valid_for_every_scenario() -> None:
         cfg = decode_config(peer.config_text(), "generated")
         assert cfg.inbound.listen == [f"127.0.0.1:{peer.port}"]
         assert cfg.outbound.smart_host == "127.0.0.1:2626"
+        assert cfg.http.listen == [f"127.0.0.1:{peer.http_port}"] != cfg.inbound.listen
+        assert [(k.key, k.tenant) for k in cfg.http.api_keys] == [
+            (f"plain${BENCH_API_KEY}", BENCH_TENANT)]
         for domain in scenario.routes:
             assert cfg.outbound.throttle_for(domain).max_connections == 2
         peer.tmp.rmdir()
@@ -257,3 +260,126 @@ def test_smtp_source_scenario_relay_and_postfix_ratios(tmp_path: Path) -> None:
         assert doc["ratios"]["postfix"][variant] == pytest.approx(
             rows[(variant, "relay")]["msg_s"] / rows[(variant, "postfix")]["msg_s"])
     assert "relay/postfix msg/s ratio: smtp-source" in doc["_stdout"]
+
+
+# -- http-inject ------------------------------------------------------------------------
+
+HTTP_ROWS = ("http-inject 1", "http-inject 100", "http-inject 1000")
+
+
+def _http_inject_rows(doc: dict, peers: list[str]) -> dict[tuple[str, str], dict]:
+    """The rows of a --quick http-inject run: HTTP rows for the relay only, the SMTP
+    comparison for every peer; all complete, counts matching the sink."""
+    rows = {(r["scenario"], r["peer"]): r for r in doc["results"]}
+    assert set(rows) == {(h, "relay") for h in HTTP_ROWS} | {("smtp-inject", p) for p in peers}
+    for (scenario, _peer), row in rows.items():
+        _sane(row)
+        assert row["delivered_recipients"] == row["recipients_accepted"]
+        assert row["cpu_s_per_1000"] > 0 and row["peak_rss_mb"] > 0
+        if scenario == "smtp-inject":
+            assert row["accepted"] == 200  # --quick: 200 messages of 1 recipient
+            continue
+        batch = row["batch"]
+        # --quick: 200 recipients in whole requests (1000 -> one request)
+        assert row["requests"] == -(-200 // batch)
+        assert row["recipients_accepted"] == row["requests"] * batch == row["accepted"]
+        assert row["requests_failed"] == row["recipients_failed"] == 0 and not row["errors"]
+        assert row["duplicate_queue_ids"] == 0
+        assert row["delivered_messages"] == row["recipients_accepted"]  # one per recipient
+        # ~2 KB rendered, the size of the SMTP row's message (both as the sink got them)
+        smtp_size = rows[("smtp-inject", "relay")]["delivered_bytes_per_msg"]
+        assert 2048 < smtp_size < 2400
+        assert abs(row["delivered_bytes_per_msg"] - smtp_size) < 0.03 * smtp_size
+        assert row["inject_msg_s"] > 0 and row["msg_s"] == row["e2e_msg_s"] > 0
+        assert row["timeline"]["accepted_rcpts"][-1][1] == row["recipients_accepted"]
+        assert row["timeline"]["delivered_rcpts"][-1][1] == row["delivered_recipients"]
+    return rows
+
+
+def test_http_inject_scenario_against_the_relay(tmp_path: Path) -> None:
+    doc = _run_bench(tmp_path, "--target", "relay", "--scenarios", "http-inject", timeout=90)
+    assert doc["_rc"] == 0, doc["_stdout"]
+    rows = _http_inject_rows(doc, ["relay"])
+    accept = doc["goals"]["http_accept_vs_smtp"]
+    assert accept["rounds"][0] == pytest.approx(rows[("http-inject 100", "relay")]["inject_msg_s"]
+                                                / rows[("smtp-inject", "relay")]["inject_msg_s"])
+    assert doc["goals"]["http_e2e_vs_postfix"]["median"] is None  # no postfix in this run
+    assert "http-inject goals:" in doc["_stdout"]
+    assert "Postfix SMTP-inject e2e msg/s: - (run with --peers postfix)" in doc["_stdout"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_POSTFIX, reason="needs postfix and root (make sysdeps)")
+def test_http_inject_scenario_relay_and_postfix_goals(tmp_path: Path) -> None:
+    doc = _run_bench(tmp_path, "--target", "relay", "--peers", "postfix",
+                     "--scenarios", "http-inject", timeout=120)
+    rows = _http_inject_rows(doc, ["relay", "postfix"])
+    e2e = doc["goals"]["http_e2e_vs_postfix"]
+    assert e2e["median"] == pytest.approx(rows[("http-inject 100", "relay")]["e2e_msg_s"]
+                                          / rows[("smtp-inject", "postfix")]["e2e_msg_s"])
+    assert "relay/postfix msg/s ratio: smtp-inject" in doc["_stdout"]
+    assert "http-inject 100 -x" not in doc["_stdout"]  # Postfix has no HTTP rows to pair
+
+
+def test_http_goals_pair_rows_of_the_same_round() -> None:
+    def row(scenario: str, peer: str, rnd: int, inject: float, e2e: float,
+            complete: bool = True) -> dict:
+        return {"scenario": scenario, "peer": peer, "round": rnd, "msg_s": e2e,
+                "inject_msg_s": inject, "e2e_msg_s": e2e, "complete": complete}
+
+    results = [row("http-inject 100", "relay", 1, 3000.0, 2900.0),
+               row("smtp-inject", "relay", 1, 1000.0, 990.0),
+               row("smtp-inject", "postfix", 1, 400.0, 300.0),
+               row("http-inject 100", "relay", 2, 1800.0, 1700.0),
+               row("smtp-inject", "relay", 2, 1000.0, 990.0),
+               row("smtp-inject", "postfix", 2, 400.0, 500.0, complete=False)]
+    goals = goal_ratios(results)
+    assert goals["http_accept_vs_smtp"]["rounds"] == [3.0, 1.8]
+    assert goals["http_accept_vs_smtp"]["median"] == pytest.approx(2.4)
+    assert goals["http_accept_vs_smtp"]["met"] is True
+    # an incomplete row gives its round no ratio
+    assert goals["http_e2e_vs_postfix"]["rounds"][1] is None
+    assert goals["http_e2e_vs_postfix"]["median"] == pytest.approx(2900 / 300)
+    text = format_table({"results": results, "settings": {"target": "relay", "repeat": 2}})
+    assert "http-inject goals (median over 2 rounds):" in text
+    assert "relay SMTP-inject accepted msg/s: 2.40x (goal >= 2: met; rounds 3.00x, 1.80x)" in text
+    assert "(goal >= 3: met; rounds 9.67x, -x)" in text
+    one = [r for r in results if r["round"] == 2 and r["peer"] == "relay"]
+    text = format_table({"results": one, "settings": {"target": "relay"}})
+    assert "accepted msg/s: 1.80x (goal >= 2: NOT met; 1,800 / 1,000 msg/s)" in text
+    assert goal_ratios([row("e2e", "relay", 1, 1.0, 1.0)]) == {}
+
+
+def test_http_answers_are_checked_recipient_by_recipient() -> None:
+    import msgspec
+
+    from bench.http_inject import _Tally, build_content, build_transmission
+
+    body = msgspec.json.decode(build_transmission(40, 1000, ["a.test", "b.test"],
+                                                  build_content(2048)))
+    rcpts = body["recipients"]
+    emails = [r["address"]["email"] for r in rcpts]
+    assert len(set(emails)) == 40 and {e.split("@")[1] for e in emails} == {"a.test", "b.test"}
+    assert all(set(r["substitution_data"]) == {"first", "code"} for r in rcpts)
+    content = body["content"]
+    for part in ("text", "html"):
+        assert "{{first}}" in content[part] and "{{code}}" in content[part]
+    assert 1000 < len(content["text"]) + len(content["html"]) < 2048
+
+    def answer(*qids: str | None) -> bytes:
+        return msgspec.json.encode({"results": {
+            "total_accepted_recipients": sum(1 for q in qids if q),
+            "total_rejected_recipients": 0, "id": "x",
+            "recipients": [{"index": i, "address": f"r{i}@a.test", "queue_id": q}
+                           for i, q in enumerate(qids)]}})
+
+    t = _Tally()
+    t.check(200, answer("Q1", "Q2"), 2, 0.0, 0.1)
+    t.check(200, answer("Q3", None), 2, 0.0, 0.2)  # a recipient without a queue id
+    t.check(503, b'{"errors": []}', 2, 0.0, 0.3)  # refused as a whole
+    t.check(200, answer("Q1"), 1, 0.0, 0.4)  # a queue id seen before
+    assert (t.requests_ok, t.requests_failed) == (3, 1)
+    assert (t.recipients_accepted, t.recipients_failed) == (4, 3)
+    assert t.duplicate_queue_ids == 1 and t.latencies == pytest.approx([0.1, 0.2, 0.4])
+    assert t.errors[0].startswith("recipient 1 r1@a.test: no queue_id")
+    assert t.errors[1].startswith("HTTP 503")
