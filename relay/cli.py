@@ -5,6 +5,9 @@
     relay queue [--config F] stats|list|show ID|retry [ID]|delete ID  [--domain D] [--json]
     relay hash-password            (reads the password from stdin)
     relay dkim keygen --domain D --selector S [--algorithm A] [--bits N] [--out DIR]
+    relay report [--config F | --events FILE...] [--since T] [--until T] [--top N] [--json]
+                 [--chart FILE.png]
+    relay bounce classify TEXT|- [--provider NAME] [--config F | --rules FILE] [--json]
 
 ``queue stats`` and ``queue list`` print for people (sizes in KiB/MiB, ages like
 ``3h12m``; ``list`` looks like Postfix's ``mailq``, ``*`` marking a message with a delivery
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from relay.config import Config, ConfigError, load_config
+from relay.model import ascii_int
 
 if TYPE_CHECKING:
     from relay.spool.views import QueueEntry, QueueStats
@@ -281,6 +285,134 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- suppression list --------------------------------------------------------------------
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(text: str) -> float:
+    """``90``, ``30m``, ``12h``, ``30d``, ``2w`` -> seconds."""
+    unit = text[-1:].lower()
+    number = ascii_int(text[:-1] if unit in _DURATION_UNITS else text)
+    if number is None or number < 1:
+        raise CliError(f"{text!r} is not a duration (examples: 3600, 30m, 12h, 30d)", EX_USAGE)
+    return float(number * _DURATION_UNITS.get(unit, 1))
+
+
+def cmd_suppress(args: argparse.Namespace) -> int:
+    """``relay suppress add|remove|list|import``: the suppression list in the spool."""
+    from relay.spool import Spool
+    from relay.spool.suppression import SuppressionList
+
+    config = _load(args.config)
+    if args.action in ("add", "import"):
+        Path(config.spool.path).mkdir(parents=True, exist_ok=True)
+        spool = Spool(config.spool.path, config.spool.map_size_bytes())
+    else:
+        spool = _open_spool(config)
+    try:
+        return _suppress_action(SuppressionList(spool), args)
+    finally:
+        spool.close()
+
+
+def _suppress_action(supp, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    from relay.spool.suppression import Suppression
+
+    tenant = args.tenant or ""
+    if args.action == "list":
+        entries = list(supp.entries(args.tenant))
+        if args.json:
+            _print_json(entries)
+            return 0
+        for e in entries:
+            blocks = "+".join(k for k, on in (("transactional", e.transactional),
+                                              ("non_transactional", e.non_transactional)) if on)
+            until = f" until {_fmt_time(e.expires)}" if e.expires else ""
+            print(f"{e.address}\ttenant={e.tenant or '*'}\t{e.source}\t{blocks}"
+                  f"\t{_fmt_time(e.time)}{until}")
+        return 0
+    if args.action in ("add", "remove") and not args.address:
+        raise CliError(f"suppress {args.action} needs an ADDRESS", EX_USAGE)
+    if args.action == "remove":
+        if not supp.remove(tenant, _checked_address(args.address)):
+            raise CliError(f"{args.address}: not on the list of tenant {tenant or '*'}",
+                           EX_DATAERR)
+        print(f"{args.address}: removed")
+        return 0
+    now = time.time()
+    expires = now + _duration(args.expires) if args.expires else None
+    if args.action == "add":
+        transactional, non_transactional = _scope(args.type)
+        supp.add([Suppression(address=_checked_address(args.address), tenant=tenant,
+                              source="manual", time=now, expires=expires,
+                              transactional=transactional, non_transactional=non_transactional,
+                              description=args.description or "")])
+        print(f"{args.address}: suppressed for tenant {tenant or '*'}")
+        return 0
+    if args.action == "import":
+        if not args.address:
+            raise CliError("suppress import needs a CSV FILE", EX_USAGE)
+        entries = _read_suppression_csv(Path(args.address), tenant, now, expires)
+        print(f"{supp.add(entries)} addresses imported for tenant {tenant or '*'}")
+        return 0
+    raise CliError(f"unknown suppress action {args.action!r}", EX_USAGE)
+
+
+def _scope(kind: str) -> tuple[bool, bool]:
+    """(transactional, non_transactional) for ``--type``/a CSV ``type`` column."""
+    scopes = {"all": (True, True), "transactional": (True, False),
+              "non_transactional": (False, True)}
+    if kind not in scopes:
+        raise CliError(f"type {kind!r}: one of all, transactional, non_transactional",
+                       EX_USAGE)
+    return scopes[kind]
+
+
+def _checked_address(text: str) -> str:
+    from relay.http.payload import check_address
+    try:
+        return check_address(text.strip())
+    except ValueError as e:
+        raise CliError(f"{text!r}: {e}", EX_DATAERR) from None
+
+
+def _read_suppression_csv(path: Path, tenant: str, now: float, expires: float | None
+                          ) -> list:
+    """A CSV as SparkPost exports its suppression list (a ``recipient`` or ``email``
+    column; optional ``type``, ``transactional``/``non_transactional``, ``source``,
+    ``description``). Every row is checked first: one bad row imports nothing."""
+    import csv
+
+    from relay.spool.suppression import Suppression
+
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise CliError(f"{path}: cannot read CSV: {e}", EX_DATAERR) from None
+    entries, problems = [], []
+    for line, row in enumerate(rows, start=2):
+        row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+        address = row.get("recipient") or row.get("email") or ""
+        try:
+            if row.get("type"):
+                transactional, non_transactional = _scope(row["type"])
+            else:
+                transactional = row.get("transactional", "true").lower() != "false"
+                non_transactional = row.get("non_transactional", "true").lower() != "false"
+            entries.append(Suppression(
+                address=_checked_address(address), tenant=tenant,
+                source=row.get("source") or "import", time=now, expires=expires,
+                transactional=transactional, non_transactional=non_transactional,
+                description=row.get("description", "")))
+        except CliError as e:
+            problems.append(f"{path}:{line}: {e}")
+    if problems:
+        raise CliError("nothing imported:\n" + "\n".join(problems[:10]), EX_DATAERR)
+    return entries
+
+
 def cmd_api_key(args: argparse.Namespace) -> int:
     """A new random API key for the HTTP API, and its config entry (stored hashed)."""
     import secrets
@@ -322,6 +454,111 @@ def cmd_dkim_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- report ----------------------------------------------------------------------------
+
+EX_UNAVAILABLE = 69
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """A summary of the JSON event log (relay.report), like pflogsumm's of a mail log:
+    for people, or ``--json``; ``--chart`` also draws delivered/deferred/bounced per
+    minute (needs matplotlib, checked before the log is read)."""
+    from relay import report
+
+    now = time.time()
+    try:
+        since = report.parse_when(args.since, now) if args.since else None
+        until = report.parse_when(args.until, now) if args.until else None
+    except ValueError as e:
+        raise CliError(f"report: {e}", EX_USAGE) from None
+    if since is not None and until is not None and since >= until:
+        raise CliError("report: --since must be before --until", EX_USAGE)
+    if args.top < 0:
+        raise CliError("report: --top must be 0 (everything) or more", EX_USAGE)
+    if args.events:
+        paths = list(args.events)
+    else:
+        config_path = args.config or DEFAULT_CONFIG
+        config = _load(config_path)
+        if not config.log.events:
+            raise CliError(f'{config_path}: log.events is "" (no event log); name a log '
+                           "with --events FILE", EX_CONFIG)
+        paths = [config.log.events]
+    if args.chart:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CliError("report: --chart needs matplotlib, which is not installed (pip "
+                           "install 'relay[bench]')", EX_UNAVAILABLE) from None
+    reader = report.EventReader(paths)
+    agg = report.Aggregator(since=since, until=until, per_minute=bool(args.chart))
+    try:
+        for event in reader:
+            agg.add(event)
+    except (OSError, EOFError) as e:
+        name = getattr(e, "filename", None) or ", ".join(paths)
+        raise CliError(f"report: cannot read {name}: {getattr(e, 'strerror', None) or e}",
+                       EX_NOINPUT) from None
+    agg.skipped_lines = reader.skipped
+    result = agg.report(args.top)
+    if args.chart:
+        try:
+            report.draw_chart(result, args.chart)
+        except OSError as e:
+            raise CliError(f"report: cannot write {args.chart}: {e.strerror or e}",
+                           EX_CANTCREAT) from None
+    if args.json:
+        _print_json(result)
+    else:
+        sys.stdout.write(report.format_report(result))
+        if args.chart:
+            print(f"\nChart written to {args.chart}")
+    return 0
+
+
+# -- bounce classification -------------------------------------------------------------
+
+
+def cmd_bounce_classify(args: argparse.Namespace) -> int:
+    """The bounce class of a reply as the relay would give it (relay.outcomes.classify):
+    ``10 Invalid Recipient (rule gmail-no-such-user)``. Rules: ``--rules FILE`` before
+    the defaults, else the config's ``[bounces] rules`` (``--config``, or conf/relay.toml
+    when it exists), else the defaults alone. ``-`` reads one reply per line from stdin
+    (each verdict then followed by a tab and the reply); ``--json`` prints JSON lines."""
+    from relay.outcomes.classify import RulesError, load_classifier, parse_reply_line
+
+    try:
+        if args.rules:
+            classifier = load_classifier(args.rules)
+        elif args.config is None and not Path(DEFAULT_CONFIG).exists():
+            classifier = load_classifier("")
+        else:
+            classifier = load_classifier(_load(args.config or DEFAULT_CONFIG).bounces.rules)
+    except RulesError as e:
+        raise CliError(str(e), EX_CONFIG) from None
+    if args.text == "-":
+        texts = [line.strip() for line in sys.stdin if line.strip()]
+    else:
+        texts = [args.text.strip()]
+    if not texts or not texts[0]:
+        raise CliError("bounce classify needs a reply, e.g. \"550 5.1.1 user unknown\"",
+                       EX_USAGE)
+    scope = [p.strip().lower().removeprefix("provider:") for p in args.provider or []]
+    for text in texts:
+        code, enhanced, rest = parse_reply_line(text)
+        verdict = classifier.classify_outcome(code, enhanced, rest, scope)
+        if args.json:
+            sys.stdout.write(msgspec.json.encode({
+                "class": verdict.bounce_class, "name": verdict.name, "rule": verdict.rule,
+                "code": code or None, "enhanced": enhanced, "reply": text,
+            }).decode() + "\n")
+        elif args.text == "-":
+            print(f"{verdict}\t{text}")
+        else:
+            print(verdict)
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------
 
 
@@ -352,6 +589,19 @@ def _parser() -> argparse.ArgumentParser:
     hp = sub.add_parser("hash-password", help="scrypt hash for inbound.auth_users")
     hp.set_defaults(func=cmd_hash_password)
 
+    sp = sub.add_parser("suppress", help="the suppression list: add, remove, list, import")
+    sp.add_argument("action", choices=["add", "remove", "list", "import"])
+    sp.add_argument("address", nargs="?", help="the address (add/remove) or CSV file (import)")
+    sp.add_argument("--config", default=DEFAULT_CONFIG)
+    sp.add_argument("--tenant", help="the tenant whose list (default: every tenant's)")
+    sp.add_argument("--type", default="all",
+                    choices=["all", "transactional", "non_transactional"],
+                    help="what mail the entry blocks (add)")
+    sp.add_argument("--expires", help="the entry holds this long (3600, 30m, 12h, 30d)")
+    sp.add_argument("--description", help="a note kept with the entry (add)")
+    sp.add_argument("--json", action="store_true", help="machine-readable output (list)")
+    sp.set_defaults(func=cmd_suppress)
+
     ak = sub.add_parser("api-key", help="make an HTTP API key and print its http.api_keys entry")
     ak.add_argument("--tenant", required=True, help="who the key injects for")
     ak.add_argument("--name", default="", help="a label for logs")
@@ -369,6 +619,39 @@ def _parser() -> argparse.ArgumentParser:
                     help="RSA key size, 1024..4096 (default 2048)")
     kg.add_argument("--out", default=".", help="directory for the key file (default .)")
     kg.set_defaults(func=cmd_dkim_keygen)
+
+    rp = sub.add_parser("report", help="summarise the event log (like pflogsumm)")
+    source = rp.add_mutually_exclusive_group()
+    source.add_argument("--config", help=f"read the config's log.events (default "
+                                         f"{DEFAULT_CONFIG})")
+    source.add_argument("--events", metavar="FILE", action="append",
+                        help="an event log (JSON lines; .gz, or - for stdin); repeatable")
+    rp.add_argument("--since", metavar="TIME",
+                    help="only events at or after TIME: ISO 8601 or relative (1h, 30m, 2d)")
+    rp.add_argument("--until", metavar="TIME", help="only events before TIME")
+    rp.add_argument("--top", type=int, default=10,
+                    help="rows per table and reasons per list (default 10; 0 = all)")
+    rp.add_argument("--json", action="store_true", help="machine-readable output")
+    rp.add_argument("--chart", metavar="FILE.png",
+                    help="also draw delivered/deferred/bounced per minute (matplotlib)")
+    rp.set_defaults(func=cmd_report)
+
+    bounce = sub.add_parser("bounce", help="bounce classification")
+    bounce_sub = bounce.add_subparsers(dest="bounce_command", required=True)
+    bc = bounce_sub.add_parser("classify", help="print the bounce class and rule of a reply")
+    bc.add_argument("text", metavar="TEXT",
+                    help='the reply, e.g. "550 5.1.1 <x@y>: user unknown"; - reads one '
+                         "per line from stdin")
+    bc.add_argument("--provider", metavar="NAME", action="append",
+                    help="delivered as this provider ([outbound.providers.NAME]) or to this "
+                         "domain, for rules scoped to one (repeatable)")
+    rules = bc.add_mutually_exclusive_group()
+    rules.add_argument("--config", help=f"use the config's [bounces] rules (default "
+                                        f"{DEFAULT_CONFIG} if it exists)")
+    rules.add_argument("--rules", metavar="FILE", help="a rules file to try, before the "
+                                                       "defaults")
+    bc.add_argument("--json", action="store_true", help="machine-readable output")
+    bc.set_defaults(func=cmd_bounce_classify)
     return parser
 
 

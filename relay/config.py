@@ -10,9 +10,10 @@ inbound.max_recipients: expected an integer, got a string``, ``conf/relay.toml:
 outbound.domains."gmail.com".tls: must be one of "off", "opportunistic", "required" (got
 "yes")``), which is what ``relay check-config`` and a failed SIGHUP reload print.
 
-Relative paths in a file (``spool.path``, ``log.events``, ``inbound.tls_cert``,
-``inbound.tls_key``, ``dkim.signers[].key``) are relative to the directory of that file,
-so the queue commands work from any directory: ``load_config`` makes them absolute.
+Relative paths in a file (``spool.path``, ``log.events``, ``log.mail_log``,
+``inbound.tls_cert``, ``inbound.tls_key``, ``dkim.signers[].key``, ``bounces.rules``) are
+relative to the directory of that file, so the queue commands work from any directory:
+``load_config`` makes them absolute.
 ``decode_config`` has no file and leaves them as they are (relative to the current
 directory).
 
@@ -44,6 +45,7 @@ from relay.model import ascii_int
 __all__ = [
     "ApiKey",
     "AuthUser",
+    "BouncesConfig",
     "Config",
     "ConfigError",
     "DkimConfig",
@@ -57,6 +59,7 @@ __all__ = [
     "Route",
     "ServerConfig",
     "SpoolConfig",
+    "SuppressionConfig",
     "TenantLimits",
     "Throttle",
     "check_dkim_name",
@@ -152,6 +155,8 @@ class AuthUser(_Base):
 
     username: str
     password: str
+    #: The tenant this account sends for (accounting, suppression), as an HTTP API key's.
+    tenant: str = ""
 
 
 class InboundConfig(_Base):
@@ -238,6 +243,14 @@ class LogConfig(_Base):
     #: JSON-lines event log (Reception, Delivery, TransientFailure, Bounce, Expiration).
     #: Relative paths are relative to the config file's directory. "" disables it.
     events: str = "var/log/events.jsonl"
+    #: The mail log (relay.events.maillog): a Postfix-style line per reception and per
+    #: recipient outcome, which pflogsumm reads. A file path (relative to the config
+    #: file's directory), "-" or "stderr" for the process log, "" = none (Postfix
+    #: maillog_file).
+    mail_log: str = ""
+    #: Which of its lines are written: "info" all, "warning" deferrals, bounces and
+    #: expirations, "error" bounces and expirations only.
+    mail_log_level: Literal["info", "warning", "error"] = "info"
 
 
 class Throttle(_Base):
@@ -511,6 +524,39 @@ class DkimConfig(_Base):
     signers: list[DkimSigner] = msgspec.field(default_factory=list)
 
 
+class SuppressionConfig(_Base):
+    """What happens to mail for an address on the suppression list."""
+
+    #: SMTP: "refuse" it at RCPT (550 5.7.1) where the tenant is known then (the
+    #: operator-wide list, an AUTH user's tenant), or "drop" it: accept, store nothing
+    #: for it, and record a Suppressed event. Mail whose tenant is only known from its
+    #: header is dropped either way (after DATA a single recipient cannot be refused).
+    smtp: Literal["refuse", "drop"] = "refuse"
+
+
+class UnsubscribeConfig(_Base):
+    """One-click unsubscribe (RFC 8058) headers the relay adds, and its endpoint."""
+
+    #: Base of the one-click link; the token is appended ("https://relay.example.com/u/",
+    #: served by the HTTP listener's POST /u/TOKEN). "" = add no headers.
+    url: str = ""
+    #: Optional mailto: address offered beside the link (mail to it is delivered as any).
+    mailto: str = ""
+    #: The HMAC key of the tokens (at least 16 characters); changing it voids old links.
+    secret: str = ""
+    #: Only mail of these tenants gets the headers; [] = every tenant's.
+    tenants: list[str] = msgspec.field(default_factory=list)
+
+
+class BouncesConfig(_Base):
+    """Bounce classification (relay.outcomes.classify): every failure's Momentum class."""
+
+    #: The operator's rules file (TOML, relative to the config file's directory), read
+    #: before the shipped defaults (relay/outcomes/bounce_rules.toml); "" = the defaults
+    #: only. Checked at load and re-read on SIGHUP.
+    rules: str = ""
+
+
 class Config(_Base):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     inbound: InboundConfig = msgspec.field(default_factory=InboundConfig)
@@ -520,6 +566,9 @@ class Config(_Base):
     outbound: OutboundConfig = msgspec.field(default_factory=OutboundConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     dkim: DkimConfig = msgspec.field(default_factory=DkimConfig)
+    suppression: SuppressionConfig = msgspec.field(default_factory=SuppressionConfig)
+    unsubscribe: UnsubscribeConfig = msgspec.field(default_factory=UnsubscribeConfig)
+    bounces: BouncesConfig = msgspec.field(default_factory=BouncesConfig)
 
 
 def _semantic_checks(cfg: Config) -> None:
@@ -571,6 +620,16 @@ def _semantic_checks(cfg: Config) -> None:
     for i, r in enumerate(cfg.outbound.resolvers):
         check(f"outbound.resolvers[{i}]", parse_hostport, r)
     _http_checks(cfg, check)
+    unsub = cfg.unsubscribe
+    if unsub.url:
+        if not unsub.url.startswith("https://") and not unsub.url.startswith("http://"):
+            raise ValueError(f"unsubscribe.url: {_toml_str(unsub.url)} must be an http(s) URL "
+                             "(Gmail and Yahoo require https)")
+        if len(unsub.secret) < 16:
+            raise ValueError("unsubscribe.secret: needs at least 16 characters with "
+                             "unsubscribe.url set")
+    if unsub.mailto and ("@" not in unsub.mailto or any(c in unsub.mailto for c in " <>")):
+        raise ValueError(f"unsubscribe.mailto: {_toml_str(unsub.mailto)} is not an address")
     _dkim_checks(cfg.dkim)
 
 
@@ -1012,8 +1071,9 @@ def reload_config(path: str | os.PathLike[str], log: logging.Logger) -> Config |
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a config file. Raises ConfigError (never a traceback-worthy error).
 
-    Relative ``spool.path``, ``log.events``, ``inbound.tls_cert`` and ``inbound.tls_key``
-    are made absolute against the directory of ``path`` (not the current directory), so
+    Relative ``spool.path``, ``log.events``, ``log.mail_log`` (not "-"/"stderr"),
+    ``inbound.tls_cert`` and ``inbound.tls_key`` are made absolute against the directory
+    of ``path`` (not the current directory), so
     ``relay queue --config /etc/relay/relay.toml`` finds the same spool from anywhere.
     """
     p = Path(path)
@@ -1021,7 +1081,23 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         data = p.read_bytes()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config: {e.strerror}") from None
-    return _resolve_paths(decode_config(data, str(p)), Path(os.path.abspath(p)).parent)
+    cfg = _resolve_paths(decode_config(data, str(p)), Path(os.path.abspath(p)).parent)
+    _check_bounce_rules(cfg, str(p))
+    return cfg
+
+
+def _check_bounce_rules(cfg: Config, source: str) -> None:
+    """``bounces.rules`` must name a readable, valid rules file: ``relay.toml:
+    bounces.rules: my-rules.toml: rules[2] (id "acme"): regex: ...``. The compiled
+    classifier is kept (``load_classifier``), so the engine does not compile it again."""
+    if not cfg.bounces.rules:
+        return
+    from relay.outcomes.classify import RulesError, load_classifier
+
+    try:
+        load_classifier(cfg.bounces.rules)
+    except RulesError as e:
+        raise ConfigError(f"{source}: bounces.rules: {e}") from None
 
 
 def _resolve_paths(cfg: Config, base: Path) -> Config:
@@ -1037,9 +1113,12 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     return replace(
         cfg,
         spool=replace(cfg.spool, path=absolute(cfg.spool.path)),
-        log=replace(cfg.log, events=absolute(cfg.log.events)),
+        log=replace(cfg.log, events=absolute(cfg.log.events),
+                    mail_log=cfg.log.mail_log if cfg.log.mail_log in ("-", "stderr")
+                    else absolute(cfg.log.mail_log)),
         inbound=replace(cfg.inbound, tls_cert=absolute(cfg.inbound.tls_cert),
                         tls_key=absolute(cfg.inbound.tls_key)),
         dkim=replace(cfg.dkim, signers=[replace(s, key=absolute(s.key))
                                         for s in cfg.dkim.signers]),
+        bounces=replace(cfg.bounces, rules=absolute(cfg.bounces.rules)),
     )

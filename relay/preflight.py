@@ -11,7 +11,8 @@ start), each naming the file and the dotted key, e.g.
   (``relay.dkim.check_keys``, the loading the intake's signing stage does);
 - ``spool.path``: is a directory or can be created (mkdir -p), and a file can be created
   and removed in it;
-- ``log.events`` (unless ""): its directory exists or can be created, and the file can be
+- ``log.events`` and ``log.mail_log`` (unless "", or "-"/"stderr" for the mail log): its
+  directory exists or can be created, and the file can be
   opened for appending (an existing file is never truncated; a missing one is not
   created: a probe file in its directory stands in for it).
 
@@ -69,10 +70,12 @@ def preflight(config: Config, source: str, *, dry_run: bool = False) -> list[str
         problem = _check_spool(config.spool.path, made)
         if problem:
             problems.append(f"{source}: spool.path: {problem}")
-        if config.log.events:
-            problem = _check_events(config.log.events, made)
-            if problem:
-                problems.append(f"{source}: log.events: {problem}")
+        for key, path in (("log.events", config.log.events),
+                          ("log.mail_log", config.log.mail_log)):
+            if path and path not in ("-", "stderr"):
+                problem = _check_events(path, made)
+                if problem:
+                    problems.append(f"{source}: {key}: {problem}")
     finally:
         if dry_run:
             for d in reversed(made):

@@ -2,8 +2,8 @@
 
 It holds no sockets, no LMDB environment and no trio loop, so a fork never copies
 anything a child must not inherit. It waits for signals synchronously with
-``sigtimedwait`` (SIGCHLD, SIGTERM, SIGINT, SIGHUP blocked and collected), which keeps the
-control flow a plain loop.
+``sigtimedwait`` (SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGUSR1 blocked and collected), which
+keeps the control flow a plain loop.
 
 - A worker that exits while the relay is running is restarted after a backoff that
   doubles (``server.restart_backoff_min`` .. ``_max``) while workers keep dying young, and
@@ -12,6 +12,7 @@ control flow a plain loop.
   margin, stragglers get SIGKILL. Exit status 0 when the workers stopped cleanly.
 - SIGHUP: the file is validated first; an invalid one is logged (naming the key) and
   nothing else happens. A valid one is forwarded to the workers, which reload it.
+- SIGUSR1: forwarded to the workers, which reopen their log files (logrotate).
 - A worker that exits with status 78 (EX_CONFIG: a ConfigError escaped it) in its first
   ``STABLE_AFTER`` seconds could not start, and a restart would fail the same way: its
   error is logged once, the other workers are stopped, and ``run`` returns 78. (The
@@ -51,7 +52,7 @@ __all__ = ["Supervisor"]
 
 log = logging.getLogger("relay.supervisor")
 
-HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 STABLE_AFTER = 60.0
 KILL_MARGIN = 5.0
 EX_TEMPFAIL, EX_CONFIG = 75, 78
@@ -144,6 +145,12 @@ class Supervisor:
             self._stop()
         elif signo == signal.SIGHUP and not self.stopping:
             self._reload()
+        elif signo == signal.SIGUSR1:
+            # logrotate moved the log files: the workers reopen theirs (the supervisor
+            # writes only to the process log, which is not reopened).
+            for slot in self.slots:
+                if slot.pid:
+                    _kill(slot.pid, signal.SIGUSR1)
 
     def _stop(self) -> None:
         self.stopping = True
@@ -234,6 +241,9 @@ class Supervisor:
                 os.close(error_r)
                 for other in self.slots:
                     _close_error_fd(other)
+                # A SIGUSR1 sent before the worker listens for it must not kill it (its
+                # default action): ignored until the worker's trio loop takes it over.
+                signal.signal(signal.SIGUSR1, signal.SIG_IGN)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                 self.worker_main(self.config, self.config_path, slot.index, self.nworkers)
             except ConfigError as e:

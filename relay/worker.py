@@ -13,6 +13,8 @@ Signals (delivered by the supervisor):
   writer, stop delivery (in-flight deliveries are covered by the spool's claim lease), exit 0.
 - SIGHUP: re-read the config file. An invalid file is logged with its key and the running
   config stays. New sessions get the new inbound settings; delivery gets new throttles.
+- SIGUSR1: reopen the event log and the mail log (logrotate's postrotate, after it moved
+  them); a file that cannot be opened is logged and the old one kept.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import trio
 
 from relay.config import Config, ConfigError, reload_config
 from relay.events import EventBus, EventLog, Metrics
+from relay.events.maillog import MailLog
 from relay.http.api import IDEMPOTENCY_TTL, HttpApi
 from relay.http.server import HttpRegistry, serve_http
 from relay.inbound.listener import bind_listeners, serve_listeners
@@ -40,6 +43,7 @@ from relay.intake import Admission, Intake, default_stages
 from relay.outbound.engine import DeliveryEngine
 from relay.outbound.wakeup import Waker
 from relay.spool import GroupCommitWriter, NewMessage, Spool, new_queue_id, shard_of
+from relay.spool.suppression import SuppressionList
 
 __all__ = ["run_worker"]
 
@@ -60,10 +64,19 @@ class Worker:
         cfg = self.config
         Path(cfg.spool.path).mkdir(parents=True, exist_ok=True)
         spool = Spool(cfg.spool.path, cfg.spool.map_size_bytes())
+        self.spool = spool
+        self.suppressions = SuppressionList(spool)
         # One bus; the JSON-lines log and the counters subscribe (principle 7).
         metrics = Metrics()
         event_log = EventLog(cfg.log.events) if cfg.log.events else None
-        events = EventBus([s for s in (event_log, metrics) if s is not None])
+        try:
+            mail_log = (MailLog(cfg.log.mail_log, hostname=cfg.server.resolved_hostname(),
+                                level=cfg.log.mail_log_level) if cfg.log.mail_log else None)
+        except OSError as e:  # the supervisor stops the relay with this one line
+            raise ConfigError(f"{self.config_path or 'config'}: log.mail_log: cannot open "
+                              f"{cfg.log.mail_log}: {e.strerror or e}") from None
+        self.logs: list[EventLog | MailLog] = [x for x in (event_log, mail_log) if x is not None]
+        events = EventBus([s for s in (event_log, mail_log, metrics) if s is not None])
         waker = Waker(cfg.spool.path, metrics)
         nworkers = self.nworkers
 
@@ -91,7 +104,6 @@ class Worker:
             writer=writer, metrics=metrics, prepare_dsn=self._prepare_dsn,
         )
         writer.claimant = self.engine
-        self.spool = spool
         self.http_app = self._http_app(cfg, self.ctx)
         listeners = bind_listeners(cfg.inbound.listen)
         http_listeners = bind_listeners(cfg.http.listen)
@@ -114,8 +126,8 @@ class Worker:
                 await writer.aclose()
                 services.cancel_scope.cancel()
         finally:
-            if event_log is not None:
-                event_log.close()
+            for log_file in self.logs:
+                log_file.close()
             spool.close()
         log.info("worker %d stopped", self.index)
 
@@ -149,10 +161,13 @@ class Worker:
         ignored rather than left to the default action: Ctrl-C and systemd's
         control-group kill reach the workers as well as the supervisor, which forwards
         its own, and a second one must not kill a worker that is draining."""
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                       signal.SIGUSR1) as sigs:
             async for signum in sigs:
                 if signum == signal.SIGHUP:
                     self.reload()
+                elif signum == signal.SIGUSR1:
+                    self.reopen_logs()
                 elif not self.registry.draining:
                     log.info("worker %d: shutting down", self.index)
                     self.accepting.cancel()
@@ -162,17 +177,29 @@ class Worker:
                         trio.current_time() + self.config.server.shutdown_timeout
                     )
 
+    def reopen_logs(self) -> None:
+        """SIGUSR1: every log file of this worker opened afresh (after logrotate)."""
+        for log_file in self.logs:
+            try:
+                log_file.reopen()
+            except OSError as e:
+                log.error("worker %d: cannot reopen %s, still writing the old file: %s",
+                          self.index, log_file.path, e)
+        log.info("worker %d: log files reopened", self.index)
+
     def _context(self, config: Config, ssl_context: ssl.SSLContext | None) -> InboundContext:
         """The sessions' view of this worker for ``config``: its intake stages included."""
         hostname = config.server.resolved_hostname()
-        stages = default_stages(config, hostname, self.config_path or "config")
+        stages = default_stages(config, hostname, self.config_path or "config",
+                                self.suppressions)
         intake = Intake(stages, self.writer, self.events)
         return InboundContext.build(config, intake=intake, new_queue_id=new_queue_id,
-                                    ssl_context=ssl_context)
+                                    ssl_context=ssl_context, suppressions=self.suppressions)
 
     def _http_app(self, config: Config, ctx: InboundContext) -> HttpApi:
         """The HTTP endpoints for ``config``, admitting through ``ctx``'s intake."""
         return HttpApi(config, intake=ctx.intake, spool=self.spool,
+                       suppressions=self.suppressions, events=self.events,
                        new_queue_id=new_queue_id, nworkers=self.nworkers,
                        draining=lambda: self.registry.draining,
                        ssl_context=ctx.ssl_context)
@@ -198,6 +225,8 @@ class Worker:
                 or new.http.listen != self.config.http.listen):
             log.warning("reload: inbound.listen, http.listen and [spool] changes need a "
                         "restart")
+        if new.log != self.config.log:
+            log.warning("reload: [log] changes need a restart")
         try:
             ctx = self._context(new, ssl_context)
             http_app = self._http_app(new, ctx)

@@ -14,7 +14,9 @@ from relay.events.types import (
     Event,
     Expiration,
     Reception,
+    Suppressed,
     TransientFailure,
+    Unsubscribe,
     event_tags,
 )
 
@@ -28,6 +30,8 @@ __all__ = [
     "Metrics",
     "Reception",
     "Subscriber",
+    "Suppressed",
     "TransientFailure",
+    "Unsubscribe",
     "event_tags",
 ]

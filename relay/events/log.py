@@ -29,6 +29,18 @@ class EventLog:
         if self._fd is not None:
             os.write(self._fd, b"".join(encode(e) + b"\n" for e in events))
 
+    def reopen(self) -> None:
+        """Open ``path`` afresh and write there from now on (``SIGUSR1``, after logrotate
+        renamed the file). The new descriptor is in place before the old one is closed,
+        so no event is lost; when the open fails, the error is raised and the old file is
+        kept. A closed log stays closed."""
+        if self._fd is None:
+            return
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        old, self._fd = self._fd, fd
+        os.close(old)
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

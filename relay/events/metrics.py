@@ -12,7 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from relay.events.types import Bounce, Delivery, Event, Expiration, Reception, TransientFailure
+from relay.events.types import (
+    Bounce,
+    Delivery,
+    Event,
+    Expiration,
+    Reception,
+    Suppressed,
+    TransientFailure,
+    Unsubscribe,
+)
 
 __all__ = ["Metrics"]
 
@@ -23,6 +32,8 @@ _EVENT_COUNTERS: dict[type, tuple[str, ...]] = {
     TransientFailure: ("total_messages_transfail",),
     Bounce: ("total_messages_fail",),
     Expiration: ("total_messages_fail", "total_messages_expired"),
+    Suppressed: ("total_recipients_suppressed",),
+    Unsubscribe: ("total_unsubscribes",),
 }
 
 _Labels = tuple[tuple[str, str], ...]
@@ -68,7 +79,7 @@ class Metrics:
         """The bus subscriber: count every event."""
         for event in events:
             destination = getattr(event, "destination", None)
-            for name in _EVENT_COUNTERS[type(event)]:
+            for name in _EVENT_COUNTERS.get(type(event), ()):
                 if destination is None:
                     self.inc(name)
                 else:

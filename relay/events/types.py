@@ -1,6 +1,7 @@
 """The events: one record per outcome, so an operator can account for every message.
 
-Every record has ``type`` (Reception, Delivery, TransientFailure, Bounce, Expiration),
+Every record has ``type`` (Reception, Delivery, TransientFailure, Bounce, Expiration,
+Suppressed, Unsubscribe),
 ``time`` (Unix seconds) and ``queue_id``; the rest depends on the type. Fields are only
 added with defaults, so a log written by an older version still decodes.
 """
@@ -20,7 +21,9 @@ __all__ = [
     "Event",
     "Expiration",
     "Reception",
+    "Suppressed",
     "TransientFailure",
+    "Unsubscribe",
     "decode",
     "encode",
     "event_tags",
@@ -73,6 +76,12 @@ class _Attempt(_Event):
     #: The connection was lost after the end of data was sent: the message may have
     #: been delivered (a Delivery with this set was judged delivered by policy).
     ambiguous: bool = False
+    #: The server's port (0: not reported) and the part of ``seconds`` spent setting the
+    #: connection up (DNS, connect, greeting, EHLO, STARTTLS; 0 when this attempt reused
+    #: an open connection or the engine did not measure it). The mail log's
+    #: ``relay=mx[ip]:port`` and ``delays=a/b/c/d`` (relay.events.maillog).
+    port: int = 0
+    connect_seconds: float = 0.0
 
 
 class Delivery(_Attempt, tag="Delivery"):
@@ -82,15 +91,43 @@ class Delivery(_Attempt, tag="Delivery"):
 class TransientFailure(_Attempt, tag="TransientFailure"):
     #: Unix time of the next attempt.
     next_attempt: float = 0.0
+    #: The failure's bounce class (Momentum's codes, relay.outcomes.classify: 21 DNS
+    #: Failure, 50 Mail Block, 70 Transient Failure, ...) and the id of the rule that
+    #: decided it (None: no rule matched). Also on Bounce and Expiration.
+    bounce_class: int | None = None
+    bounce_rule: str | None = None
 
 
 class Bounce(_Attempt, tag="Bounce"):
     #: Queue id of the DSN sent to the sender, "" when none was sent (null sender, NOTIFY).
     dsn_queue_id: str = ""
+    bounce_class: int | None = None
+    bounce_rule: str | None = None
 
 
 class Expiration(_Attempt, tag="Expiration"):
     dsn_queue_id: str = ""
+    #: 24 (Timeout) and "expired", as Momentum classifies expirations.
+    bounce_class: int | None = None
+    bounce_rule: str | None = None
+
+
+class Suppressed(_Event, tag="Suppressed"):
+    """A recipient on the suppression list was dropped at intake (nothing sent)."""
+
+    recipient: str
+    #: Where the suppression entry came from ("unsubscribe", "manual", ...).
+    source: str = ""
+    via: str = "smtp"
+
+
+class Unsubscribe(_Event, tag="Unsubscribe"):
+    """A recipient unsubscribed (one-click, RFC 8058); ``queue_id`` is "" (the token
+    names tenant, campaign and recipient, not the message)."""
+
+    recipient: str
+    client_ip: str = ""
+    method: str = "one-click"
 
 
 def event_tags(envelope: Envelope) -> dict[str, Any]:
@@ -108,7 +145,8 @@ def event_tags(envelope: Envelope) -> dict[str, Any]:
     return tags
 
 
-Event = Reception | Delivery | TransientFailure | Bounce | Expiration
+Event = (Reception | Delivery | TransientFailure | Bounce | Expiration | Suppressed
+         | Unsubscribe)
 
 encode = msgspec.json.Encoder().encode
 decode = msgspec.json.Decoder(Event).decode

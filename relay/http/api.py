@@ -6,6 +6,8 @@
 ``GET /api/check-liveness/v1``         200 while the worker serves, 503 while it drains
 ``GET /api/check-readiness/v1``        200 when it accepts mail: not draining, spool
                                        below 95% of its map
+``POST /u/TOKEN``                      one-click unsubscribe (RFC 8058), when
+                                       ``[unsubscribe] url`` is set (``relay.http.unsubscribe``)
 =====================================  ==================================================
 
 An injection goes: API key -> tenant (401 without one); ``Idempotency-Key`` replay;
@@ -39,15 +41,18 @@ import msgspec
 import trio
 
 from relay.config import ApiKey, Config, parse_rate
+from relay.events import EventBus
 from relay.http.auth import ApiKeys
 from relay.http.kumo import kumo_injection
 from relay.http.payload import Injection, PayloadError, RenderedMessage
 from relay.http.server import Request, Response, json_response
 from relay.http.sparkpost import sparkpost_injection
+from relay.http.unsubscribe import UNSUBSCRIBE_PREFIX, OneClickUnsubscribe
 from relay.intake import Admission, Intake, Refused
 from relay.model import Envelope, NewMessage, Recipient
 from relay.outbound.throttle import TokenBucket
 from relay.spool import Spool, SpoolClosed, SpoolError
+from relay.spool.suppression import SuppressionList
 
 __all__ = ["IDEMPOTENCY_TTL", "HttpApi"]
 
@@ -107,6 +112,7 @@ class HttpApi:
     """One worker's HTTP application for one config (rebuilt on reload)."""
 
     def __init__(self, config: Config, *, intake: Intake, spool: Spool,
+                 suppressions: SuppressionList, events: EventBus,
                  new_queue_id: Callable[[], str], nworkers: int,
                  draining: Callable[[], bool], ssl_context: Any = None) -> None:
         http = config.http
@@ -121,6 +127,8 @@ class HttpApi:
         self.new_queue_id = new_queue_id
         self.draining = draining
         self.keys = ApiKeys(http.api_keys)
+        self.unsubscribe = OneClickUnsubscribe(config.unsubscribe.secret, suppressions,
+                                               events) if config.unsubscribe.url else None
         # A tenant's rate is per node: each worker holds its share.
         self.buckets = {name: TokenBucket(rate / nworkers)
                         for name, t in http.tenants.items()
@@ -135,6 +143,8 @@ class HttpApi:
 
     async def handle(self, request: Request) -> Response:
         method = "GET" if request.method == "HEAD" else request.method
+        if request.path.startswith(UNSUBSCRIBE_PREFIX) and self.unsubscribe is not None:
+            return await self.unsubscribe.handle(request)
         route = self.routes.get((method, request.path))
         if route is not None:
             return await route(request)
@@ -230,8 +240,8 @@ class HttpApi:
         answers = await trio.to_thread.run_sync(self.intake.prepare_many, admissions)
         outcomes = _outcomes(injection, admissions, answers)
         response = _answer(schema, injection, outcomes, self.new_queue_id())
-        if injection.sandbox or not any(o.accepted for o in outcomes):
-            return response  # nothing to store (dry run, or every recipient refused)
+        if injection.sandbox:
+            return response  # a dry run: nothing to store
         record = None
         if guard is not None:
             record = (guard[0], _record_encode(_Record(guard[1], response.status,
@@ -327,6 +337,9 @@ def _outcomes(injection: Injection, admissions: list[Admission],
         if isinstance(answer, Refused):
             outcomes.append(_Outcome(msg.index, msg.address, error="refused",
                                      message=str(answer.reply)))
+        elif not answer.envelope.recipients:
+            outcomes.append(_Outcome(msg.index, msg.address, error="suppressed",
+                                     message="the address is on the suppression list"))
         else:
             outcomes.append(_Outcome(
                 msg.index, msg.address, accepted=True,

@@ -36,6 +36,7 @@ import trio
 from relay.config import Config, InboundConfig
 from relay.inbound.auth import Authenticator
 from relay.intake import Admission, Intake, Refused
+from relay.intake.suppress import SuppressionLookup
 from relay.model import Envelope, ip_address
 from relay.smtp import (
     NEED_DATA,
@@ -69,6 +70,7 @@ FAREWELL_TIMEOUT = 5.0
 WATCH_TICK_MIN, WATCH_TICK_MAX = 0.05, 1.0
 
 RELAY_DENIED = "Relay access denied"
+SUPPRESSED = "Recipient address is on the suppression list"
 #: Client addresses whose relay verdict a context remembers (InboundContext.may_relay).
 RELAY_VERDICTS_MAX = 4096
 STORE_FAILED = Reply(451, "4.3.0", "Error: queue file write error, try again later")
@@ -90,6 +92,10 @@ class InboundContext:
     hostname: str
     #: Seconds between two watchdog passes over the sessions (see the module docstring).
     watch_tick: float = WATCH_TICK_MAX
+    #: The suppression list checked at RCPT (``[suppression] smtp = "refuse"``), or None.
+    suppressions: SuppressionLookup | None = None
+    #: AUTH users' tenants (``inbound.auth_users[].tenant``).
+    tenants: dict[str, str] = field(default_factory=dict)
     #: may_relay's answers by client address: a bulk relay hears from a few sending
     #: hosts all day, and parsing the address and matching the networks cost as much
     #: as the rest of a RCPT. Emptied when full; a reload builds a new context.
@@ -103,6 +109,7 @@ class InboundContext:
         intake: Intake,
         new_queue_id: Callable[[], str],
         ssl_context: ssl.SSLContext | None,
+        suppressions: SuppressionLookup | None = None,
     ) -> InboundContext:
         hostname = config.server.resolved_hostname()
         settings = server_settings(
@@ -118,6 +125,8 @@ class InboundContext:
             networks=config.relay.networks(),
             hostname=hostname,
             watch_tick=_watch_tick(config),
+            suppressions=suppressions if config.suppression.smtp == "refuse" else None,
+            tenants={u.username: u.tenant for u in config.inbound.auth_users if u.tenant},
         )
 
     def may_relay(self, client_ip: str) -> bool:
@@ -344,10 +353,15 @@ class _Session:
     # -- decisions --------------------------------------------------------------------
 
     def _decide_recipient(self, event: RecipientRequested) -> None:
-        if self.conn.authenticated_user is not None or self.ctx.may_relay(self.client_ip):
-            self.conn.accept_recipient()
-        else:
+        ctx = self.ctx
+        user = self.conn.authenticated_user
+        if user is None and not ctx.may_relay(self.client_ip):
             self.conn.reject_recipient(Reply(554, "5.7.1", f"<{event.address}>: {RELAY_DENIED}"))
+        elif ctx.suppressions is not None and ctx.suppressions.blocking(
+                ctx.tenants.get(user) if user else None, [event.address]):
+            self.conn.reject_recipient(Reply(550, "5.7.1", f"<{event.address}>: {SUPPRESSED}"))
+        else:
+            self.conn.accept_recipient()
 
     async def _authenticate(self, event: AuthRequested) -> None:
         ok = await trio.to_thread.run_sync(
@@ -372,7 +386,7 @@ class _Session:
             smtputf8=event.smtputf8, declared_size=event.declared_size, ret=event.ret,
             envid=event.envid, client_ip=self.client_ip, client_port=self.client_port,
             client_helo=conn.helo or "", auth_user=conn.authenticated_user, tls=self.tls_info,
-            protocol=protocol,
+            protocol=protocol, tenant=ctx.tenants.get(conn.authenticated_user or ""),
         )
         admission = Admission(envelope=envelope, data=event.data, via="smtp",
                               helo=conn.helo or "")

@@ -42,6 +42,9 @@ class Admission:
     #: a=rsa-sha256``), None for none; and why the From: domain got none ("" if it did).
     dkim: list[str] | None = None
     dkim_reason: str = ""
+    #: Recipients a stage took out of the envelope (address, why: the suppression
+    #: entry's source); the intake records a Suppressed event for each.
+    dropped: list[tuple[str, str]] = field(default_factory=list)
     _fields: bytes | None = field(default=None, repr=False)
 
     @property

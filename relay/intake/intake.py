@@ -7,7 +7,7 @@ from typing import Protocol
 
 import trio
 
-from relay.events import EventBus, Reception, event_tags
+from relay.events import Event, EventBus, Reception, Suppressed, event_tags
 from relay.intake.admission import Admission, Refused
 from relay.model import NewMessage
 from relay.spool import GroupCommitWriter
@@ -39,11 +39,16 @@ class Intake:
 
     async def admit(self, msg: Admission) -> NewMessage:
         """Stages, then the durable commit, then ``Reception``. Raises ``Refused``, or
-        the writer's errors (``SpoolError``, ``ValueError``): nothing was stored."""
+        the writer's errors (``SpoolError``, ``ValueError``): nothing was stored. A
+        message the stages left without recipients (all suppressed) is not stored: it is
+        returned with none, and its ``Suppressed`` events are all that is recorded."""
         stored = self.prepare(msg)
-        started = trio.current_time()
-        await self.writer.submit(stored)
-        self.events.emit(_reception(msg, stored, trio.current_time() - started))
+        if stored.envelope.recipients:
+            started = trio.current_time()
+            await self.writer.submit(stored)
+            self.events.emit(_reception(msg, stored, trio.current_time() - started))
+        if msg.dropped:
+            self.events.emit_many(_suppressed(msg))
         return stored
 
     def prepare_many(self, msgs: Sequence[Admission]) -> list[NewMessage | Refused]:
@@ -66,13 +71,23 @@ class Intake:
         stored and the first request's record is returned. Raises the writer's errors
         (nothing was stored)."""
         stored = [(m, a) for m, a in zip(msgs, answers, strict=True)
-                  if isinstance(a, NewMessage)]
+                  if isinstance(a, NewMessage) and a.envelope.recipients]
         started = trio.current_time()
         existing = await self.writer.submit_many([a for _, a in stored], guard)
         if existing is None:
             seconds = trio.current_time() - started
-            self.events.emit_many([_reception(m, a, seconds) for m, a in stored])
+            events: list[Event] = [_reception(m, a, seconds) for m, a in stored]
+            for m in msgs:
+                events += _suppressed(m)
+            self.events.emit_many(events)
         return existing
+
+
+def _suppressed(msg: Admission) -> list[Suppressed]:
+    env = msg.envelope
+    return [Suppressed(queue_id=env.queue_id, time=env.received_at, recipient=address,
+                       source=source, via=msg.via, **event_tags(env))
+            for address, source in msg.dropped]
 
 
 def _reception(msg: Admission, stored: NewMessage, commit_seconds: float) -> Reception:

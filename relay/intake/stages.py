@@ -1,9 +1,11 @@
 """The intake stages, in the order they run (``default_stages``).
 
 Each is one small class whose ``admit`` may add header lines, change the envelope, or
-raise ``Refused``. Loop detection runs first, on the message as it arrived; the trace
-headers then go on top; DKIM signing (``relay.intake.signing``) goes last, over the
-final bytes.
+raise ``Refused``. The order: the loop check, on the message as it arrived; the tag
+headers (tenant, campaign); the suppression list (``relay.intake.suppress``), which needs
+the tenant; the trace headers on top; one-click unsubscribe headers
+(``relay.intake.unsubscribe``); DKIM signing (``relay.intake.signing``) last, over the
+final bytes, so the unsubscribe headers are signed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from relay.intake.headers import (
 )
 from relay.intake.intake import Stage
 from relay.intake.signing import signing_stages
+from relay.intake.suppress import SuppressionCheck, SuppressionLookup
+from relay.intake.unsubscribe import UnsubscribeHeaders
 from relay.smtp.replies import Reply
 
 __all__ = ["LoopCheck", "MessageId", "TagHeaders", "TraceHeaders", "default_stages"]
@@ -96,17 +100,20 @@ class TagHeaders:
             msg.replace_data(without_fields(msg.data, self.strip))
 
 
-def default_stages(config: Config, hostname: str, source: str = "config") -> list[Stage]:
+def default_stages(config: Config, hostname: str, source: str = "config",
+                   suppressions: SuppressionLookup | None = None) -> list[Stage]:
     """The stages every message goes through, in order. Building them loads the DKIM
-    keys (``ConfigError`` naming ``source``, the config file, if one cannot be used)."""
+    keys (``ConfigError`` naming ``source``, the config file, if one cannot be used).
+    ``suppressions`` is the suppression list to check recipients against (None: none)."""
     inbound = config.inbound
     stages: list[Stage] = [LoopCheck(inbound.max_hops)]
     if inbound.tenant_header or inbound.campaign_header:
         stages.append(TagHeaders(inbound.tenant_header, inbound.campaign_header,
                                  inbound.strip_tag_headers))
-    return [
-        *stages,
-        TraceHeaders(hostname),
-        MessageId(hostname),
-        *signing_stages(config, source),  # last: it signs the final bytes
-    ]
+    if suppressions is not None:
+        stages.append(SuppressionCheck(suppressions))  # after the tags: knows the tenant
+    stages += [TraceHeaders(hostname), MessageId(hostname)]
+    unsub = config.unsubscribe
+    if unsub.url:
+        stages.append(UnsubscribeHeaders(unsub.url, unsub.mailto, unsub.secret, unsub.tenants))
+    return [*stages, *signing_stages(config, source)]  # signing last: the final bytes

@@ -99,13 +99,16 @@ class _Run:
     transaction each, at most ``max_recipients_per_message`` recipients), how many of
     its transactions are in flight, and the outcomes so far."""
 
-    __slots__ = ("chunks", "data", "envelope", "job", "open", "outcomes", "started")
+    __slots__ = ("chunks", "connect_seconds", "data", "envelope", "job", "open", "outcomes",
+                 "started")
 
     def __init__(self, job: DeliveryJob, envelope: Envelope, data: bytes, cap: int) -> None:
         self.job = job
         self.envelope = envelope
         self.data = data
         self.started = trio.current_time()
+        #: The connection's setup time, for the first job on a new connection.
+        self.connect_seconds = 0.0
         rcpts = list(job.recipients)
         self.chunks = deque(rcpts[i:i + cap] for i in range(0, len(rcpts), cap))
         self.open = 0
@@ -390,6 +393,7 @@ class Destination:
                 continue
             self.metrics.inc("total_connections_opened", destination=self.key)
             self.failures = 0
+            session.setup_seconds = trio.current_time() - started
             return session, hop
         # Postfix's deferral: the last hosts' own reasons, one status for all of them.
         text = "; ".join(e.text for e in errors[-3:]) or "no usable host"
@@ -430,8 +434,8 @@ class Destination:
             attempt = Attempt(
                 outcomes=[RecipientOutcome(i, code, enhanced, text) for i in job.recipients],
                 destination=self.key, mx_host=hop.mx_host if hop else "",
-                ip=hop.ip if hop else "", seconds=seconds, counted=counted,
-                not_before=not_before)
+                ip=hop.ip if hop else "", port=hop.port if hop else 0, seconds=seconds,
+                counted=counted, not_before=not_before)
             await self.owner.settle(job, attempt, self.retry_policy, None, self._recorded)
 
     def _recorded(self) -> None:
@@ -566,6 +570,7 @@ class Destination:
             else:
                 envelope, data = loaded
                 run = _Run(job, envelope, data, self.throttle.max_recipients_per_message)
+                run.connect_seconds, session.setup_seconds = session.setup_seconds, 0.0
                 holding.runs.append(run)
                 return run
         return None
@@ -587,7 +592,8 @@ class Destination:
         self._release(run.job)
         attempt = Attempt(outcomes=run.outcomes, destination=self.key,
                           mx_host=hop.mx_host if hop else "", ip=hop.ip if hop else "",
-                          seconds=trio.current_time() - run.started)
+                          port=hop.port if hop else 0, connect_seconds=run.connect_seconds,
+                          seconds=trio.current_time() - run.started + run.connect_seconds)
         await self.owner.settle(run.job, attempt, self.retry_policy, (run.envelope, run.data),
                                 self._recorded)
 

@@ -54,6 +54,7 @@ from relay.outbound.destination import Destination
 from relay.outbound.resolver import Resolver
 from relay.outbound.routing import Router
 from relay.outbound.wakeup import Waker
+from relay.outcomes.classify import Classifier, RulesError, load_classifier
 from relay.outcomes.judge import Attempt, RetryPolicy, judge
 from relay.spool import (
     Completion,
@@ -116,6 +117,14 @@ class DeliveryEngine:
         self.prepare_dsn = prepare_dsn
         self.resolver = resolver or Resolver(list(config.outbound.resolvers))
         self.router = Router(config.outbound, self.resolver)
+        #: Bounce classification rules ([bounces] rules before the shipped defaults),
+        #: compiled once per config (``load_classifier`` reuses what ``load_config``
+        #: compiled when it checked the file).
+        try:
+            self.classifier: Classifier = load_classifier(config.bounces.rules)
+        except RulesError as e:  # changed since the config was checked
+            log.error("bounce rules not usable, classifying with the defaults only: %s", e)
+            self.classifier = load_classifier("")
         self.client_ssl_context = client_ssl_context
         self.poll_interval = poll_interval
         self.claim_batch = claim_batch
@@ -181,6 +190,10 @@ class DeliveryEngine:
             self.resolver = Resolver(list(config.outbound.resolvers))
         self.config = config
         self.router = Router(config.outbound, self.resolver)
+        try:
+            self.classifier = load_classifier(config.bounces.rules)
+        except RulesError as e:  # changed since the config was checked: keep the old rules
+            log.error("reload: keeping the bounce rules in use: %s", e)
         for key, dest in self.destinations.items():
             dest.apply_throttle(config.outbound.throttle_for(key))
         self.poke()
@@ -458,7 +471,8 @@ class DeliveryEngine:
                 return
         envelope, data = loaded
         verdict = judge(job, envelope, data, attempt, policy, now=self.now(),
-                        hostname=self.hostname, new_queue_id=new_queue_id)
+                        hostname=self.hostname, new_queue_id=new_queue_id,
+                        classifier=self.classifier)
         # Events are written BEFORE the commit: they say what happened on the wire, and a
         # kill -9 between the two then leaves an event for an outcome that is retried
         # (logged again: at-least-once accounting) instead of a committed outcome with

@@ -168,6 +168,9 @@ class ClientSession:
         self.tls: str | None = None
         #: Monotonic time the session last finished something (for the engine's idle cap).
         self.idle_since = time.monotonic()
+        #: Seconds spent setting this connection up (DNS, connect, greeting, EHLO, TLS),
+        #: set by whoever opened it; reported with its first delivery.
+        self.setup_seconds = 0.0
         self._closed = False
         #: Bytes the client owes the server, held back to share a write (``begin``).
         self._unsent: list[bytes] = []

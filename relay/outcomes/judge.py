@@ -3,7 +3,11 @@
 ``judge(job, envelope, data, attempt, policy, now=..., ...)`` turns what happened to one
 job in one try into a ``Verdict``: the spool ``Completion`` to commit, the events to
 publish, and the DSN owed to the sender. The engine only applies it. Bounce
-classification and adaptive shaping hook in here.
+classification and adaptive shaping hook in here: every ``Bounce`` and
+``TransientFailure`` carries ``bounce_class``/``bounce_rule`` from ``classifier``
+(``relay.outcomes.classify``; the shipped defaults when None), scoped by the attempt's
+destination (a provider's name) and the job's domain; an ``Expiration`` is 24 (Timeout,
+rule "expired"), as Momentum classifies expired messages.
 
 Per recipient:
 
@@ -31,6 +35,7 @@ import msgspec
 
 from relay.events import Bounce, Delivery, Event, Expiration, TransientFailure, event_tags
 from relay.model import Completion, DeliveryJob, Envelope, NewMessage, RecipientOutcome
+from relay.outcomes.classify import EXPIRED, Classifier, default_classifier, scope_of
 from relay.outcomes.dsn import FailedRecipient, build_dsn
 
 __all__ = ["Attempt", "RetryPolicy", "Verdict", "backoff_delay", "judge"]
@@ -58,6 +63,10 @@ class Attempt(msgspec.Struct, frozen=True, kw_only=True):
     counted: bool = True
     #: Retry no earlier than this (Unix time), e.g. the end of a destination backoff.
     not_before: float | None = None
+    #: The server's port, and the part of ``seconds`` spent setting the connection up
+    #: (DNS, connect, greeting, EHLO, STARTTLS); 0 = not reported. Copied to the events.
+    port: int = 0
+    connect_seconds: float = 0.0
 
     @property
     def remote(self) -> bool:
@@ -95,9 +104,13 @@ def judge(
     now: float,
     hostname: str,
     new_queue_id: Callable[[], str],
+    classifier: Classifier | None = None,
 ) -> Verdict:
     """See the module docstring. ``hostname`` is the reporting MTA of a DSN;
-    ``new_queue_id`` names it."""
+    ``new_queue_id`` names it; ``classifier`` classifies the failures."""
+    if classifier is None:
+        classifier = default_classifier()
+    scope = scope_of(attempt.destination, job.domain)
     attempts = job.attempts + 1 if attempt.counted else job.attempts
     first_attempt = job.first_attempt
     if first_attempt is None and attempt.counted:
@@ -116,7 +129,8 @@ def judge(
             queue_id=job.queue_id, time=now, recipient=envelope.recipients[o.index].address,
             destination=attempt.destination, mx_host=attempt.mx_host, ip=attempt.ip,
             reply=o.reply_line, attempt=max(attempts, 1), seconds=attempt.seconds,
-            queued_seconds=queued, ambiguous=o.ambiguous, **tags,
+            queued_seconds=queued, ambiguous=o.ambiguous, port=attempt.port,
+            connect_seconds=attempt.connect_seconds, **tags,
         )
         kind = o.kind
         if kind == "transient" and o.ambiguous and policy.ambiguous == "delivered":
@@ -126,14 +140,18 @@ def judge(
             events.append(Delivery(**common))
         elif kind == "permanent":
             bounced.append((o, False))
-            events.append(Bounce(**common))
+            c = classifier.classify_outcome(o.code, o.enhanced, o.text, scope)
+            events.append(Bounce(**common, bounce_class=c.bounce_class, bounce_rule=c.rule))
         elif expired:
             bounced.append((o, True))
-            events.append(Expiration(**common))
+            events.append(Expiration(**common, bounce_class=EXPIRED.bounce_class,
+                                     bounce_rule=EXPIRED.rule))
         else:
             deferred.append(o.index)
             last_error = o.reply_line
-            events.append(TransientFailure(**common, next_attempt=retry_at))
+            c = classifier.classify_outcome(o.code, o.enhanced, o.text, scope)
+            events.append(TransientFailure(**common, next_attempt=retry_at,
+                                           bounce_class=c.bounce_class, bounce_rule=c.rule))
     dsn = None
     if bounced:
         dsn = failure_dsn(envelope, data, bounced, attempt, now, hostname, new_queue_id())

@@ -12,7 +12,7 @@ Process model
 -------------
 Every worker opens its own ``Spool`` after ``fork()`` (``lock=True``, ``sync=True``,
 ``metasync=True``, ``writemap=False`` (see ``Spool``), ``readahead=False``,
-``max_dbs=8``, a large ``map_size``) and calls ``reader_check()`` on open to free reader
+``max_dbs=16``, a large ``map_size``) and calls ``reader_check()`` on open to free reader
 slots of crashed workers. LMDB serialises write transactions across processes with a
 robust mutex, so any worker may write at any time. Nothing is shared in memory; a
 wake-up after commit (``on_commit``) is only a hint, the LMDB scheduler index is the
@@ -52,6 +52,9 @@ Keys are bytes; ``qid`` is the ASCII queue id (18 chars, time-sortable, see
     ``u64be(written, ms)`` + the answer to repeat. Written in the same transaction as
     the messages of the request (``Guarded``), so a retried request is either answered
     from here or stored for the first time, never both; old records are purged.
+``supp``
+    ``tenant + b"\\0" + address.lower()`` -> msgpack ``Suppression``: the suppression
+    list (``relay.spool.suppression``); tenant ``""`` is every tenant.
 
     A worker of ``shard`` out of ``nshards`` walks ``dsched`` from the start while the
     due time is <= now, keeps hashes with ``hash % nshards == shard`` (``shard_of``),

@@ -303,13 +303,14 @@ class Spool:
         readonly: bool = False,
     ) -> None:
         self.path = Path(path)
+        self.readonly = readonly
         if not readonly:
             self.path.mkdir(parents=True, exist_ok=True)
         self._env = lmdb.open(
             str(self.path),
             map_size=map_size,
             subdir=True,
-            max_dbs=8,
+            max_dbs=16,
             max_readers=max_readers,
             # Durability: a commit returns only after fdatasync of data and meta pages.
             sync=True,

@@ -24,11 +24,13 @@ EMBEDDED = ROOT / "conf" / "relay.toml"
 
 #: Where conf/relay.toml's values differ from the built-in defaults, on purpose: ``make
 #: run`` greets as relay.localhost and keeps its spool and event log in the repository's
-#: var/ (the paths are relative to conf/), and serves the HTTP API on loopback.
+#: var/ (the paths are relative to conf/), writes a mail log there, and serves the HTTP API
+#: on loopback.
 NOT_DEFAULTS = {
     "server.hostname": "relay.localhost",
     "spool.path": "../var/spool",
     "log.events": "../var/log/events.jsonl",
+    "log.mail_log": "../var/log/mail.log",
     "http.listen": ["127.0.0.1:8025"],
 }
 
