@@ -5,9 +5,10 @@
     python -m bench --scenarios inject,e2e --duration 5
     python -m bench --quick --target direct        # the bench against its own sink
     python -m bench --scenarios http-inject --peers postfix   # HTTP API vs SMTP, goals
+    python -m bench --scenarios dkim --peers postfix+opendkim  # DKIM signing, goals
 
-Exit status: 0 when every run completed (all accepted mail delivered, throttles held),
-1 otherwise, 2 for usage errors.
+Exit status: 0 when every run completed (all accepted mail delivered, throttles held,
+every message of a signed dkim row signed), 1 otherwise, 2 for usage errors.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from typing import Any
 
 import trio
 
-from bench.report import compute_ratios, format_table, goal_ratios, round_ratios, write_report
+from bench.peers import PEERS
+from bench.report import (
+    compute_ratios,
+    dkim_costs,
+    format_table,
+    goal_ratios,
+    round_ratios,
+    write_report,
+)
 from bench.scenarios import SCENARIOS, build_scenarios, run_rows
 
 
@@ -44,6 +53,13 @@ def _machine() -> dict[str, Any]:
             out = subprocess.run(["/usr/sbin/postconf", "-d", "-h", "mail_version"],
                                  capture_output=True, text=True, timeout=10)
             info["postfix"] = out.stdout.strip()
+        except OSError:
+            pass
+    if Path("/usr/sbin/opendkim").exists():
+        try:
+            out = subprocess.run(["/usr/sbin/opendkim", "-V"], capture_output=True, text=True,
+                                 timeout=10)
+            info["opendkim"] = out.stdout.split("\n", 1)[0].split(" v")[-1].strip()
         except OSError:
             pass
     return info
@@ -66,10 +82,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS),
                     help=f"comma list from {','.join(SCENARIOS)} (default: all)")
-    ap.add_argument("--target", default="relay", choices=["relay", "postfix", "direct"],
+    ap.add_argument("--target", default="relay", choices=list(PEERS),
                     help="the server measured first (default relay)")
     ap.add_argument("--peers", default="",
-                    help="comma list of servers to run side by side (postfix)")
+                    help="comma list of servers to run side by side (postfix, "
+                         "postfix+opendkim, postfix+opendkim-unix)")
     ap.add_argument("--duration", type=float, default=8.0,
                     help="seconds of load per scenario (default 8)")
     ap.add_argument("--sessions", type=int, default=20, help="concurrent SMTP sessions")
@@ -104,7 +121,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.peer_list = [p.strip() for p in args.peers.split(",") if p.strip()
                       and p.strip() != args.target]
     for p in args.peer_list:
-        if p not in ("relay", "postfix", "direct"):
+        if p not in PEERS:
             ap.error(f"unknown peer {p!r}")
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
@@ -146,6 +163,8 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     doc["ratio_rounds"] = {p: round_ratios(doc["results"], args.target, p)
                            for p in args.peer_list}
     doc["goals"] = goal_ratios(doc["results"])
+    if any(r.get("scenario", "").startswith("dkim ") for r in doc["results"]):
+        doc["dkim_costs"] = dkim_costs(doc["results"])
     return doc
 
 
@@ -159,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind, p in paths.items():
         print(f"{kind}: {p}")
     ok = all(not r.get("error") and r.get("complete") and r.get("throttle", {}).get("held", True)
-             for r in doc["results"])
+             and (r.get("signed") or not r.get("expect_signed")) for r in doc["results"])
     return 0 if ok else 1
 
 

@@ -10,6 +10,13 @@ RSS, and ``peer.spool_dir`` is the directory whose size is the queue's footprint
 KumoMTA's APIs, API key ``BENCH_API_KEY`` for tenant ``bench``), None for peers without
 an HTTP API (Postfix, ``direct``). Leaving the context stops the server and removes its
 temporary files. Everything listens on and connects to loopback only.
+
+DKIM: ``PeerSetup.dkim`` (a ``DkimKey``) makes the relay sign every message at intake
+(a ``[[dkim.signers]]`` block with that key); ``postfix+opendkim`` is the Postfix peer
+with Debian's ``opendkim`` milter beside it on a loopback TCP socket, signing with
+``PeerSetup.dkim`` (or a fresh RSA-2048 key when the setup has none);
+``postfix+opendkim-unix`` the same on a unix-domain socket (Debian's default
+``Socket local:...``). Each peer writes the key into its own temp dir.
 """
 
 from __future__ import annotations
@@ -25,12 +32,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol, TextIO
 
 import trio
 
-__all__ = ["BENCH_API_KEY", "BENCH_TENANT", "DirectPeer", "Peer", "PeerError", "PeerSetup",
-           "PostfixPeer", "RelayPeer", "free_port", "make_peer", "wait_for_220"]
+__all__ = ["BENCH_API_KEY", "BENCH_TENANT", "PEERS", "DirectPeer", "DkimKey", "Peer",
+           "PeerError", "PeerSetup", "PostfixPeer", "RelayPeer", "free_port", "make_peer",
+           "wait_for_220"]
 
 #: The relay peer's HTTP API key (configured as ``plain$<key>``: no scrypt cost per
 #: connection) and the tenant it injects for.
@@ -38,8 +46,45 @@ BENCH_API_KEY = "bench-api-key"
 BENCH_TENANT = "bench"
 
 
+#: Every peer name ``make_peer`` knows.
+PEERS = ("relay", "postfix", "postfix+opendkim", "postfix+opendkim-unix", "direct")
+
+
 class PeerError(Exception):
     """A peer could not be started (message says why and where its log is)."""
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    """A DKIM signing key every signing peer gets: ``d=domain``, ``s=selector``, the
+    unencrypted PEM private key (traditional RSA form, which the relay and OpenDKIM both
+    read) and its algorithm."""
+
+    domain: str
+    selector: str
+    pem: bytes
+    algorithm: str = "rsa-sha256"
+
+    @classmethod
+    def generate(cls, domain: str = "sender.test", selector: str = "bench",
+                 bits: int = 2048) -> DkimKey:
+        """A fresh RSA key of ``bits`` (about 0.1-1 s of CPU for 2048 bits)."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+        pem = key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption())
+        return cls(domain=domain, selector=selector, pem=pem)
+
+    def write(self, path: Path) -> Path:
+        """Write the PEM to ``path`` with mode 0600 (both signers want a private file)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(self.pem)
+        return path
 
 
 @dataclass
@@ -60,6 +105,9 @@ class PeerSetup:
     #: smtp_destination_concurrency_limit).
     max_connections: int = 20
     workers: int = 0
+    #: Sign every message with this key (relay: ``[[dkim.signers]]``; the
+    #: ``postfix+opendkim`` peer signs whatever this says, with its own key if None).
+    dkim: DkimKey | None = None
 
 
 class Peer(Protocol):
@@ -153,6 +201,8 @@ class RelayPeer:
         self.spool_dir: Path | None = self.tmp / "spool"
         self.config_path = self.tmp / "relay.toml"
         self.log_path = self.tmp / "relay.log"
+        #: where ``setup.dkim``'s key is written (when there is one)
+        self.dkim_key_path = self.tmp / "dkim.pem"
         self.relay_bin = relay_bin or str(Path(sys.executable).with_name("relay"))
         self.proc: subprocess.Popen[bytes] | None = None
         #: keep the temp dir (config, log, spool) after stopping, for a post-mortem
@@ -194,6 +244,11 @@ class RelayPeer:
         for domain, hostport in s.routes.items():
             lines += ["[[outbound.routes]]", f"domain = {_toml_str(domain)}",
                       f"hosts = [{_toml_str(hostport)}]"]
+        if s.dkim is not None:  # the relay's defaults otherwise (headers, relaxed/relaxed)
+            lines += ["[[dkim.signers]]", f"domain = {_toml_str(s.dkim.domain)}",
+                      f"selector = {_toml_str(s.dkim.selector)}",
+                      f"key = {_toml_str(str(self.dkim_key_path))}",
+                      f"algorithm = {_toml_str(s.dkim.algorithm)}"]
         if s.domain_throttle and s.routes:
             for domain in s.routes:
                 lines.append(f"[outbound.domains.{_toml_str(domain)}]")
@@ -208,6 +263,8 @@ class RelayPeer:
         if not Path(self.relay_bin).exists():
             raise PeerError(f"{self.relay_bin} not found (pip install -e . first)")
         self.spool_dir.mkdir(parents=True)  # type: ignore[union-attr]
+        if self.setup.dkim is not None:
+            self.setup.dkim.write(self.dkim_key_path)
         text = self.config_text()
         self.config_path.write_text(text)
         try:  # validate with the relay's own schema for a clear error
@@ -280,14 +337,29 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 class PostfixPeer:
     """A private Postfix instance: own config, queue and data directories in a temp dir,
     smtpd on a free loopback port, relaying everything to the sink. The system's
-    /etc/postfix is never modified; the instance is started with ``postfix -c DIR``."""
+    /etc/postfix is never modified; the instance is started with ``postfix -c DIR``.
 
-    name = "postfix"
+    ``milter="inet"`` (peer ``postfix+opendkim``) or ``"unix"``
+    (``postfix+opendkim-unix``): Debian's ``opendkim`` runs beside it in the foreground
+    as the bench's user, on a loopback TCP socket or a unix-domain socket in the temp
+    dir, with its own config file there (``opendkim_conf``: signing only, ``setup.dkim``'s key, the
+    relay's default fields and canonicalisation, no DNS), and Postfix passes every
+    message through it (``smtpd_milters``/``non_smtpd_milters``,
+    ``milter_default_action = tempfail``: a milter failure refuses with 4xx rather than
+    sending unsigned). Its process is measured with Postfix's (``root_pids``)."""
+
     #: Postfix has no HTTP injection API.
     http_port: int | None = None
 
-    def __init__(self, setup: PeerSetup) -> None:
+    def __init__(self, setup: PeerSetup, milter: Literal["inet", "unix"] | None = None) -> None:
         self.setup = setup
+        self.milter = milter
+        self.name = {None: "postfix", "inet": "postfix+opendkim",
+                     "unix": "postfix+opendkim-unix"}[milter]
+        self.dkim: DkimKey | None = (setup.dkim or DkimKey.generate()) if milter else None
+        self.milter_port = free_port() if milter == "inet" else 0
+        self.opendkim: subprocess.Popen[bytes] | None = None
+        self._opendkim_log: TextIO | None = None
         self.port = free_port()
         # /var/tmp-like location owned by root; the queue must be reachable by postfix.
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-postfix-"))
@@ -297,6 +369,11 @@ class PostfixPeer:
         self.data = self.tmp / "data"
         self.spool_dir: Path | None = self.queue
         self.maillog = self.tmp / "maillog"
+        self.opendkim_dir = self.tmp / "opendkim"
+        self.opendkim_log = self.opendkim_dir / "opendkim.log"
+        #: the unix-domain milter socket (``milter="unix"``), in a directory Postfix's
+        #: smtpd and cleanup (user postfix) can reach
+        self.milter_socket = self.tmp / "milter" / "opendkim.sock"
         self.master_pid: int | None = None
         #: keep the temp dir (config, maillog, queue) after stopping, for a post-mortem
         self.keep = False
@@ -360,10 +437,111 @@ class PostfixPeer:
         }
         if s.routes:
             lines["transport_maps"] = f"texthash:{self.conf / 'transport'}"
+        if self.milter:
+            milter = (f"inet:127.0.0.1:{self.milter_port}" if self.milter == "inet"
+                      else f"unix:{self.milter_socket}")
+            lines["smtpd_milters"] = milter
+            lines["non_smtpd_milters"] = milter
+            lines["milter_default_action"] = "tempfail"
         return "".join(f"{k} = {v}\n" for k, v in lines.items())
 
+    def opendkim_conf(self) -> str:
+        """OpenDKIM's config (opendkim.conf(5)): sign (``Mode s``) mail from loopback
+        whose From: domain is the key's, relaxed/relaxed, the relay's default field list
+        (``relay.config.DKIM_HEADERS``) signed and over-signed (OpenDKIM also lists the
+        absent ones once, the relay only those present), t= like the relay, the milter
+        socket of ``self.milter``, no DNS (signing needs none), no syslog (errors go to
+        ``opendkim.log``)."""
+        from relay.config import DKIM_HEADERS
+
+        assert self.dkim is not None
+        d = self.opendkim_dir
+        headers = ",".join(DKIM_HEADERS)
+        lines = {
+            "Mode": "s",
+            "Domain": self.dkim.domain,
+            "Selector": self.dkim.selector,
+            "KeyFile": str(d / "dkim.pem"),
+            # the key is 0600 in a 0700 dir, but under /tmp (world-writable, sticky):
+            # OpenDKIM's path check would refuse it; an operator's key lives in /etc
+            "RequireSafeKeys": "no",
+            "SignatureAlgorithm": self.dkim.algorithm,
+            "Canonicalization": "relaxed/relaxed",
+            "SignHeaders": headers,
+            "OversignHeaders": headers,
+            "InternalHosts": "127.0.0.0/8",
+            "Socket": (f"inet:{self.milter_port}@127.0.0.1" if self.milter == "inet"
+                       else f"local:{self.milter_socket}"),
+            "PidFile": str(d / "opendkim.pid"),
+            "TemporaryDirectory": str(d),
+            "Background": "no",
+            "AutoRestart": "no",
+            "Syslog": "no",
+            "SoftwareHeader": "no",
+            # the unix socket must be writable by Postfix (user postfix)
+            "UMask": "007" if self.milter == "inet" else "000",
+        }
+        return "".join(f"{k} {v}\n" for k, v in lines.items())
+
     def root_pids(self) -> list[int]:
-        return [self.master_pid] if self.master_pid else []
+        pids = [self.master_pid] if self.master_pid else []
+        if self.opendkim is not None and self.opendkim.poll() is None:
+            pids.append(self.opendkim.pid)
+        return pids
+
+    async def _start_opendkim(self) -> None:
+        """Start opendkim in the foreground; return once its milter socket accepts a
+        connection (``PeerError`` with its log when it exits or stays silent 30 s)."""
+        exe = "/usr/sbin/opendkim"
+        if not Path(exe).exists():
+            raise PeerError("opendkim is not installed (make sysdeps: Debian's opendkim)")
+        assert self.dkim is not None
+        self.opendkim_dir.mkdir(mode=0o700)
+        if self.milter == "unix":
+            self.milter_socket.parent.mkdir()
+            os.chmod(self.milter_socket.parent, 0o755)
+        self.dkim.write(self.opendkim_dir / "dkim.pem")
+        conf = self.opendkim_dir / "opendkim.conf"
+        conf.write_text(self.opendkim_conf())
+        self._opendkim_log = open(self.opendkim_log, "w")  # noqa: SIM115 - closed in __aexit__
+        self.opendkim = subprocess.Popen([exe, "-f", "-x", str(conf)], cwd=self.opendkim_dir,
+                                         stdout=self._opendkim_log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.monotonic() + 30
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if self.opendkim.poll() is not None:
+                last = f"exited with status {self.opendkim.returncode}"
+                break
+            try:
+                with trio.fail_after(2):
+                    stream = await (
+                        trio.open_tcp_stream("127.0.0.1", self.milter_port)
+                        if self.milter == "inet" else trio.open_unix_socket(self.milter_socket))
+                await trio.aclose_forcefully(stream)
+                return
+            except (OSError, trio.TooSlowError) as e:
+                last = str(e)
+            await trio.sleep(0.05)
+        self._opendkim_log.flush()
+        tail = self.opendkim_log.read_text(errors="replace")[-1500:]
+        where = (f"127.0.0.1:{self.milter_port}" if self.milter == "inet"
+                 else str(self.milter_socket))
+        raise PeerError(f"opendkim on {where}: {last}; log:\n{tail}")
+
+    def _stop_opendkim(self) -> None:
+        """SIGTERM opendkim, SIGKILL after 10 s; close its log."""
+        p = self.opendkim
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        if self._opendkim_log is not None:
+            self._opendkim_log.close()
+            self._opendkim_log = None
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         p = subprocess.run(["/usr/sbin/postfix", "-c", str(self.conf), *args],
@@ -387,6 +565,8 @@ class PostfixPeer:
                 f"{d} smtp:[{h.rsplit(':', 1)[0]}]:{h.rsplit(':', 1)[1]}\n"
                 for d, h in self.setup.routes.items()))
         try:
+            if self.milter:
+                await self._start_opendkim()
             await trio.to_thread.run_sync(lambda: self._run("check"))
             await trio.to_thread.run_sync(lambda: self._run("start"))
         except PeerError:
@@ -415,6 +595,7 @@ class PostfixPeer:
                     await trio.sleep(0.05)
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        await trio.to_thread.run_sync(self._stop_opendkim)
         if not (os.environ.get("BENCH_KEEP_TMP") or self.keep):
             shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -432,11 +613,16 @@ def _alive(pid: int) -> bool:
 
 
 def make_peer(name: str, setup: PeerSetup) -> Peer:
-    """``relay`` | ``postfix`` | ``direct``."""
+    """``relay`` | ``postfix`` | ``postfix+opendkim`` | ``postfix+opendkim-unix`` |
+    ``direct`` (``PEERS``)."""
     if name == "relay":
         return RelayPeer(setup)
     if name == "postfix":
         return PostfixPeer(setup)
+    if name == "postfix+opendkim":
+        return PostfixPeer(setup, milter="inet")
+    if name == "postfix+opendkim-unix":
+        return PostfixPeer(setup, milter="unix")
     if name == "direct":
         return DirectPeer(setup)
-    raise ValueError(f"unknown peer {name!r} (relay, postfix, direct)")
+    raise ValueError(f"unknown peer {name!r} ({', '.join(PEERS)})")

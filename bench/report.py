@@ -7,8 +7,12 @@ built by ``bench.__main__`` (``machine``, ``settings``, ``results``, ``ratios``)
 ``--repeat N`` every result row carries its ``round`` (1..N), and a ratio is the median
 of the per-round ratios: on a shared box one run's ratio says little.
 ``goal_ratios(results)`` are the http-inject scenario's two goals (HTTP with
-100-recipient requests vs SMTP injection into the relay, and vs Postfix end to end),
-printed under the table and stored in the JSON as ``goals``.
+100-recipient requests vs SMTP injection into the relay, and vs Postfix end to end) and
+the dkim scenario's two per size (relay signed vs Postfix + OpenDKIM, relay signed vs
+relay unsigned), printed under the table and stored in the JSON as ``goals``; under the
+dkim goals, what signing cost the relay's CPU per message (``dkim_costs``). Rows of the
+dkim scenario add a ``signed`` column: the share of delivered messages the sink found
+signed.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HTTP_GOALS", "compute_ratios", "format_table", "goal_ratios", "round_ratios",
-           "write_chart", "write_report"]
+__all__ = ["DKIM_GOALS", "GOALS", "HTTP_GOALS", "compute_ratios", "dkim_costs", "format_table",
+           "goal_ratios", "round_ratios", "write_chart", "write_report"]
 
 #: The http-inject issue's goals: (name, label, numerator row and key, denominator row
 #: and key, goal). A row is (scenario, peer); the ratio pairs rows of the same round.
@@ -33,6 +37,32 @@ HTTP_GOALS: tuple[tuple[str, str, tuple[str, str, str], tuple[str, str, str], fl
      ("http-inject 100", "relay", "e2e_msg_s"), ("smtp-inject", "postfix", "e2e_msg_s"),
      3.0),
 )
+
+_Goal = tuple[str, str, tuple[str, str, str], tuple[str, str, str], float]
+
+
+def _dkim_goals(size: str) -> tuple[_Goal, ...]:
+    signed = (f"dkim {size} signed", "relay", "e2e_msg_s")
+    return (
+        (f"dkim_{size}_vs_postfix_opendkim",
+         f"dkim {size}: relay signed e2e msg/s / postfix+opendkim e2e msg/s", signed,
+         (f"dkim {size} signed", "postfix+opendkim", "e2e_msg_s"), 2.0),
+        (f"dkim_{size}_vs_postfix_opendkim_unix",
+         f"dkim {size}: relay signed e2e msg/s / postfix+opendkim-unix e2e msg/s", signed,
+         (f"dkim {size} signed", "postfix+opendkim-unix", "e2e_msg_s"), 2.0),
+        (f"dkim_{size}_signed_vs_unsigned",
+         f"dkim {size}: relay signed e2e msg/s / relay unsigned e2e msg/s", signed,
+         (f"dkim {size} unsigned", "relay", "e2e_msg_s"), 0.75),
+    )
+
+
+#: The dkim issue's goals, per message size: >= 2x Postfix + OpenDKIM end to end, and
+#: signing costs at most 25% of the relay's unsigned end-to-end rate.
+DKIM_GOALS: tuple[_Goal, ...] = _dkim_goals("2KB") + _dkim_goals("100KB")
+#: Goal tables by the scenario (row name prefix) whose rows they need.
+GOALS: dict[str, tuple[_Goal, ...]] = {"http-inject": HTTP_GOALS, "dkim": DKIM_GOALS}
+#: Peers whose goals are left out unless the results have rows of theirs (a variant).
+_OPTIONAL_PEERS = frozenset({"postfix+opendkim-unix"})
 
 
 def _fmt(v: Any, nd: int = 0) -> str:
@@ -69,12 +99,12 @@ def compute_ratios(results: list[dict[str, Any]], target: str, peer: str) -> dic
 
 
 def goal_ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per ``HTTP_GOALS`` entry: ``label``, ``goal``, per round ``rounds`` (ratio, None
-    when either row is missing, failed or incomplete), ``numerators``/``denominators``
-    (the msg/s values), ``median`` of the rounds' ratios and ``met`` (median >= goal;
-    None without a ratio). Empty when the results have no http-inject row."""
-    if not any(r.get("scenario", "").startswith("http-inject") for r in results):
-        return {}
+    """Per entry of the ``GOALS`` tables whose scenario has rows in ``results``:
+    ``group`` (the scenario), ``label``, ``goal``, per round ``rounds`` (ratio, None when
+    either row is missing, failed, incomplete, or meant to be signed and not every
+    message was), ``numerators``/``denominators`` (the msg/s values), ``median`` of the
+    rounds' ratios and ``met`` (median >= goal; None without a ratio). Empty when the
+    results have no http-inject or dkim row."""
     by = {(r["scenario"], r["peer"], r.get("round", 1)): r for r in results}
     rounds = sorted({r.get("round", 1) for r in results})
 
@@ -82,19 +112,53 @@ def goal_ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         r = by.get((scen, peer, rnd))
         if r is None or r.get("error") or not r.get("complete"):
             return None
+        if r.get("expect_signed") and not r.get("signed"):
+            return None
         return r.get(key) or None
 
+    peers = {r.get("peer") for r in results}
+    table = [(group, g) for group, goals in GOALS.items()
+             if any(r.get("scenario", "").startswith(group) for r in results) for g in goals
+             if g[3][1] not in _OPTIONAL_PEERS or g[3][1] in peers]
     out: dict[str, dict[str, Any]] = {}
-    for name, label, num, den, goal in HTTP_GOALS:
+    for group, (name, label, num, den, goal) in table:
         nums = [value(*num, rnd) for rnd in rounds]
         dens = [value(*den, rnd) for rnd in rounds]
         ratios = [a / b if a and b else None for a, b in zip(nums, dens, strict=True)]
         ok = [v for v in ratios if v is not None]
         median = statistics.median(ok) if ok else None
-        out[name] = {"label": label, "goal": goal, "rounds": ratios, "numerators": nums,
-                     "denominators": dens, "median": median,
+        out[name] = {"group": group, "label": label, "goal": goal, "rounds": ratios,
+                     "numerators": nums, "denominators": dens, "median": median,
                      "met": None if median is None else median >= goal,
-                     "needs": den[1]}
+                     "needs": ",".join(dict.fromkeys(
+                         p for p in (num[1], den[1]) if p not in peers)) or den[1]}
+    return out
+
+
+def dkim_costs(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per dkim message size (``2KB``, ``100KB``) with relay signed and unsigned rows:
+    the medians over rounds of their ``cpu_s_per_1000`` (= ms of the relay's CPU per
+    message, end to end), ``ms_per_signature`` (signed - unsigned: what signing added
+    per message) and ``signatures_per_core_s`` (1000 / that; None unless positive)."""
+    def cpu(name: str) -> float | None:
+        vals = [x["cpu_s_per_1000"] for x in results
+                if x.get("scenario") == name and x.get("peer") == "relay"
+                and not x.get("error") and x.get("cpu_s_per_1000")]
+        return statistics.median(vals) if vals else None
+
+    out: dict[str, dict[str, Any]] = {}
+    for r in results:
+        scen = r.get("scenario", "")
+        if not (scen.startswith("dkim ") and scen.endswith(" signed")) or r["peer"] != "relay":
+            continue
+        size = scen.split()[1]
+        if size in out:
+            continue
+        signed, unsigned = cpu(f"dkim {size} signed"), cpu(f"dkim {size} unsigned")
+        delta = signed - unsigned if signed is not None and unsigned is not None else None
+        out[size] = {"signed_ms_per_msg": signed, "unsigned_ms_per_msg": unsigned,
+                     "ms_per_signature": delta,
+                     "signatures_per_core_s": 1000 / delta if delta and delta > 0 else None}
     return out
 
 
@@ -103,11 +167,23 @@ def _goal_lines(results: list[dict[str, Any]]) -> list[str]:
     if not goals:
         return []
     n = len(next(iter(goals.values()))["rounds"])
-    lines = ["\nhttp-inject goals" + (f" (median over {n} rounds):" if n > 1 else ":")]
-    for g in goals.values():
+    lines: list[str] = []
+    for group in GOALS:
+        lines += _group_lines(group, [g for g in goals.values() if g["group"] == group], n,
+                              results)
+    return lines
+
+
+def _group_lines(group: str, goals: list[dict[str, Any]], n: int,
+                 results: list[dict[str, Any]]) -> list[str]:
+    if not goals:
+        return []
+    lines = [f"\n{group} goals" + (f" (median over {n} rounds):" if n > 1 else ":")]
+    for g in goals:
         if g["median"] is None:
             hint = (f" (run with --peers {g['needs']})"
-                    if not any(r.get("peer") == g["needs"] for r in results) else "")
+                    if not all(any(r.get("peer") == p for r in results)
+                               for p in g["needs"].split(",")) else "")
             lines.append(f"  {g['label']}: -{hint} (goal >= {g['goal']:g})")
             continue
         verdict = "met" if g["met"] else "NOT met"
@@ -117,6 +193,16 @@ def _goal_lines(results: list[dict[str, Any]]) -> list[str]:
             detail = f"{_fmt(g['numerators'][0])} / {_fmt(g['denominators'][0])} msg/s"
         lines.append(f"  {g['label']}: {g['median']:.2f}x (goal >= {g['goal']:g}: {verdict};"
                      f" {detail})")
+    if group == "dkim":
+        for size, c in dkim_costs(results).items():
+            if c["ms_per_signature"] is None:
+                continue
+            per_core = c["signatures_per_core_s"]
+            lines.append(
+                f"  dkim {size}: relay CPU {c['signed_ms_per_msg']:.2f} ms/msg signed vs "
+                f"{c['unsigned_ms_per_msg']:.2f} unsigned: signing adds "
+                f"{c['ms_per_signature']:.2f} ms per message"
+                + (f" (~{per_core:,.0f} signatures/s per core)" if per_core else ""))
     return lines
 
 
@@ -126,6 +212,8 @@ def format_table(doc: dict[str, Any]) -> str:
             ("p99 ms", "latency_p99_ms", 1), ("CPU s/1k", "cpu_s_per_1000", 2),
             ("RSS MB", "peak_rss_mb", 0), ("spool B/msg", "spool_bytes_per_msg", 0),
             ("msgs", "accepted", 0), ("ok", "complete", 0)]
+    if any("expect_signed" in r for r in doc["results"]):  # dkim rows: signed at the sink
+        cols.insert(-2, ("signed", "signed_share", 0))
     rows = [[c[0] for c in cols]]
     notes: list[str] = []
     rounds = doc.get("settings", {}).get("repeat", 1) > 1
@@ -141,6 +229,8 @@ def format_table(doc: dict[str, Any]) -> str:
             v = r.get(key)
             if key == "complete":
                 v = "yes" if v else "NO"
+            elif key == "signed_share" and v is not None:
+                v = f"{100 * v:.0f}%"
             line.append(_fmt(v, nd))
         rows.append(line)
         if "throttle" in r:
@@ -166,6 +256,10 @@ def format_table(doc: dict[str, Any]) -> str:
             notes.append(f"{r['scenario']}/{r['peer']}: delivered {done:,} to the sink while"
                          f" the load ran ({100 * done / r['accepted']:.0f}% of"
                          f" {r['accepted']:,} accepted)")
+        if r.get("expect_signed") and not r.get("signed"):
+            notes.append(f"{r['scenario']}/{r['peer']}: NOT every delivered message signed "
+                         f"({r.get('signed_messages', 0)} of "
+                         f"{r.get('delivered_messages', 0)})")
         if r.get("kept_files"):
             notes.append(f"{r['scenario']}/{r['peer']}: incomplete; server files kept in "
                          f"{r['kept_files']}")
@@ -242,7 +336,8 @@ def write_chart(doc: dict[str, Any], path: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(len(scenarios), 1, figsize=(10, 3.2 * len(scenarios)),
                              squeeze=False)
-    colours = {"relay": "tab:blue", "postfix": "tab:orange", "direct": "tab:green"}
+    colours = {"relay": "tab:blue", "postfix": "tab:orange", "direct": "tab:green",
+               "postfix+opendkim": "tab:red"}
     for ax, scen in zip(axes[:, 0], scenarios, strict=True):
         for r in results:
             if r["scenario"] != scen:

@@ -23,6 +23,9 @@ Scenarios:
             and 1000 recipients with per-recipient substitution, ~2 KB rendered messages,
             end to end to the sink, next to SMTP injection of 2 KB single-recipient
             messages (``smtp-inject`` row, every peer) (``bench/http_inject.py``).
+``dkim``    every message RSA-2048 signed, 2 KB and 100 KB, end to end: the relay signed
+            and unsigned (same load, same run), Postfix + OpenDKIM signing with the same
+            key; the sink counts the signed messages (``bench/dkim.py``).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import trio
 
 from bench.loadgen import LoadResult, LoadSpec, run_load
 from bench.metrics import dir_bytes, percentile, sample_tree
-from bench.peers import PeerError, PeerSetup, make_peer
+from bench.peers import DkimKey, PeerError, PeerSetup, make_peer
 from bench.sink import Behaviour, Sink
 
 __all__ = ["SCENARIOS", "Scenario", "build_scenarios", "run_one", "run_rows", "sample_server",
@@ -73,9 +76,14 @@ class Scenario:
     http_batches: tuple[int, ...] = ()
     #: http-inject: concurrent HTTP clients (one keep-alive connection each).
     http_clients: int = 8
+    #: The key every peer signs with (``PeerSetup.dkim``); None: the relay does not sign.
+    dkim: DkimKey | None = None
+    #: dkim: (message bytes, messages; 0 = ``load.duration`` seconds), one row group each.
+    dkim_sizes: tuple[tuple[int, int], ...] = ()
 
 
-SCENARIOS = ("inject", "e2e", "fanout", "large", "defer", "smtp-source", "http-inject")
+SCENARIOS = ("inject", "e2e", "fanout", "large", "defer", "smtp-source", "http-inject",
+             "dkim")
 
 _SIZES = [(2048, 0.5), (8192, 0.35), (32768, 0.15)]
 _RCPTS = [(1, 0.8), (2, 0.15), (5, 0.05)]
@@ -144,6 +152,15 @@ def build_scenarios(duration: float = 8.0, quick: bool = False, sessions: int = 
                  sessions=sessions, sizes=[(2048, 1.0)], recipients=[(1, 1.0)]),
         drain_timeout=drain, driver="http-inject", http_batches=(1, 100, 1000),
         http_clients=http_clients)
+    # dkim: ``load`` is the template (1 recipient, 20 domains); each size replaces its
+    # sizes and count (bench/dkim.py). --quick: 100 messages of 2 KB, 20 of 100 KB.
+    out["dkim"] = Scenario(
+        "dkim", "RSA-2048 DKIM signing, 2 KB and 100 KB, end to end (relay signed/unsigned, "
+                "Postfix + OpenDKIM)",
+        LoadSpec(duration=duration, domains=plain_domains, sessions=sessions,
+                 sizes=[(2048, 1.0)], recipients=[(1, 1.0)]),
+        drain_timeout=drain, driver="dkim",
+        dkim_sizes=((2048, 100 if quick else 0), (100 * 1024, 20 if quick else 0)))
     for sc in out.values():
         sc.relay_workers = relay_workers
         sc.load.pipelining = pipelining
@@ -185,7 +202,7 @@ async def run_rows(scenario: Scenario, peer_name: str, processes: int = 2,
                    log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """The result rows of ``scenario`` against ``peer_name``: one for loadgen scenarios,
     one per variant for ``smtp-source``, one per batch size plus ``smtp-inject`` for
-    ``http-inject``."""
+    ``http-inject``, signed/unsigned rows per size for ``dkim``."""
     if scenario.driver == "smtp-source":
         from bench.smtp_source import run_smtp_source
 
@@ -194,13 +211,18 @@ async def run_rows(scenario: Scenario, peer_name: str, processes: int = 2,
         from bench.http_inject import run_http_inject
 
         return await run_http_inject(scenario, peer_name, processes, show_progress, log)
+    if scenario.driver == "dkim":
+        from bench.dkim import run_dkim
+
+        return await run_dkim(scenario, peer_name, processes, show_progress, log)
     return [await run_one(scenario, peer_name, processes, show_progress, log)]
 
 
 async def start_sink(nursery: trio.Nursery, scenario: Scenario, sink: Sink) -> PeerSetup:
     """Serve ``sink`` in ``nursery`` on 127.0.0.1 (ephemeral port) and on every route
     address of ``scenario``; return the ``PeerSetup`` that makes a peer relay to it
-    (routes, throttles, relay workers). The sink stops when the nursery is cancelled."""
+    (routes, throttles, relay workers, the DKIM key). The sink stops when the nursery is
+    cancelled."""
     sink_port = await nursery.start(sink.serve, "127.0.0.1", 0)
     routes: dict[str, str] = {}
     for domain, addr in scenario.routes.items():
@@ -214,7 +236,7 @@ async def start_sink(nursery: trio.Nursery, scenario: Scenario, sink: Sink) -> P
         routes[domain] = f"{addr}:{sink_port}"
     return PeerSetup(sink_port=sink_port, routes=routes,
                      domain_throttle=scenario.domain_throttle,
-                     workers=scenario.relay_workers)
+                     workers=scenario.relay_workers, dkim=scenario.dkim)
 
 
 async def run_one(scenario: Scenario, peer_name: str, processes: int = 2,
@@ -298,6 +320,8 @@ async def _measure(scenario: Scenario, peer: Any, sink: Sink, row: dict[str, Any
         "delivered_recipients": sink.total_recipients,
         "delivered_bytes_per_msg": (sink.total_bytes / sink.total_messages
                                     if sink.total_messages else None),
+        # messages the sink received with a DKIM-Signature: field
+        "signed_messages": sink.signed_messages,
         "complete": (complete and sink.total_recipients >= result.recipients_accepted
                      if is_e2e else accepted > 0 and not result.messages_failed),
         "duplicates": max(0, sink.total_recipients - result.recipients_accepted),

@@ -383,3 +383,239 @@ def test_http_answers_are_checked_recipient_by_recipient() -> None:
     assert t.duplicate_queue_ids == 1 and t.latencies == pytest.approx([0.1, 0.2, 0.4])
     assert t.errors[0].startswith("recipient 1 r1@a.test: no queue_id")
     assert t.errors[1].startswith("HTTP 503")
+
+
+# -- dkim -------------------------------------------------------------------------------
+
+HAVE_OPENDKIM = HAVE_POSTFIX and Path("/usr/sbin/opendkim").exists()
+DKIM_ROWS = ("dkim 2KB signed", "dkim 2KB unsigned", "dkim 100KB signed", "dkim 100KB unsigned")
+
+
+def _dkim_rows(doc: dict, peers: list[str]) -> dict[tuple[str, str], dict]:
+    """The rows of a --quick dkim run: signed and unsigned rows for the relay, signed
+    rows for the Postfix + OpenDKIM peers; all complete, the sink's signed counts exact."""
+    rows = {(r["scenario"], r["peer"]): r for r in doc["results"]}
+    assert set(rows) == ({(n, "relay") for n in DKIM_ROWS if "relay" in peers}
+                         | {(n, p) for p in peers if p != "relay"
+                            for n in DKIM_ROWS if n.endswith(" signed")})
+    for (scenario, _peer), row in rows.items():
+        _sane(row)
+        size = 2048 if " 2KB " in scenario else 100 * 1024
+        # --quick: 100 messages of 2 KB, 20 of 100 KB, one recipient each
+        assert row["delivered_messages"] == row["accepted"] == (100 if size == 2048 else 20)
+        assert row["delivered_recipients"] == row["recipients_accepted"] == row["accepted"]
+        assert row["size_bytes"] == size
+        assert size - 100 < row["delivered_bytes_per_msg"] < size + 2000
+        assert row["cpu_s_per_1000"] > 0 and row["peak_rss_mb"] > 0
+        if scenario.endswith(" signed"):
+            assert row["expect_signed"] is True and row["signed"] is True
+            assert row["signed_messages"] == row["delivered_messages"]
+            assert row["signed_share"] == 1.0
+        else:
+            assert row["expect_signed"] is False and row["signed"] is False
+            assert row["signed_messages"] == 0 and row["signed_share"] == 0.0
+    return rows
+
+
+def test_dkim_scenario_against_the_relay(tmp_path: Path) -> None:
+    doc = _run_bench(tmp_path, "--target", "relay", "--scenarios", "dkim", timeout=90)
+    assert doc["_rc"] == 0, doc["_stdout"]
+    rows = _dkim_rows(doc, ["relay"])
+    goals = doc["goals"]
+    for size in ("2KB", "100KB"):
+        cost = goals[f"dkim_{size}_signed_vs_unsigned"]
+        assert cost["rounds"][0] == pytest.approx(
+            rows[(f"dkim {size} signed", "relay")]["e2e_msg_s"]
+            / rows[(f"dkim {size} unsigned", "relay")]["e2e_msg_s"])
+        assert cost["goal"] == 0.75 and cost["met"] is (cost["median"] >= 0.75)
+        assert goals[f"dkim_{size}_vs_postfix_opendkim"]["median"] is None  # not in this run
+        assert f"dkim_{size}_vs_postfix_opendkim_unix" not in goals  # a variant, not asked for
+    assert set(doc["dkim_costs"]) == {"2KB", "100KB"}
+    out = doc["_stdout"]
+    assert "dkim goals:" in out
+    assert "postfix+opendkim e2e msg/s: - (run with --peers postfix+opendkim)" in out
+    header = next(line for line in out.splitlines() if line.startswith("scenario"))
+    assert "signed" in header.split()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_OPENDKIM, reason="needs postfix, opendkim and root (make sysdeps)")
+def test_dkim_scenario_relay_and_postfix_opendkim(tmp_path: Path) -> None:
+    doc = _run_bench(tmp_path, "--target", "relay", "--peers", "postfix+opendkim",
+                     "--scenarios", "dkim", timeout=150)
+    assert doc["_rc"] == 0, doc["_stdout"]
+    rows = _dkim_rows(doc, ["relay", "postfix+opendkim"])
+    for size in ("2KB", "100KB"):
+        name = f"dkim {size} signed"
+        assert doc["goals"][f"dkim_{size}_vs_postfix_opendkim"]["median"] == pytest.approx(
+            rows[(name, "relay")]["e2e_msg_s"] / rows[(name, "postfix+opendkim")]["e2e_msg_s"])
+    assert "relay/postfix+opendkim msg/s ratio: dkim 2KB signed" in doc["_stdout"]
+
+
+@pytest.mark.parametrize("peer_name", [
+    "relay",
+    pytest.param("postfix+opendkim", marks=[pytest.mark.slow, pytest.mark.skipif(
+        not HAVE_OPENDKIM, reason="needs postfix, opendkim and root (make sysdeps)")]),
+    pytest.param("postfix+opendkim-unix", marks=[pytest.mark.slow, pytest.mark.skipif(
+        not HAVE_OPENDKIM, reason="needs postfix, opendkim and root (make sysdeps)")]),
+])
+async def test_peer_signs_what_dkimpy_verifies_with_the_bench_key(peer_name: str) -> None:
+    """The bench's message through the peer: the sink counts it signed, and dkimpy
+    verifies the signature against the public half of the bench key (d=sender.test)."""
+    import smtplib
+
+    import dkim
+    import trio
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from bench.dkim import DKIM_DOMAIN, DKIM_SELECTOR, bench_key
+    from bench.loadgen import LoadSpec, make_body
+    from bench.peers import make_peer
+    from bench.scenarios import Scenario, start_sink
+    from bench.sink import Sink
+    from relay.dkim import public_key_record
+
+    key = bench_key()
+    record = public_key_record(load_pem_private_key(key.pem, None)).encode()
+    body = make_body(2048, 7)
+
+    def send(port: int) -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+            s.sendmail("bench@sender.test", ["a@d00.bench.test"], body)
+
+    sink = Sink(keep_messages=True)
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            setup = await start_sink(nursery, Scenario("dkim", "", LoadSpec(), dkim=key), sink)
+            async with make_peer(peer_name, setup) as peer:
+                await trio.to_thread.run_sync(send, peer.port)
+                await sink.wait_for(lambda s: s.total_messages >= 1, timeout=30)
+            nursery.cancel_scope.cancel()
+    assert sink.signed_messages == sink.total_messages == 1
+    data = sink.messages[0][2]
+    assert data.startswith(b"DKIM-Signature:")
+    asked = []
+
+    def dns(name: bytes, timeout: int = 5) -> bytes:
+        asked.append(name)
+        return record
+
+    assert dkim.verify(data, dnsfunc=dns)
+    # d= and s= are the bench's: the verifier looked up that key, and only that one
+    assert asked == [f"{DKIM_SELECTOR}._domainkey.{DKIM_DOMAIN}.".encode()]
+
+
+def test_generated_configs_sign_with_the_bench_key() -> None:
+    from bench.dkim import DKIM_DOMAIN, DKIM_SELECTOR, bench_key
+    from bench.loadgen import make_body
+    from relay.config import DKIM_HEADERS
+
+    # the key signs the From: domain of every message the load generator sends
+    assert f"\r\nFrom: bench <bench@{DKIM_DOMAIN}>\r\n".encode() in b"\r\n" + make_body(2048)
+    key = bench_key()
+    assert key is bench_key() and b"BEGIN RSA PRIVATE KEY" in key.pem  # one per run
+    relay = RelayPeer(PeerSetup(sink_port=2626, dkim=key))
+    unsigned = RelayPeer(PeerSetup(sink_port=2626))
+    inet = PostfixPeer(PeerSetup(sink_port=2626, dkim=key), milter="inet")
+    unix = PostfixPeer(PeerSetup(sink_port=2626, dkim=key), milter="unix")
+    plain = PostfixPeer(PeerSetup(sink_port=2626, dkim=key))
+    try:
+        cfg = decode_config(relay.config_text(), "generated")
+        [signer] = cfg.dkim.signers
+        assert (signer.domain, signer.selector, signer.key, signer.algorithm) == (
+            DKIM_DOMAIN, DKIM_SELECTOR, str(relay.dkim_key_path), "rsa-sha256")
+        assert signer.canonicalization == "relaxed/relaxed" and signer.over_sign
+        assert decode_config(unsigned.config_text(), "generated").dkim.signers == []
+        assert (inet.name, unix.name, plain.name) == (
+            "postfix+opendkim", "postfix+opendkim-unix", "postfix")
+        for peer, milter, socket in (
+                (inet, f"inet:127.0.0.1:{inet.milter_port}",
+                 f"inet:{inet.milter_port}@127.0.0.1"),
+                (unix, f"unix:{unix.milter_socket}", f"local:{unix.milter_socket}")):
+            cf = dict(line.split(" = ", 1) for line in peer.main_cf().splitlines())
+            assert cf["smtpd_milters"] == cf["non_smtpd_milters"] == milter
+            assert cf["milter_default_action"] == "tempfail"
+            conf = dict(line.split(" ", 1) for line in peer.opendkim_conf().splitlines())
+            assert conf["Socket"] == socket
+            assert (conf["Mode"], conf["Domain"], conf["Selector"]) == (
+                "s", DKIM_DOMAIN, DKIM_SELECTOR)
+            assert conf["KeyFile"] == str(peer.opendkim_dir / "dkim.pem")
+            assert conf["Canonicalization"] == "relaxed/relaxed"
+            assert conf["SignHeaders"] == conf["OversignHeaders"] == ",".join(DKIM_HEADERS)
+            assert conf["Background"] == "no" and conf["Syslog"] == "no"
+            assert peer.dkim is key
+        assert "smtpd_milters" not in plain.main_cf() and plain.dkim is None
+    finally:
+        for peer in (relay, unsigned, inet, unix, plain):
+            peer.tmp.rmdir()
+
+
+async def test_sink_counts_signed_messages() -> None:
+    import smtplib
+
+    import trio
+
+    from bench.sink import Sink, _signed
+
+    sig = b"DKIM-Signature: v=1; a=rsa-sha256; d=x.test\r\n"
+    head = b"From: a@x.test\r\nSubject: s\r\n"
+    assert _signed(sig + head + b"\r\nbody\r\n", 100)
+    assert _signed(head + sig + b"\r\nbody\r\n", 100)
+    assert not _signed(head + b"\r\n" + sig, 100)  # in the body only
+    assert not _signed(head + b"X-DKIM-Signature: no\r\n\r\nbody\r\n", 100)
+    assert not _signed(head + sig, 10)  # beyond the end of the message
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(sink.serve, "127.0.0.1", 0)
+
+        def send() -> None:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+                s.sendmail("a@x.test", ["b@y.test"], sig + head + b"\r\nbody\r\n")
+                s.sendmail("a@x.test", ["b@y.test"], head + b"\r\n" + sig)
+
+        await trio.to_thread.run_sync(send)
+        await sink.wait_for(lambda s: s.total_messages >= 2, timeout=5)
+        nursery.cancel_scope.cancel()
+    assert (sink.total_messages, sink.signed_messages) == (2, 1)
+    assert sink.summary(per_domain=False)["signed_messages"] == 1
+
+
+def test_dkim_goals_pair_rows_of_the_same_round_and_need_signatures() -> None:
+    from bench.report import dkim_costs
+
+    def row(scenario: str, peer: str, rnd: int, e2e: float, cpu: float,
+            signed: bool | None = None) -> dict:
+        expect = scenario.endswith(" signed")
+        return {"scenario": scenario, "peer": peer, "round": rnd, "msg_s": e2e,
+                "e2e_msg_s": e2e, "cpu_s_per_1000": cpu, "complete": True,
+                "expect_signed": expect, "signed": expect if signed is None else signed,
+                "signed_share": 1.0 if (expect if signed is None else signed) else 0.0,
+                "signed_messages": 10, "delivered_messages": 10}
+
+    results = []
+    for rnd in (1, 2):
+        results += [row("dkim 2KB signed", "relay", rnd, 900.0, 1.3),
+                    row("dkim 2KB unsigned", "relay", rnd, 1000.0, 1.0),
+                    row("dkim 2KB signed", "postfix+opendkim", rnd, 300.0 * rnd, 5.0,
+                        signed=rnd == 1)]
+    goals = goal_ratios(results)
+    vs = goals["dkim_2KB_vs_postfix_opendkim"]
+    assert vs["rounds"] == [3.0, None]  # round 2's Postfix row was not signed: no ratio
+    assert vs["median"] == 3.0 and vs["met"] is True and vs["group"] == "dkim"
+    cost = goals["dkim_2KB_signed_vs_unsigned"]
+    assert cost["rounds"] == [0.9, 0.9] and cost["met"] is True
+    assert goals["dkim_100KB_signed_vs_unsigned"]["median"] is None
+    assert "dkim_2KB_vs_postfix_opendkim_unix" not in goals
+    costs = dkim_costs(results)
+    assert costs["2KB"]["ms_per_signature"] == pytest.approx(0.3)
+    assert costs["2KB"]["signatures_per_core_s"] == pytest.approx(1000 / 0.3)
+    text = format_table({"results": results, "settings": {"target": "relay", "repeat": 2}})
+    assert "dkim goals (median over 2 rounds):" in text
+    assert ("dkim 2KB: relay signed e2e msg/s / postfix+opendkim e2e msg/s: 3.00x "
+            "(goal >= 2: met; rounds 3.00x, -x)") in text
+    assert "relay unsigned e2e msg/s: 0.90x (goal >= 0.75: met; rounds 0.90x, 0.90x)" in text
+    assert "signing adds 0.30 ms per message (~3,333 signatures/s per core)" in text
+    assert "dkim 2KB signed #2/postfix+opendkim: NOT every delivered message signed" in text
+    lines = text.splitlines()
+    assert lines[0].split()[-3:] == ["signed", "msgs", "ok"]
+    assert lines[2].split()[-3] == "100%" and lines[3].split()[-3] == "0%"
