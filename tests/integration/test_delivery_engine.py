@@ -115,7 +115,9 @@ def leap_clock() -> trio.testing.MockClock:
     turn (seconds per fsync). An 80 ms real-time threshold leaps only when the engine
     really waits for its next due job, even on a loaded machine where an fsync can take
     tens of milliseconds (20 ms made the schedule tests flaky under load); the engine's
-    poll interval is set long so each retry costs one leap."""
+    poll interval is set long so each retry costs one leap. A thread slower than the
+    threshold still lets the clock leap to the nearest deadline, so the tests wait by
+    polling in short virtual steps (``_wait_until``), never on one far deadline."""
     return trio.testing.MockClock(autojump_threshold=0.08)
 
 
@@ -381,7 +383,9 @@ async def test_retries_follow_the_schedule(spool, events, leap_clock):
         async with running(engine):
             await _wait_until(lambda: events.counts["TransientFailure"] >= 4, 1000, step=10)
             sink.set_behaviour("t.test", Behaviour.ACCEPT)
-            await sink.wait_for(lambda s: s.total_messages == 1, timeout=1000)
+            # Polls, not sink.wait_for: a lone far deadline is where the mock clock
+            # leaps while an LMDB thread runs long on a loaded machine (leap_clock).
+            await _wait_until(lambda: sink.total_messages == 1, 1000, step=10)
             await _wait_until(lambda: events.counts["Delivery"] == 1, 100, step=10)
         n.cancel_scope.cancel()
     evs = read_events(events)
@@ -408,7 +412,7 @@ async def test_expiry_bounces_after_max_age(spool, events, leap_clock):
         engine = make_engine(cfg, spool, events, poll_interval=1000)
         async with running(engine):
             await _wait_until(lambda: events.counts["Expiration"] == 1, 2000, step=10)
-            await sink.wait_for(lambda s: s.total_messages == 1, timeout=100)
+            await _wait_until(lambda: sink.total_messages == 1, 100, step=10)
             await _wait_until(lambda: queue_empty(spool), 100, step=10)
         n.cancel_scope.cancel()
     evs = read_events(events)
