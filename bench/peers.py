@@ -233,6 +233,8 @@ class RelayPeer:
             f"key = {_toml_str('plain$' + self.api_key)}",
             f"tenant = {_toml_str(BENCH_TENANT)}",
             'name = "bench"',
+            "[admin]",  # no fixed 127.0.0.1:8026: a relay (make run) may be on it
+            "listen = []",
             "[outbound]",
             f'smart_host = "{s.sink_host}:{s.sink_port}"',
             "[outbound.default]",

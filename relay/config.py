@@ -43,6 +43,7 @@ import msgspec.structs
 from relay.model import ascii_int
 
 __all__ = [
+    "AdminConfig",
     "ApiKey",
     "AuthUser",
     "BouncesConfig",
@@ -472,6 +473,16 @@ class HttpConfig(_Base):
         return parse_size(self.max_body)
 
 
+class AdminConfig(_Base):
+    """The admin listener: ``GET /metrics`` (Prometheus text format) for the whole node."""
+
+    #: Addresses to serve it on, every worker (SO_REUSEPORT); empty: no admin listener.
+    listen: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:8026"])
+    #: Clients allowed to scrape (CIDR); any other gets 403.
+    allow_networks: list[str] = msgspec.field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+
+
 #: Fields signed by default, when present (``headers``): RFC 6376 5.4.1's list, the
 #: one-click unsubscribe and feedback-loop fields mailbox providers ask bulk senders to
 #: sign (RFC 8058, Gmail's Feedback-ID), and the fields that say what the body is
@@ -565,6 +576,7 @@ class Config(_Base):
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     outbound: OutboundConfig = msgspec.field(default_factory=OutboundConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     dkim: DkimConfig = msgspec.field(default_factory=DkimConfig)
     suppression: SuppressionConfig = msgspec.field(default_factory=SuppressionConfig)
     unsubscribe: UnsubscribeConfig = msgspec.field(default_factory=UnsubscribeConfig)
@@ -640,6 +652,12 @@ def _http_checks(cfg: Config, check) -> None:  # type: ignore[no-untyped-def]
         if parse_hostport(addr)[1] is None:
             raise ValueError(f"http.listen[{i}]: {_toml_str(addr)} needs a port")
     check("http.max_body", parse_size, http.max_body)
+    for i, addr in enumerate(cfg.admin.listen):
+        check(f"admin.listen[{i}]", parse_hostport, addr)
+        if parse_hostport(addr)[1] is None:
+            raise ValueError(f"admin.listen[{i}]: {_toml_str(addr)} needs a port")
+    for i, net in enumerate(cfg.admin.allow_networks):
+        check(f"admin.allow_networks[{i}]", lambda n: ipaddress.ip_network(n, strict=False), net)
     if http.tls and not cfg.inbound.tls_cert:
         raise ValueError("http.tls: needs inbound.tls_cert and inbound.tls_key")
     for i, key in enumerate(http.api_keys):

@@ -87,7 +87,8 @@ def preflight(config: Config, source: str, *, dry_run: bool = False) -> list[str
 def probe_listen(config: Config, source: str) -> list[str]:
     """Bind (and at once close) each listening address as a worker would."""
     problems = []
-    addresses = [("inbound.listen", config.inbound.listen), ("http.listen", config.http.listen)]
+    addresses = [("inbound.listen", config.inbound.listen), ("http.listen", config.http.listen),
+                 ("admin.listen", config.admin.listen)]
     for key, specs in addresses:
         for i, spec in enumerate(specs):
             try:

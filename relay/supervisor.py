@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relay.config import Config, ConfigError, reload_config
+from relay.http.metrics import write_supervisor_snapshot
 from relay.model import ascii_int
 from relay.preflight import StartupError, preflight, probe_listen
 from relay.spool import pid_alive
@@ -87,6 +88,8 @@ class Supervisor:
         self.stopping = False
         self.kill_at = math.inf
         self.exit_code = 0
+        #: Restarts of each worker (after it died), for ``GET /metrics``.
+        self.restarts = {i: 0 for i in range(self.nworkers)}
 
     def run(self) -> int:
         """Lock the spool, probe the listening addresses, then fork and supervise the
@@ -109,6 +112,7 @@ class Supervisor:
             for slot in self.slots:
                 self._spawn(slot, old_mask)
             log.info("supervisor %d: %d workers started", os.getpid(), self.nworkers)
+            write_supervisor_snapshot(self.config.spool.path, self.restarts)
             while True:
                 timeout = self._next_timeout()
                 info = signal.sigtimedwait(HANDLED, timeout)
@@ -218,6 +222,8 @@ class Supervisor:
             slot.restart_at = time.monotonic() + slot.backoff
             log.error("worker %d (pid %d) %s; restarting in %.1fs", slot.index, pid, how,
                       slot.backoff)
+            self.restarts[slot.index] = self.restarts.get(slot.index, 0) + 1
+            write_supervisor_snapshot(self.config.spool.path, self.restarts)
 
     def _restart_due(self, old_mask: set[signal.Signals]) -> None:
         now = time.monotonic()

@@ -35,6 +35,7 @@ from relay.config import Config, ConfigError, reload_config
 from relay.events import EventBus, EventLog, Metrics
 from relay.events.maillog import MailLog
 from relay.http.api import IDEMPOTENCY_TTL, HttpApi
+from relay.http.metrics import AdminApp, publish_snapshots
 from relay.http.server import HttpRegistry, serve_http
 from relay.inbound.listener import bind_listeners, serve_listeners
 from relay.inbound.session import InboundContext, SessionRegistry, serve_session
@@ -58,6 +59,7 @@ class Worker:
         self.nworkers = nworkers
         self.registry = SessionRegistry()
         self.http_registry = HttpRegistry()
+        self.admin_registry = HttpRegistry()
         self.accepting = trio.CancelScope()
 
     async def main(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -107,6 +109,9 @@ class Worker:
         self.http_app = self._http_app(cfg, self.ctx)
         listeners = bind_listeners(cfg.inbound.listen)
         http_listeners = bind_listeners(cfg.http.listen)
+        metrics_dir = Path(cfg.spool.path) / "metrics"
+        self.admin_app = AdminApp(cfg.admin, metrics, metrics_dir, self.index, nworkers)
+        admin_listeners = bind_listeners(cfg.admin.listen)
         try:
             async with trio.open_nursery() as services:
                 await services.start(writer.run)
@@ -114,13 +119,17 @@ class Worker:
                 services.start_soon(self.registry.watch, lambda: self.ctx)
                 if self.index == 0 and http_listeners:
                     services.start_soon(_purge_idempotency, spool)
+                services.start_soon(publish_snapshots, metrics, metrics_dir, self.index,
+                                    spool if self.index == 0 else None)
                 async with trio.open_nursery() as sessions:
-                    await sessions.start(self._accept, listeners, http_listeners, sessions)
+                    await sessions.start(self._accept, listeners, http_listeners, sessions,
+                                         admin_listeners)
                     services.start_soon(self._signals, sessions)
                     task_status.started()
                     log.info("worker %d/%d ready (pid %d) on %s", self.index, nworkers,
                              os.getpid(), ", ".join(cfg.inbound.listen + [
-                                 f"http://{a}" for a in cfg.http.listen]))
+                                 f"http://{a}" for a in cfg.http.listen] + [
+                                 f"http://{a}/metrics" for a in cfg.admin.listen]))
                 # Sessions are drained: nothing more will be submitted. Commit what was,
                 # then stop delivery (in-flight jobs are covered by their claim lease).
                 await writer.aclose()
@@ -136,13 +145,15 @@ class Worker:
         listeners: list[socket.socket],
         http_listeners: list[socket.socket],
         sessions: trio.Nursery,
+        admin_listeners: list[socket.socket] | None = None,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept SMTP and HTTP connections until ``accepting`` is cancelled; both kinds
+        """Accept SMTP, HTTP and admin connections until ``accepting`` is cancelled; all
         run in ``sessions``, so shutdown drains them alike."""
         ctx_ref: Callable[[], InboundContext] = lambda: self.ctx  # noqa: E731
         app_ref: Callable[[], HttpApi] = lambda: self.http_app  # noqa: E731
+        admin_ref: Callable[[], AdminApp] = lambda: self.admin_app  # noqa: E731
         with self.accepting:
             async with trio.open_nursery() as both:
                 await both.start(functools.partial(
@@ -153,6 +164,12 @@ class Worker:
                     await both.start(functools.partial(
                         serve_listeners, http_listeners,
                         lambda sock, peer: serve_http(sock, peer, app_ref, self.http_registry),
+                        sessions))
+                if admin_listeners:
+                    await both.start(functools.partial(
+                        serve_listeners, admin_listeners,
+                        lambda sock, peer: serve_http(sock, peer, admin_ref,
+                                                      self.admin_registry),
                         sessions))
                 task_status.started()
 
@@ -173,6 +190,7 @@ class Worker:
                     self.accepting.cancel()
                     self.registry.drain()
                     self.http_registry.drain()
+                    self.admin_registry.drain()
                     sessions.cancel_scope.deadline = (
                         trio.current_time() + self.config.server.shutdown_timeout
                     )
@@ -222,9 +240,10 @@ class Worker:
             log.error("reload failed, keeping the running config: %s", e)
             return
         if (new.inbound.listen != self.config.inbound.listen or new.spool != self.config.spool
-                or new.http.listen != self.config.http.listen):
-            log.warning("reload: inbound.listen, http.listen and [spool] changes need a "
-                        "restart")
+                or new.http.listen != self.config.http.listen
+                or new.admin.listen != self.config.admin.listen):
+            log.warning("reload: inbound.listen, http.listen, admin.listen and [spool] "
+                        "changes need a restart")
         if new.log != self.config.log:
             log.warning("reload: [log] changes need a restart")
         try:
@@ -234,6 +253,8 @@ class Worker:
             log.error("reload failed, keeping the running config: %s", e)
             return
         self.ctx, self.http_app = ctx, http_app
+        self.admin_app = AdminApp(new.admin, self.admin_app.metrics, self.admin_app.directory,
+                                  self.index, self.nworkers)
         self.engine.apply_config(new)
         self.config = new
         log.info("worker %d: configuration reloaded", self.index)

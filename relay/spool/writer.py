@@ -111,7 +111,8 @@ class GroupCommitWriter:
 
     It reports to ``metrics`` (the worker's registry): ``spool_commits``,
     ``spool_messages_committed`` (inbound), ``spool_completions_committed`` and
-    ``spool_commits_failed``.
+    ``spool_commits_failed``, and the histograms ``spool_commit_seconds`` and
+    ``spool_commit_batch_size``.
     """
 
     def __init__(
@@ -274,6 +275,7 @@ class GroupCommitWriter:
                 return
 
     async def _commit(self, batch: _Batch) -> None:
+        started = trio.current_time()
         try:
             await trio.to_thread.run_sync(
                 self.spool.write_prepared, batch.prepared, batch.completions,
@@ -291,6 +293,8 @@ class GroupCommitWriter:
                 return
             raise
         batch.stored_guarded()
+        self.metrics.observe("spool_commit_seconds", trio.current_time() - started)
+        self.metrics.observe("spool_commit_batch_size", batch.size)
         self.metrics.inc("spool_commits")
         self.metrics.inc("spool_messages_committed", len(batch.prepared) + sum(
             len(g.prepared) for g, _ in batch.guarded if g.existing is None))

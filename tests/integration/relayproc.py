@@ -42,6 +42,13 @@ smart_host = "127.0.0.1:9"
 """
 
 
+#: Unless a test scrapes /metrics, no admin listener (its default port is one per host).
+NO_ADMIN = """
+[admin]
+listen = []
+"""
+
+
 def relay_config(
     tmp: Path, port: int, *, workers: int = 2, inbound: str = "", extra: str = ""
 ) -> str:
@@ -49,6 +56,8 @@ def relay_config(
     ``extra`` TOML (other tables) is appended."""
     if "[outbound]" not in extra:
         extra = NOWHERE + extra
+    if "[admin]" not in extra:  # no shared 127.0.0.1:8026 between test relays
+        extra = NO_ADMIN + extra
     return f"""
 [server]
 hostname = "relay.test"
