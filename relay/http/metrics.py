@@ -72,7 +72,8 @@ STALE_AFTER = 5.0
 #: The shortest time between two ``Spool.stats()`` scans (worker 0).
 SPOOL_STATS_INTERVAL = 5.0
 
-_HELP = {
+#: Every metric the endpoint serves, with its help text.
+HELP = {
     "total_messages_received": "Messages received (every carrier).",
     "total_messages_delivered": "Recipients delivered, by destination.",
     "total_messages_fail": "Recipients failed permanently (bounced or expired).",
@@ -201,7 +202,7 @@ class _Collector:
     def collect(self) -> Iterator[Any]:
         m = self.merged
         for name in sorted(m.counters):
-            fam = CounterMetricFamily(name, _HELP.get(name, name),
+            fam = CounterMetricFamily(name, HELP.get(name, name),
                                       labels=_label_names(m.counters[name]))
             for key, value in sorted(m.counters[name].items()):
                 fam.add_metric([v for _, v in key], value)
@@ -209,14 +210,14 @@ class _Collector:
         for name in sorted(m.gauges):
             if name in m.counters:
                 continue
-            fam = GaugeMetricFamily(name, _HELP.get(name, name),
+            fam = GaugeMetricFamily(name, HELP.get(name, name),
                                     labels=_label_names(m.gauges[name]))
             for key, value in sorted(m.gauges[name].items()):
                 fam.add_metric([v for _, v in key], value)
             yield fam
         for name in sorted(m.histograms):
             bounds = buckets_of(name)
-            fam = HistogramMetricFamily(name, _HELP.get(name, name),
+            fam = HistogramMetricFamily(name, HELP.get(name, name),
                                         labels=_label_names(m.histograms[name]))
             for key, cells in sorted(m.histograms[name].items()):
                 if len(cells) != len(bounds) + 2:

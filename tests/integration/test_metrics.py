@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import smtplib
 import time
 from collections.abc import Iterator
 from email.message import EmailMessage
+from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.peers import free_port
+from relay.http.metrics import HELP as METRIC_HELP
 from relay.spool import shard_of
 from tests.integration.relayproc import RelayProcess, make_relay, wait_for
 from tests.integration.test_smuggling_downstream import RecordingSink
@@ -162,3 +165,34 @@ def test_the_path_and_method_are_checked(metrics_relay: MetricsRelay) -> None:
     base = metrics_relay.url.removesuffix("/metrics")
     assert httpx.get(f"{base}/", trust_env=False, timeout=10).status_code == 404
     assert httpx.post(metrics_relay.url, trust_env=False, timeout=10).status_code == 405
+
+
+def test_the_shipped_dashboard_asks_only_for_series_the_relay_serves(
+        metrics_relay: MetricsRelay) -> None:
+    """conf/grafana's panels and conf/prometheus's job stay in step with the names: every
+    metric a panel's query names is in a real scrape."""
+    root = Path(__file__).resolve().parents[2]
+    dashboard = json.loads((root / "conf" / "grafana" / "relay-dashboard.json").read_text())
+    queries = [re.sub(r"\[[^\]]*\]", "", t["expr"])  # no range selectors ([5m])
+               for p in dashboard["panels"] for t in p["targets"]]
+    words = {w for q in queries for w in re.findall(r"[a-z_][a-z0-9_]*", q)}
+    promql = {"sum", "rate", "by", "topk", "histogram_quantile", "le", "increase",
+              "destination", "protocol", "worker"}
+    named = words - promql
+    assert len(named) >= 15
+    send(metrics_relay.relay.port, 1)  # commits and a delivery: histograms, connections
+
+    # A counter shows up with its first increment (no failure happened here): those
+    # must at least be metrics the relay defines; everything else must be served.
+    def family(sample: str) -> str:
+        return re.sub(r"_(total|bucket|sum|count)$", "", sample) if sample not in (
+            "connection_count", "scheduled_count", "ready_count", "in_flight_count") else sample
+
+    assert {family(n) for n in named} <= set(METRIC_HELP), sorted(named)
+    required = {n for n in named if "fail" not in n}
+    deadline = time.monotonic() + 20
+    while (missing := required - set(metrics_relay.scrape())) and time.monotonic() < deadline:
+        time.sleep(0.2)  # polling a scrape with a deadline: snapshots are once a second
+    assert not missing, sorted(missing)
+    job = (root / "conf" / "prometheus" / "relay.yml").read_text()
+    assert "metrics_path: /metrics" in job and "127.0.0.1:8026" in job
