@@ -47,6 +47,7 @@ from relay.spool.store import (
     Guarded,
     Spool,
     SpoolError,
+    _Prepared,
     prepare,
     prepare_completion,
 )
@@ -79,17 +80,18 @@ class _Batch:
         self.done = trio.Event()
         self.error: BaseException | None = None
 
-    def add_claimed(self, jobs: list[DeliveryJob], envelope: Envelope, data: bytes) -> None:
-        """Remember the jobs ``prepare`` stored claimed, for the claimant."""
-        self.claimed.extend((job, envelope, data) for job in jobs)
+    def remember(self, msg: NewMessage, prepared: _Prepared) -> None:
+        """``msg`` is stored by this commit: for ``on_commit``, and the jobs ``prepare``
+        stored claimed for the claimant."""
+        self.messages.append(msg)
+        self.claimed.extend((job, msg.envelope, prepared[1]) for job in prepared[4])
 
     def stored_guarded(self) -> None:
         """After the commit: the guarded groups that were stored count as stored."""
         for g, msgs in self.guarded:
             if g.existing is None:
-                self.messages.extend(msgs)
                 for msg, p in zip(msgs, g.prepared, strict=True):
-                    self.add_claimed(p[4], msg.envelope, p[1])
+                    self.remember(msg, p)
 
 
 class GroupCommitWriter:
@@ -155,9 +157,8 @@ class GroupCommitWriter:
             raise SpoolClosed("spool writer is shutting down")
         prepared = prepare(msg, claimant=self.claimant)
         batch = self._enqueue()
-        batch.messages.append(msg)
         batch.prepared.append(prepared)
-        batch.add_claimed(prepared[4], msg.envelope, prepared[1])
+        batch.remember(msg, prepared)
         await self._wait(batch)
 
     async def submit_many(self, msgs: Sequence[NewMessage],
@@ -179,10 +180,9 @@ class GroupCommitWriter:
         prepared = [prepare(msg, claimant=self.claimant) for msg in msgs]
         batch = self._enqueue(max(len(msgs), 1))
         if guard is None:
-            batch.messages.extend(msgs)
             batch.prepared.extend(prepared)
             for msg, p in zip(msgs, prepared, strict=True):
-                batch.add_claimed(p[4], msg.envelope, p[1])
+                batch.remember(msg, p)
             await self._wait(batch)
             return None
         guarded = Guarded(guard[0], guard[1], prepared, guard[2])
@@ -206,9 +206,8 @@ class GroupCommitWriter:
         batch = self._enqueue()
         batch.completions.append(prepared)
         batch.on_done.append(on_done)
-        batch.messages.extend(completion.new_messages)
         for msg, p in zip(completion.new_messages, prepared[1], strict=True):
-            batch.add_claimed(p[4], msg.envelope, p[1])
+            batch.remember(msg, p)
 
     def _enqueue(self, count: int = 1) -> _Batch:
         batches = self._batches
