@@ -40,17 +40,17 @@ from typing import Any, Literal
 import msgspec
 import trio
 
-from relay.config import ApiKey, Config, parse_rate
+from relay.config import ApiKey, Config
 from relay.events import EventBus
 from relay.http.auth import ApiKeys
 from relay.http.kumo import kumo_injection
 from relay.http.payload import Injection, PayloadError, RenderedMessage
-from relay.http.server import Request, Response, json_response
+from relay.http.server import Request, Response, error_detail, error_response, json_response
 from relay.http.sparkpost import sparkpost_injection
 from relay.http.unsubscribe import UNSUBSCRIBE_PREFIX, OneClickUnsubscribe
 from relay.intake import Admission, Intake, Refused
 from relay.model import Envelope, NewMessage, Recipient
-from relay.outbound.throttle import TokenBucket
+from relay.outbound.throttle import TokenBucket, rate_from_config
 from relay.spool import Spool, SpoolClosed, SpoolError
 from relay.spool.suppression import SuppressionList
 
@@ -132,7 +132,7 @@ class HttpApi:
         # A tenant's rate is per node: each worker holds its share.
         self.buckets = {name: TokenBucket(rate / nworkers)
                         for name, t in http.tenants.items()
-                        if (rate := _rate(t.max_message_rate))}
+                        if (rate := rate_from_config(t.max_message_rate))}
         self._in_progress: set[bytes] = set()
         self.routes: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
             ("POST", "/api/v1/transmissions"): self._sparkpost,
@@ -150,11 +150,10 @@ class HttpApi:
             return await route(request)
         allowed = sorted(m for m, p in self.routes if p == request.path)
         if allowed:
-            return json_response(405, _errors("Method Not Allowed", "method_not_allowed",
-                                              f"{request.path} takes {', '.join(allowed)}"),
-                                 [("allow", ", ".join(allowed))])
-        return json_response(404, _errors("Not Found", "not_found",
-                                          f"no endpoint {request.path}"))
+            return error_response(405, "Method Not Allowed", "method_not_allowed",
+                                  f"{request.path} takes {', '.join(allowed)}",
+                                  headers=[("allow", ", ".join(allowed))])
+        return error_response(404, "Not Found", "not_found", f"no endpoint {request.path}")
 
     # -- health -----------------------------------------------------------------------
 
@@ -183,9 +182,9 @@ class HttpApi:
     async def _inject(self, request: Request, schema: Schema) -> Response:
         key = await self.keys.authenticate(request.headers.get("authorization"))
         if key is None:
-            return json_response(401, _errors("Unauthorized", "unauthorized",
-                                              "a valid API key is required in Authorization"),
-                                 [("www-authenticate", 'Bearer realm="relay"')])
+            return error_response(401, "Unauthorized", "unauthorized",
+                                  "a valid API key is required in Authorization",
+                                  headers=[("www-authenticate", 'Bearer realm="relay"')])
         if self.draining():
             return _unavailable("the relay is shutting down")
         idem = request.headers.get("idempotency-key")
@@ -208,16 +207,16 @@ class HttpApi:
                          ) -> tuple[bytes, bytes]:
         """(stored key, request hash); refuses a malformed or in-progress key."""
         if not idem or len(idem) > 255 or not idem.isascii() or not idem.isprintable():
-            raise _Refusal(json_response(400, _errors(
-                "Invalid Idempotency-Key", "invalid_idempotency_key",
+            raise _Refusal(error_response(
+                400, "Invalid Idempotency-Key", "invalid_idempotency_key",
                 "Idempotency-Key must be 1 to 255 printable ASCII characters",
-                field="Idempotency-Key")))
+                field="Idempotency-Key"))
         stored = key.tenant.encode() + b"\0" + idem.encode()
         if stored in self._in_progress:
-            raise _Refusal(json_response(409, _errors(
-                "Conflict", "idempotency_key_in_progress",
+            raise _Refusal(error_response(
+                409, "Conflict", "idempotency_key_in_progress",
                 "a request with this Idempotency-Key is still being processed",
-                field="Idempotency-Key")))
+                field="Idempotency-Key"))
         return stored, hashlib.sha256(request.path.encode() + b"\0" + request.body).digest()
 
     async def _replay(self, stored: bytes, request_hash: bytes) -> Response | None:
@@ -267,10 +266,10 @@ class HttpApi:
             return
         wait = bucket.take_or_wait(count)
         if wait > 0:
-            raise _Refusal(json_response(429, _errors(
-                "Too Many Requests", "rate_limited",
-                f"tenant {tenant} is over its injection rate; retry in {wait:.1f}s"),
-                [("retry-after", str(max(1, round(wait + 0.5))))]))
+            raise _Refusal(error_response(
+                429, "Too Many Requests", "rate_limited",
+                f"tenant {tenant} is over its injection rate; retry in {wait:.1f}s",
+                headers=[("retry-after", str(max(1, round(wait + 0.5))))]))
 
     def _admission(self, request: Request, key: ApiKey, injection: Injection,
                    msg: RenderedMessage, now: float) -> Admission:
@@ -289,28 +288,13 @@ class HttpApi:
         return Admission(envelope=envelope, data=msg.data, via="http")
 
 
-def _rate(value: str) -> float | None:
-    return parse_rate(value) if value else None
-
-
-def _errors(message: str, code: str, description: str, *,
-            field: str | None = None) -> dict[str, Any]:
-    """SparkPost's error shape (the HTTP layer's errors use it for both schemas)."""
-    err: dict[str, Any] = {"message": message, "code": code, "description": description}
-    if field is not None:
-        err["field"] = field
-    return {"errors": [err]}
-
-
 def _unavailable(why: str) -> Response:
-    return json_response(503, _errors("Service Unavailable", "unavailable", why),
-                         [("retry-after", str(RETRY_AFTER_UNAVAILABLE))])
+    return error_response(503, "Service Unavailable", "unavailable", why,
+                          headers=[("retry-after", str(RETRY_AFTER_UNAVAILABLE))])
 
 
 def _payload_error(schema: Schema, e: PayloadError) -> Response:
-    detail = {"message": e.message, "code": e.code, "description": e.description}
-    if e.field is not None:
-        detail["field"] = e.field
+    detail = error_detail(e.message, e.code, e.description, e.field)
     if schema == "sparkpost":
         return json_response(e.status, {"errors": [detail]})
     return json_response(e.status, {"success_count": 0, "fail_count": 0,
@@ -321,10 +305,10 @@ def _payload_error(schema: Schema, e: PayloadError) -> Response:
 def _replayed(raw: bytes, request_hash: bytes) -> Response:
     record = _record_decode(raw)
     if record.request_sha256 != request_hash:
-        return json_response(422, _errors(
-            "Idempotency-Key reused", "idempotency_key_reused",
+        return error_response(
+            422, "Idempotency-Key reused", "idempotency_key_reused",
             "this Idempotency-Key was used for a different request in the last 24 hours",
-            field="Idempotency-Key"))
+            field="Idempotency-Key")
     return Response(record.status, record.body, headers=[("idempotent-replayed", "true")])
 
 
@@ -362,9 +346,9 @@ def _answer(schema: Schema, injection: Injection, outcomes: list[_Outcome],
         }
         return json_response(200 if accepted else 422, body)
     if not accepted:
-        return json_response(422, {"errors": [
-            {"message": "No valid recipients", "code": "no_valid_recipients",
-             "description": "every recipient was refused; see results.recipients"}],
+        return json_response(422, {"errors": [error_detail(
+            "No valid recipients", "no_valid_recipients",
+            "every recipient was refused; see results.recipients")],
             "results": {"total_accepted_recipients": 0,
                         "total_rejected_recipients": len(refused),
                         "recipients": per_recipient}})

@@ -41,6 +41,8 @@ __all__ = [
     "HttpRegistry",
     "Request",
     "Response",
+    "error_detail",
+    "error_response",
     "json_response",
     "serve_http",
 ]
@@ -89,9 +91,29 @@ def json_response(status: int, payload: object,
     return Response(status, _json_encode(payload), headers=headers or [])
 
 
+def error_detail(message: str, code: str, description: str | None = None,
+                 field: str | None = None) -> dict[str, str]:
+    """One error in SparkPost's shape (``message``, ``code``, and ``description`` and the
+    JSON path ``field`` when there are), which every endpoint of ours answers with."""
+    detail = {"message": message, "code": code}
+    if description is not None:
+        detail["description"] = description
+    if field is not None:
+        detail["field"] = field
+    return detail
+
+
+def error_response(status: int, message: str, code: str, description: str | None = None, *,
+                   field: str | None = None,
+                   headers: list[tuple[str, str]] | None = None) -> Response:
+    """``{"errors": [error_detail(...)]}`` with ``status``."""
+    return json_response(status, {"errors": [error_detail(message, code, description, field)]},
+                         headers)
+
+
 def _error(status: int, message: str) -> Response:
-    """An error of the HTTP layer itself, in SparkPost's error shape."""
-    return json_response(status, {"errors": [{"message": message, "code": str(status)}]})
+    """An error of the HTTP layer itself (its code is the status)."""
+    return error_response(status, message, str(status))
 
 
 class HttpApp(Protocol):

@@ -22,7 +22,7 @@ import time
 import trio
 
 from relay.events import EventBus, Unsubscribe
-from relay.http.server import Request, Response, json_response
+from relay.http.server import Request, Response, error_response, json_response
 from relay.intake.unsubscribe import read_token
 from relay.spool.suppression import Suppression, SuppressionList
 
@@ -43,16 +43,16 @@ class OneClickUnsubscribe:
     async def handle(self, request: Request) -> Response:
         token = read_token(self.secret, request.path[len(UNSUBSCRIBE_PREFIX):])
         if token is None:
-            return _error(400, "invalid_token", "this unsubscribe link is not valid")
+            return error_response(400, "Bad Request", "invalid_token",
+                                  "this unsubscribe link is not valid")
         if request.method in ("GET", "HEAD"):
             return Response(200, _page(request.path, token.recipient), "text/html; charset=utf-8")
         if request.method != "POST":
-            return json_response(405, {"errors": [{"message": "Method Not Allowed",
-                                                   "code": "method_not_allowed"}]},
-                                 [("allow", "GET, POST")])
+            return error_response(405, "Method Not Allowed", "method_not_allowed",
+                                  headers=[("allow", "GET, POST")])
         if _ONE_CLICK not in request.body:
-            return _error(400, "not_one_click",
-                          "the body must carry List-Unsubscribe=One-Click (RFC 8058)")
+            return error_response(400, "Bad Request", "not_one_click",
+                                  "the body must carry List-Unsubscribe=One-Click (RFC 8058)")
         entry = Suppression(address=token.recipient, tenant=token.tenant,
                             source="unsubscribe", time=time.time(),
                             transactional=False, non_transactional=True,
@@ -65,11 +65,6 @@ class OneClickUnsubscribe:
         log.info("unsubscribe: %s from tenant %r (campaign %r)", token.recipient,
                  token.tenant, token.campaign)
         return json_response(200, {"results": {"unsubscribed": token.recipient}})
-
-
-def _error(status: int, code: str, description: str) -> Response:
-    return json_response(status, {"errors": [{"message": "Bad Request", "code": code,
-                                              "description": description}]})
 
 
 def _page(path: str, recipient: str) -> bytes:
