@@ -15,9 +15,7 @@ from __future__ import annotations
 import json
 import signal
 import smtplib
-import socket
 import subprocess
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from relay.dkim import public_key_record
 from tests.integration import dnsmasq as _dnsmasq
 from tests.integration.dnsmasq import DnsServer
 from tests.integration.relayproc import RELAY, RelayProcess, make_relay, wait_for
+from tests.integration.smtpsink import RecordingSink
 from tests.integration.test_dkim_verify import Verifiers, each_alone
 
 dnsmasq = _dnsmasq.dnsmasq
@@ -47,77 +46,13 @@ RECORDS = {
 }
 
 
-class Sink:
-    """ESMTP on loopback, one thread per connection: refuses RCPT for ``reject@...`` with
-    550 5.1.1, accepts the rest, and keeps (MAIL FROM, RCPTs, raw DATA stream)."""
+class Sink(RecordingSink):
+    """Refuses RCPT for ``reject@...`` with 550 5.1.1, accepts the rest."""
 
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.messages: list[tuple[bytes, list[bytes], bytes]] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _reply(self, line: bytes, txn: dict[str, object]) -> bytes:
-        verb = line[:4].upper()
-        if verb == b"EHLO":
-            return b"250-sink.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
-        if verb == b"MAIL":
-            txn.update(sender=line.partition(b":")[2].split(b" ")[0], rcpts=[])
-        elif verb == b"RCPT":
-            if line.lower().startswith(b"rcpt to:<reject@"):
-                return b"550 5.1.1 no such user\r\n"
-            txn["rcpts"].append(line.partition(b":")[2])  # type: ignore[attr-defined]
-        elif verb == b"DATA":  # pipelined after refused RCPTs: refused (RFC 2920 3.1)
-            return b"354 go ahead\r\n" if txn.get("rcpts") else b"554 5.5.1 no recipients\r\n"
-        elif verb == b"QUIT":
-            return b"221 bye\r\n"
+    def rcpt_reply(self, line: bytes) -> bytes:
+        if line.lower().startswith(b"rcpt to:<reject@"):
+            return b"550 5.1.1 no such user\r\n"
         return b"250 ok\r\n"
-
-    def _serve(self, conn: socket.socket) -> None:
-        buf, in_data, txn = b"", False, {}
-        with conn:
-            conn.settimeout(20)
-            conn.sendall(b"220 sink.test ESMTP\r\n")
-            while True:
-                # The terminator's CRLF ends the message's last line; an empty message
-                # is a lone dot.
-                if in_data and (end := (b"\r\n" + buf).find(b"\r\n.\r\n")) >= 0:
-                    with self.lock:
-                        self.messages.append((txn["sender"], txn["rcpts"], buf[:end]))
-                    buf, in_data = buf[end + 3:], False
-                    conn.sendall(b"250 2.0.0 queued\r\n")
-                    continue
-                if not in_data and b"\r\n" in buf:
-                    line, buf = buf.split(b"\r\n", 1)
-                    reply = self._reply(line, txn)
-                    conn.sendall(reply)
-                    in_data = reply.startswith(b"354")
-                    if reply.startswith(b"221"):
-                        return
-                    continue
-                try:
-                    data = conn.recv(65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                buf += data
-
-    def find(self, predicate: Callable[[bytes, list[bytes], bytes], bool]) -> bytes | None:
-        with self.lock:
-            return next((raw for s, r, raw in self.messages if predicate(s, r, raw)), None)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def unstuff(raw: bytes) -> bytes:

@@ -24,7 +24,7 @@ import trustme
 from bench.peers import free_port
 from relay.spool import Spool
 from tests.integration.relayproc import RelayProcess, make_relay, wait_for
-from tests.integration.test_smuggling_downstream import RecordingSink
+from tests.integration.smtpsink import RecordingSink
 
 KEY = "test-key-acme"
 SLOW_KEY = "test-key-slow"

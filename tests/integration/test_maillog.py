@@ -15,84 +15,31 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 
 from relay.events import Bounce, Delivery, EventLog, Reception, TransientFailure
 from tests.integration.relayproc import make_relay, wait_for
+from tests.integration.smtpsink import RecordingSink
 
 PFLOGSUMM = shutil.which("pflogsumm") or "/usr/sbin/pflogsumm"
 
 
-class ScriptedSink:
-    """ESMTP; RCPT answers by the local part: ``defer*`` 451, ``bounce*`` 550, else 250."""
+class ScriptedSink(RecordingSink):
+    """RCPT answers by the local part: ``defer*`` 451, ``bounce*`` 550, else 250."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(extra_keywords=(b"ENHANCEDSTATUSCODES",))
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _rcpt_reply(line: bytes) -> bytes:
+    def rcpt_reply(self, line: bytes) -> bytes:
         local = line.split(b"<", 1)[-1].split(b"@", 1)[0].lower()
         if local.startswith(b"defer"):
             return b"451 4.7.1 try again later\r\n"
         if local.startswith(b"bounce"):
             return b"550 5.1.1 no such user here\r\n"
         return b"250 2.1.5 ok\r\n"
-
-    def _serve(self, conn: socket.socket) -> None:
-        buf, in_data = b"", False
-        with conn:
-            conn.settimeout(20)
-            conn.sendall(b"220 sink.test ESMTP\r\n")
-            while True:
-                if in_data:
-                    # (an empty body, as after DATA with every RCPT refused, is ".\r\n")
-                    end = (b"\r\n" + buf).find(b"\r\n.\r\n")
-                    if end >= 0:
-                        buf, in_data = buf[end + 3:], False
-                        conn.sendall(b"250 2.0.0 queued as SINK\r\n")
-                        continue
-                elif b"\r\n" in buf:
-                    line, buf = buf.split(b"\r\n", 1)
-                    verb = line[:4].upper()
-                    if verb == b"EHLO":
-                        conn.sendall(b"250-sink.test\r\n250-PIPELINING\r\n"
-                                     b"250-ENHANCEDSTATUSCODES\r\n250 8BITMIME\r\n")
-                    elif verb == b"RCPT":
-                        conn.sendall(self._rcpt_reply(line))
-                    elif verb == b"DATA":
-                        conn.sendall(b"354 go ahead\r\n")
-                        in_data = True
-                    elif verb == b"QUIT":
-                        conn.sendall(b"221 bye\r\n")
-                        return
-                    else:
-                        conn.sendall(b"250 ok\r\n")
-                    continue
-                try:
-                    data = conn.recv(65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                buf += data
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def send(port: int, recipients: list[str], n: int = 1) -> list[str]:

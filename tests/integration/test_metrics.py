@@ -23,7 +23,7 @@ from bench.peers import free_port
 from relay.http.metrics import HELP as METRIC_HELP
 from relay.spool import shard_of
 from tests.integration.relayproc import RelayProcess, make_relay, wait_for
-from tests.integration.test_smuggling_downstream import RecordingSink
+from tests.integration.smtpsink import RecordingSink
 
 N = 12
 DOMAINS = [f"d{i}.test" for i in range(6)]

@@ -11,74 +11,13 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 from pathlib import Path
 
 from tests.integration.relayproc import make_relay, recv_reply, wait_for
+from tests.integration.smtpsink import RecordingSink
 from tests.unit.test_smtp_client import LOOKALIKES
 
 HIDDEN = b"MAIL FROM:<smuggled@evil.test>\r\nRCPT TO:<victim@dest.test>\r\nDATA\r\n"
-
-
-class RecordingSink:
-    """ESMTP without CHUNKING; records every command line and every raw DATA stream."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.commands: list[bytes] = []
-        self.bodies: list[bytes] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        buf, in_data = b"", False
-        with conn:
-            conn.settimeout(20)
-            conn.sendall(b"220 sink.test ESMTP\r\n")
-            while True:
-                if in_data:
-                    end = buf.find(b"\r\n.\r\n")
-                    if end >= 0:
-                        with self.lock:
-                            self.bodies.append(buf[: end + 5])
-                        buf, in_data = buf[end + 5:], False
-                        conn.sendall(b"250 2.0.0 queued\r\n")
-                        continue
-                elif b"\r\n" in buf:
-                    line, buf = buf.split(b"\r\n", 1)
-                    with self.lock:
-                        self.commands.append(line)
-                    verb = line[:4].upper()
-                    if verb == b"EHLO":
-                        conn.sendall(b"250-sink.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
-                    elif verb == b"DATA":
-                        conn.sendall(b"354 go ahead\r\n")
-                        in_data = True
-                    elif verb == b"QUIT":
-                        conn.sendall(b"221 bye\r\n")
-                        return
-                    else:
-                        conn.sendall(b"250 ok\r\n")
-                    continue
-                try:
-                    data = conn.recv(65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                buf += data
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def send_raw(port: int, commands: bytes, messages: int) -> bytes:

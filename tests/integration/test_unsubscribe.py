@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from bench.peers import free_port
 from relay.dkim import public_key_record
 from tests.integration.relayproc import RelayProcess, make_relay, wait_for
+from tests.integration.smtpsink import RecordingSink
 from tests.integration.test_http_api import HttpRelay, _live, _unstuff
-from tests.integration.test_smuggling_downstream import RecordingSink
 
 KEY = "unsub-test-key"
 SECRET = "a-long-enough-secret-for-hmac"
