@@ -53,7 +53,15 @@ import trio
 
 from bench.metrics import dir_bytes, percentile, sample_tree
 from bench.peers import PeerError, make_peer
-from bench.scenarios import _cumulative, _Progress, run_one, sample_server, start_sink
+from bench.scenarios import (
+    _cumulative,
+    _Progress,
+    drained,
+    run_one,
+    sample_server,
+    server_figures,
+    start_sink,
+)
 from bench.sink import Sink
 
 if TYPE_CHECKING:
@@ -333,13 +341,8 @@ async def _measure(scenario: Scenario, peer: Any, sink: Sink, batch: int,
                 for _ in range(clients):
                     load.start_soon(one_client)
             load_end = time.monotonic()
-            expected = tally.recipients_accepted
-            drained = True
-            try:
-                await sink.wait_for(lambda s: s.total_recipients >= expected,
-                                    timeout=scenario.drain_timeout)
-            except TimeoutError:
-                drained = False
+            complete = await drained(sink, tally.recipients_accepted,
+                                     scenario.drain_timeout)
             nursery.cancel_scope.cancel()
     bench_cpu = time.thread_time() - bench_cpu0
     if progress is not None:
@@ -367,24 +370,14 @@ async def _measure(scenario: Scenario, peer: Any, sink: Sink, batch: int,
         "recipients_failed": tally.recipients_failed,
         "failed": tally.recipients_failed,
         "duplicate_queue_ids": tally.duplicate_queue_ids,
-        "delivered_messages": sink.total_messages,
-        "delivered_recipients": sink.total_recipients,
-        "delivered_bytes_per_msg": (sink.total_bytes / sink.total_messages
-                                    if sink.total_messages else None),
-        "complete": (drained and accepted > 0 and not tally.recipients_failed
+        "complete": (complete and accepted > 0 and not tally.recipients_failed
                      and sink.total_recipients >= accepted),
         "duplicates": max(0, sink.total_recipients - accepted),
         "inject_msg_s": accepted / inject_secs if accepted else 0.0,
         "e2e_msg_s": accepted / e2e_secs if accepted else None,
         "latency_p50_ms": percentile(tally.latencies, 50) * 1000,
         "latency_p99_ms": percentile(tally.latencies, 99) * 1000,
-        "cpu_s_per_1000": ((end.cpu_seconds - base.cpu_seconds) / accepted * 1000
-                           if roots and accepted else None),
-        "peak_rss_mb": state["peak_rss"] / 1e6 if roots else None,
-        "spool_bytes_per_msg": (None if spool is None or math.isnan(state["spool_per_msg"])
-                                else state["spool_per_msg"]),
-        "peak_spool_mb": state["peak_spool"] / 1e6 if spool is not None else None,
-        "peak_queue_estimate": state["peak_queue"],
+        **server_figures(sink, state, base, end, roots, spool, accepted),
         "mb_sent": sum(len(pool[k % pool_n]) for k in range(tally.requests)) / 1e6,
         # the HTTP clients and the sink share the bench's trio thread
         "bench_cpu_s_per_1000": bench_cpu / accepted * 1000 if accepted else None,

@@ -41,7 +41,7 @@ from typing import Any
 import trio
 
 from bench.loadgen import LoadResult, LoadSpec, run_load
-from bench.metrics import dir_bytes, percentile, sample_tree
+from bench.metrics import TreeSample, dir_bytes, percentile, sample_tree
 from bench.peers import DkimKey, PeerError, PeerSetup, make_peer
 from bench.sink import Behaviour, Sink
 
@@ -290,12 +290,7 @@ async def _measure(scenario: Scenario, peer: Any, sink: Sink, row: dict[str, Any
             sink.set_behaviour(d, Behaviour.ACCEPT)
         complete = True
         if scenario.e2e and peer.name != "direct":
-            expected = result.recipients_accepted
-            try:
-                await sink.wait_for(lambda s: s.total_recipients >= expected,
-                                    timeout=scenario.drain_timeout)
-            except TimeoutError:
-                complete = False
+            complete = await drained(sink, result.recipients_accepted, scenario.drain_timeout)
         nursery.cancel_scope.cancel()
     bench_cpu = time.thread_time() - bench_cpu0
     if progress is not None:
@@ -316,10 +311,6 @@ async def _measure(scenario: Scenario, peer: Any, sink: Sink, row: dict[str, Any
         "recipients_accepted": result.recipients_accepted,
         "recipients_refused": result.recipients_refused,
         "failed": result.messages_failed + result.connect_errors,
-        "delivered_messages": sink.total_messages,
-        "delivered_recipients": sink.total_recipients,
-        "delivered_bytes_per_msg": (sink.total_bytes / sink.total_messages
-                                    if sink.total_messages else None),
         # messages the sink received with a DKIM-Signature: field
         "signed_messages": sink.signed_messages,
         "complete": (complete and sink.total_recipients >= result.recipients_accepted
@@ -329,13 +320,7 @@ async def _measure(scenario: Scenario, peer: Any, sink: Sink, row: dict[str, Any
         "e2e_msg_s": (accepted / e2e_secs) if is_e2e and accepted else None,
         "latency_p50_ms": percentile(result.latencies, 50) * 1000,
         "latency_p99_ms": percentile(result.latencies, 99) * 1000,
-        "cpu_s_per_1000": ((end.cpu_seconds - base.cpu_seconds) / accepted * 1000
-                           if roots and accepted else None),
-        "peak_rss_mb": state["peak_rss"] / 1e6 if roots else None,
-        "spool_bytes_per_msg": (None if spool is None or math.isnan(state["spool_per_msg"])
-                                else state["spool_per_msg"]),
-        "peak_spool_mb": state["peak_spool"] / 1e6 if spool is not None else None,
-        "peak_queue_estimate": state["peak_queue"],
+        **server_figures(sink, state, base, end, roots, spool, accepted),
         "mb_sent": result.bytes_sent / 1e6,
         # what the bench itself cost the shared CPUs (not charged to the server)
         "loadgen_cpu_s_per_1000": (result.cpu_seconds / accepted * 1000) if accepted else None,
@@ -358,6 +343,36 @@ async def _measure(scenario: Scenario, peer: Any, sink: Sink, row: dict[str, Any
         row["throttle"] = _throttle_check(scenario, sink)
     if scenario.recover_after_load:
         row["defer"] = _defer_check(scenario, sink, first, load_end, mono)
+
+
+async def drained(sink: Sink, expected: int, timeout: float) -> bool:
+    """Wait until the sink has received ``expected`` recipients; False if ``timeout``
+    seconds passed first (the row is then ``complete: false``)."""
+    try:
+        await sink.wait_for(lambda s: s.total_recipients >= expected, timeout=timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+def server_figures(sink: Sink, state: dict[str, Any], base: TreeSample, end: TreeSample,
+                   roots: list[int], spool: Path | None, accepted: int) -> dict[str, Any]:
+    """A row's figures of the server under test and of what reached the sink: CPU per
+    1000 ``accepted`` (from the tree samples ``base`` and ``end``), peak RSS and spool
+    growth (``sample_server``'s ``state``), deliveries."""
+    return {
+        "delivered_messages": sink.total_messages,
+        "delivered_recipients": sink.total_recipients,
+        "delivered_bytes_per_msg": (sink.total_bytes / sink.total_messages
+                                    if sink.total_messages else None),
+        "cpu_s_per_1000": ((end.cpu_seconds - base.cpu_seconds) / accepted * 1000
+                           if roots and accepted else None),
+        "peak_rss_mb": state["peak_rss"] / 1e6 if roots else None,
+        "spool_bytes_per_msg": (None if spool is None or math.isnan(state["spool_per_msg"])
+                                else state["spool_per_msg"]),
+        "peak_spool_mb": state["peak_spool"] / 1e6 if spool is not None else None,
+        "peak_queue_estimate": state["peak_queue"],
+    }
 
 
 async def sample_server(roots: list[int], spool: Path | None, spool0: int, sink: Sink,
