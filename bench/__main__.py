@@ -6,6 +6,7 @@
     python -m bench --quick --target direct        # the bench against its own sink
     python -m bench --scenarios http-inject --peers postfix   # HTTP API vs SMTP, goals
     python -m bench --scenarios dkim --peers postfix+opendkim  # DKIM signing, goals
+    python -m bench --scenarios pushback --peers postfix      # hidden rate limit (~8 min)
 
 Exit status: 0 when every run completed (all accepted mail delivered, throttles held,
 every message of a signed dkim row signed), 1 otherwise, 2 for usage errors.
@@ -34,7 +35,7 @@ from bench.report import (
     round_ratios,
     write_report,
 )
-from bench.scenarios import SCENARIOS, build_scenarios, run_rows
+from bench.scenarios import DEFAULT_SCENARIOS, SCENARIOS, build_scenarios, run_rows
 
 
 def _machine() -> dict[str, Any]:
@@ -80,8 +81,9 @@ def _dist(text: str) -> list[tuple[int, float]]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenarios", default=",".join(SCENARIOS),
-                    help=f"comma list from {','.join(SCENARIOS)} (default: all)")
+    ap.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
+                    help=f"comma list from {','.join(SCENARIOS)} (default: all but "
+                         "pushback)")
     ap.add_argument("--target", default="relay", choices=list(PEERS),
                     help="the server measured first (default relay)")
     ap.add_argument("--peers", default="",
@@ -112,6 +114,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--http-clients", type=int, default=8,
                     help="concurrent HTTP clients (keep-alive connections) of http-inject "
                          "(default 8)")
+    ap.add_argument("--pushback-seconds", type=float, default=240.0,
+                    help="each peer's run against the pushback sink (default 240)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     args.scenario_list = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -127,6 +131,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--repeat must be at least 1")
     if args.http_clients < 1:
         ap.error("--http-clients must be at least 1")
+    if args.pushback_seconds <= (10 if args.quick else 60):
+        ap.error("--pushback-seconds must be longer than the sink's window (60 s, "
+                 "--quick: 10 s): the rate is measured after it")
     return args
 
 
@@ -137,7 +144,8 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
                                 messages_per_connection=args.messages_per_connection,
                                 sizes=args.sizes, recipients=args.recipients,
                                 domains=args.domains, relay_workers=args.relay_workers,
-                                http_clients=args.http_clients)
+                                http_clients=args.http_clients,
+                                pushback_seconds=args.pushback_seconds)
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     doc: dict[str, Any] = {"started": started, "machine": _machine(),
                            "settings": {k: v for k, v in vars(args).items()},

@@ -12,7 +12,9 @@ the dkim scenario's two per size (relay signed vs Postfix + OpenDKIM, relay sign
 relay unsigned), printed under the table and stored in the JSON as ``goals``; under the
 dkim goals, what signing cost the relay's CPU per message (``dkim_costs``). Rows of the
 dkim scenario add a ``signed`` column: the share of delivered messages the sink found
-signed.
+signed. The pushback scenario's goals are absolute, per peer (``bench.pushback.goal_lines``),
+and its chart panel is messages per minute against the hidden limit
+(``bench.pushback.draw_panel``).
 """
 
 from __future__ import annotations
@@ -293,6 +295,9 @@ def format_table(doc: dict[str, Any]) -> str:
                 if (s, peer) in present:
                     lines.append(f"  {s}: " + ", ".join(f"{_fmt(v, 2)}x" for v in values))
     lines += _goal_lines(doc["results"])
+    from bench.pushback import goal_lines as pushback_goal_lines
+
+    lines += pushback_goal_lines(doc["results"])
     if notes:
         lines.append("")
         lines += notes
@@ -339,6 +344,11 @@ def write_chart(doc: dict[str, Any], path: Path) -> Path | None:
     colours = {"relay": "tab:blue", "postfix": "tab:orange", "direct": "tab:green",
                "postfix+opendkim": "tab:red"}
     for ax, scen in zip(axes[:, 0], scenarios, strict=True):
+        if scen == "pushback":
+            from bench.pushback import draw_panel
+
+            draw_panel(ax, [r for r in results if r["scenario"] == scen], colours)
+            continue
         for r in results:
             if r["scenario"] != scen:
                 continue

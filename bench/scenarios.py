@@ -26,6 +26,21 @@ Scenarios:
 ``dkim``    every message RSA-2048 signed, 2 KB and 100 KB, end to end: the relay signed
             and unsigned (same load, same run), Postfix + OpenDKIM signing with the same
             key; the sink counts the signed messages (``bench/dkim.py``).
+``pushback`` a backlog to one domain behind a sink with a hidden limit (50 messages a
+            minute per source address, 421 4.7.28 above it) for ``--pushback-seconds``:
+            delivered rate vs the limit, refused share, connections per refusal window
+            (``bench/pushback.py``). Not in the default list (minutes per peer).
+``webhooks`` the ``e2e`` load with and without a webhook POSTing every event to a local
+            receiver (relay only; other peers get the ``webhooks off`` row): events/s
+            received, mean batch, backlog when the sink had everything, both e2e rates
+            (``bench/webhooks.py``).
+``observability`` the ``e2e`` load with the mail log and /metrics (scraped every second)
+            off and on, same run, alternating which goes first: both e2e rates and their
+            ratio (the issue's goal: on costs at most 3%) (``bench/observe.py``).
+``cluster`` two relay nodes with limits shared through Redis against two with local
+            halves, same sink: e2e rates and their ratio, Redis round trips per 1000
+            messages, and a cluster-wide rate limit's tracking over a minute (relay
+            only; ``bench/cluster.py``). Not in the default list (about two minutes).
 """
 
 from __future__ import annotations
@@ -33,7 +48,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +60,8 @@ from bench.metrics import TreeSample, dir_bytes, percentile, sample_tree
 from bench.peers import DkimKey, PeerError, PeerSetup, make_peer
 from bench.sink import Behaviour, Sink
 
-__all__ = ["SCENARIOS", "Scenario", "build_scenarios", "run_one", "run_rows", "sample_server",
-           "start_sink"]
+__all__ = ["DEFAULT_SCENARIOS", "SCENARIOS", "Scenario", "build_scenarios", "run_one",
+           "run_rows", "run_with_peer", "sample_server", "start_sink"]
 
 
 @dataclass
@@ -80,10 +95,20 @@ class Scenario:
     dkim: DkimKey | None = None
     #: dkim: (message bytes, messages; 0 = ``load.duration`` seconds), one row group each.
     dkim_sizes: tuple[tuple[int, int], ...] = ()
+    #: pushback: the sink's hidden limit (messages per window per source address) and
+    #: how long each peer runs against it.
+    pushback_rate: int = 0
+    pushback_window: float = 60.0
+    pushback_seconds: float = 0.0
+    #: cluster: how long the rate row measures the cluster-wide limit.
+    cluster_seconds: float = 60.0
 
 
 SCENARIOS = ("inject", "e2e", "fanout", "large", "defer", "smtp-source", "http-inject",
-             "dkim")
+             "dkim", "pushback", "webhooks", "observability", "cluster")
+#: What ``python -m bench`` runs without ``--scenarios``: pushback takes minutes per peer,
+#: cluster about two minutes (and a redis-server).
+DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s not in ("pushback", "cluster"))
 
 _SIZES = [(2048, 0.5), (8192, 0.35), (32768, 0.15)]
 _RCPTS = [(1, 0.8), (2, 0.15), (5, 0.05)]
@@ -95,11 +120,13 @@ def build_scenarios(duration: float = 8.0, quick: bool = False, sessions: int = 
                     sizes: list[tuple[int, float]] | None = None,
                     recipients: list[tuple[int, float]] | None = None,
                     domains: int = 20, relay_workers: int = 0,
-                    http_clients: int = 8) -> dict[str, Scenario]:
+                    http_clients: int = 8, pushback_seconds: float = 240.0,
+                    ) -> dict[str, Scenario]:
     """The suite. ``quick`` shrinks everything to a few seconds (tests, smoke runs).
     ``sizes``/``recipients``/``domains`` set the mix of inject, e2e and defer (fanout,
     large, smtp-source and http-inject have their own). ``http_clients``: concurrent HTTP
-    clients of http-inject."""
+    clients of http-inject. ``pushback_seconds``: each peer's run against the pushback
+    sink (``quick``: at most 30 s, against 10 messages per 10 s)."""
     if quick:
         duration = min(duration, 2.0)
         fanout_domains = min(fanout_domains, 40)
@@ -161,6 +188,27 @@ def build_scenarios(duration: float = 8.0, quick: bool = False, sessions: int = 
                  sizes=[(2048, 1.0)], recipients=[(1, 1.0)]),
         drain_timeout=drain, driver="dkim",
         dkim_sizes=((2048, 100 if quick else 0), (100 * 1024, 20 if quick else 0)))
+    # pushback: one domain, 2 KB single-recipient messages; the backlog's size follows
+    # from the limit and the run's length (bench/pushback.py).
+    out["pushback"] = Scenario(
+        "pushback", "a hidden per-source rate limit answered with 421 4.7.28",
+        LoadSpec(duration=duration, domains=["gmail.pushback.test"], sessions=4,
+                 sizes=[(2048, 1.0)], recipients=[(1, 1.0)]),
+        driver="pushback", pushback_rate=10 if quick else 50,
+        pushback_window=10.0 if quick else 60.0,
+        pushback_seconds=min(pushback_seconds, 30.0) if quick else pushback_seconds)
+    out["webhooks"] = Scenario(
+        "webhooks", "e2e with and without a webhook receiving every event",
+        LoadSpec(duration=duration, domains=plain_domains, **common), drain_timeout=drain,
+        driver="webhooks")
+    out["observability"] = Scenario(
+        "observability", "e2e with the mail log and /metrics off and on",
+        LoadSpec(duration=duration, domains=plain_domains, **common), drain_timeout=drain,
+        driver="observability")
+    out["cluster"] = Scenario(
+        "cluster", "two nodes, limits shared through Redis vs local halves",
+        LoadSpec(duration=duration, domains=plain_domains, **common), drain_timeout=drain,
+        driver="cluster", cluster_seconds=15.0 if quick else 60.0)
     for sc in out.values():
         sc.relay_workers = relay_workers
         sc.load.pipelining = pipelining
@@ -202,7 +250,7 @@ async def run_rows(scenario: Scenario, peer_name: str, processes: int = 2,
                    log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """The result rows of ``scenario`` against ``peer_name``: one for loadgen scenarios,
     one per variant for ``smtp-source``, one per batch size plus ``smtp-inject`` for
-    ``http-inject``, signed/unsigned rows per size for ``dkim``."""
+    ``http-inject``, signed/unsigned rows per size for ``dkim``, one for ``pushback``."""
     if scenario.driver == "smtp-source":
         from bench.smtp_source import run_smtp_source
 
@@ -215,6 +263,22 @@ async def run_rows(scenario: Scenario, peer_name: str, processes: int = 2,
         from bench.dkim import run_dkim
 
         return await run_dkim(scenario, peer_name, processes, show_progress, log)
+    if scenario.driver == "pushback":
+        from bench.pushback import run_pushback
+
+        return await run_pushback(scenario, peer_name, processes, show_progress, log)
+    if scenario.driver == "webhooks":
+        from bench.webhooks import run_webhooks
+
+        return await run_webhooks(scenario, peer_name, processes, show_progress, log)
+    if scenario.driver == "observability":
+        from bench.observe import run_observe
+
+        return await run_observe(scenario, peer_name, processes, show_progress, log)
+    if scenario.driver == "cluster":
+        from bench.cluster import run_cluster
+
+        return await run_cluster(scenario, peer_name, processes, show_progress, log)
     return [await run_one(scenario, peer_name, processes, show_progress, log)]
 
 
@@ -246,18 +310,32 @@ async def run_one(scenario: Scenario, peer_name: str, processes: int = 2,
     row: dict[str, Any] = {"scenario": scenario.name, "peer": peer_name,
                            "description": scenario.description}
     sink = Sink(behaviours=dict(scenario.behaviours))
+
+    async def measure(peer: Any) -> None:
+        await _measure(scenario, peer, sink, row, processes, show_progress)
+
+    await run_with_peer(scenario, peer_name, sink, row, measure, log)
+    return row
+
+
+async def run_with_peer(scenario: Scenario, peer_name: str, sink: Sink, row: dict[str, Any],
+                        measure: Callable[[Any], Awaitable[None]],
+                        log: Callable[[str], None] | None = None,
+                        make: Callable[[str, PeerSetup], Any] = make_peer) -> None:
+    """Serve ``sink`` for ``scenario`` (``start_sink``), start ``peer_name`` relaying to
+    it (``make(peer_name, setup)``) and await ``measure(peer)``; a peer that cannot start
+    becomes the row's ``error``. The sink stops when this returns."""
     async with trio.open_nursery() as nursery:
         setup = await start_sink(nursery, scenario, sink)
         try:
-            peer = make_peer(peer_name, setup)
+            peer = make(peer_name, setup)
             async with peer:
-                await _measure(scenario, peer, sink, row, processes, show_progress)
+                await measure(peer)
         except PeerError as e:
             row["error"] = str(e)
             if log:
-                log(f"{scenario.name}/{peer_name}: {e}")
+                log(f"{row['scenario']}/{peer_name}: {e}")
         nursery.cancel_scope.cancel()
-    return row
 
 
 async def _measure(scenario: Scenario, peer: Any, sink: Sink, row: dict[str, Any],

@@ -18,9 +18,29 @@ Contract (used by other engineers' tests, keep it stable)::
     sink.arrivals   # [(trio.current_time(), domain, n_recipients)] per accepted message/domain
     sink.messages   # [(mail_from, [rcpts], data, peer)] if keep_messages
     await sink.wait_for(lambda s: s.total_messages >= 10, timeout=5)   # TimeoutError
+    sink.sources["127.0.0.1"] -> SourceStats: per client source address, messages,
+        refusals (pushback 421s), connections_opened, current/max_concurrent_connections,
+        events [(trio.current_time(), "connect" | "accept" | "refuse")] in order (if
+        record_arrivals), message_times / refusal_times / connection_times, and
+        refusal_windows() (see "Pushback" below)
 
 Behaviours apply per recipient domain (``behaviours`` dict, else ``default``); a listener
 can also be given its own ``behaviour`` (e.g. ``GREET_421`` for a busy MX host).
+
+Pushback (a mailbox provider's hidden rate limit, like Gmail's): ``Sink(pushback_rate=50,
+pushback_window=60.0)`` accepts at most 50 messages per client source address in any
+60-second window (a *sliding* window: a message accepted at t frees its place at t + 60,
+so no burst at a window boundary gets more through) and answers every attempt above it
+with Gmail's published ``421 4.7.28`` rate-limit reply (``pushback_reply``), then closes
+the connection, as Gmail does. ``pushback_stage`` says where: ``"rcpt"`` (the first RCPT
+of a transaction, the default), ``"mail"`` or ``"data"`` (end of data). A transaction
+admitted at MAIL/RCPT holds its place until it ends, so concurrent connections of one
+address cannot overshoot the limit together. ``pushback_greet=True`` also greets with the
+421 (and closes) while the address is at its limit. Every source address is counted
+whether or not pushback is on (``sink.sources``); ``SourceStats.refusal_windows()``
+groups the refusals into windows (from a refusal to the next accepted message) with the
+connections the client opened meanwhile: the measure of how it reacted to being told to
+slow down.
 
 Speed: input is scanned with ``bytes.find``; replies to pipelined commands are batched
 into one send and flushed whenever the input buffer holds no further complete command
@@ -46,7 +66,7 @@ import socket
 import ssl
 import sys
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -55,7 +75,8 @@ import trio
 from relay.inbound.listener import serve_listeners
 from relay.wire import Wire
 
-__all__ = ["Behaviour", "DomainStats", "ListenerStats", "Sink", "main"]
+__all__ = ["PUSHBACK_STAGES", "Behaviour", "DomainStats", "ListenerStats", "RefusalWindow",
+           "Sink", "SourceStats", "main", "pushback_reply"]
 
 
 class Behaviour(enum.Enum):
@@ -100,6 +121,95 @@ class ListenerStats:
     connections_opened: int = 0
 
 
+@dataclass
+class RefusalWindow:
+    """A run of pushback refusals of one source address: from the first refusal until the
+    next message accepted from it (``end``; None: none was, up to the last record).
+    ``connections``: connections the client opened after that first refusal, up to and
+    including the one that carried the accepted message: 1 for a client that waits and
+    probes once, 5 for one that reconnects with five sessions at once."""
+
+    start: float
+    end: float | None = None
+    refusals: int = 0
+    connections: int = 0
+
+
+@dataclass
+class SourceStats:
+    """What one client source address did: the sender's egress address as the sink
+    sees it. ``events`` (kept when the sink records arrivals) are in the order they
+    happened, so windows stay exact even when a mock clock gives them equal times."""
+
+    messages: int = 0  #: accepted transactions
+    refusals: int = 0  #: pushback 421s (at greeting, MAIL, RCPT or end of data)
+    connections_opened: int = 0
+    current_connections: int = 0
+    max_concurrent_connections: int = 0
+    events: list[tuple[float, str]] = field(default_factory=list)
+
+    def times(self, kind: str) -> list[float]:
+        """Times of the ``kind`` events (``connect``, ``accept``, ``refuse``)."""
+        return [t for t, k in self.events if k == kind]
+
+    @property
+    def message_times(self) -> list[float]:
+        return self.times("accept")
+
+    @property
+    def refusal_times(self) -> list[float]:
+        return self.times("refuse")
+
+    @property
+    def connection_times(self) -> list[float]:
+        return self.times("connect")
+
+    def refusal_windows(self) -> list[RefusalWindow]:
+        """The refusals grouped into ``RefusalWindow``s, in order."""
+        windows: list[RefusalWindow] = []
+        current: RefusalWindow | None = None
+        for t, kind in self.events:
+            if kind == "refuse":
+                if current is None:
+                    current = RefusalWindow(start=t)
+                    windows.append(current)
+                current.refusals += 1
+            elif current is None:
+                continue
+            elif kind == "connect":
+                current.connections += 1
+            else:  # accept: the window closes
+                current.end = t
+                current = None
+        return windows
+
+
+#: Where a pushback sink refuses: the first RCPT of a transaction, MAIL, end of data.
+PUSHBACK_STAGES = ("rcpt", "mail", "data")
+
+
+def pushback_reply(ip: str) -> bytes:
+    """Gmail's ``421 4.7.28`` for a rate-limited IP address, multi-line as Gmail sends it
+    (the text of "Gmail SMTP errors and codes", https://support.google.com/a/answer/3726730,
+    with the client's address filled in)."""
+    lines = [f"[{ip}] Gmail has detected an unusual rate of email originating from",
+             f"your IP address {ip}. To protect our users from spam, email sent from",
+             "your IP address has been temporarily rate limited. To review our bulk email",
+             "senders guidelines, go to https://support.google.com/mail/?p="
+             "UnsolicitedRateLimitError - gsmtp"]
+    return ("".join(f"421-4.7.28 {x}\r\n" for x in lines[:-1])
+            + f"421 4.7.28 {lines[-1]}\r\n").encode()
+
+
+@dataclass
+class _Limit:
+    """A source address's pushback state: accepted messages still inside the window, and
+    transactions admitted at MAIL/RCPT that have not ended."""
+
+    recent: deque[float] = field(default_factory=deque)
+    inflight: int = 0
+
+
 _EHLO_KEYWORDS = ("PIPELINING", "8BITMIME", "SMTPUTF8", "CHUNKING", "ENHANCEDSTATUSCODES")
 _MAX_COMMAND = 65536
 
@@ -111,6 +221,10 @@ class _Close(Exception):
 @dataclass
 class _Session:
     peer: str
+    ip: str = ""
+    source: SourceStats | None = None
+    #: this transaction holds a place under the pushback limit (admitted at MAIL/RCPT)
+    slot: bool = False
     domains_seen: set[str] = field(default_factory=set)
     mail_from: str | None = None
     rcpts: list[str] = field(default_factory=list)
@@ -135,6 +249,10 @@ class Sink:
         hostname: str = "sink.test",
         record_arrivals: bool = True,
         chunking: bool = True,
+        pushback_rate: int = 0,
+        pushback_window: float = 60.0,
+        pushback_stage: str = "rcpt",
+        pushback_greet: bool = False,
     ) -> None:
         #: recipient domain (lower case) -> behaviour; may be changed while serving.
         self.behaviours: dict[str, Behaviour] = {
@@ -151,6 +269,14 @@ class Sink:
         self.record_arrivals = record_arrivals
         #: Offer CHUNKING (clients then send BDAT); False: DATA only, like smtp-sink.
         self.ehlo_keywords = tuple(k for k in _EHLO_KEYWORDS if chunking or k != "CHUNKING")
+        if pushback_rate < 0 or pushback_window <= 0 or pushback_stage not in PUSHBACK_STAGES:
+            raise ValueError(f"pushback: rate {pushback_rate} (>= 0), window {pushback_window}"
+                             f" (> 0), stage {pushback_stage!r} (one of {PUSHBACK_STAGES})")
+        #: Messages per ``pushback_window`` seconds per source address (0: no limit).
+        self.pushback_rate = pushback_rate
+        self.pushback_window = pushback_window
+        self.pushback_stage = pushback_stage
+        self.pushback_greet = pushback_greet
 
         self.stats: defaultdict[str, DomainStats] = defaultdict(DomainStats)
         self.total_messages = 0
@@ -162,6 +288,10 @@ class Sink:
         self.max_concurrent_connections = 0
         self.connections_opened = 0
         self.listeners: dict[tuple[str, int], ListenerStats] = {}
+        #: client source address -> what it did (always counted; events if recorded)
+        self.sources: dict[str, SourceStats] = {}
+        self.pushback_refusals = 0
+        self._limits: defaultdict[str, _Limit] = defaultdict(_Limit)
         self.arrivals: list[tuple[float, str, int]] = []
         self.messages: list[tuple[str, list[str], bytes, str]] = []
         self._changed = trio.Event()
@@ -191,6 +321,18 @@ class Sink:
         if scope.cancelled_caught and not predicate(self):
             raise TimeoutError(f"sink condition not met within {timeout}s")
 
+    def over_limit(self, ip: str) -> bool:
+        """Whether source address ``ip`` is at its pushback limit now: accepted messages in
+        the last ``pushback_window`` seconds plus transactions admitted and not ended
+        reach ``pushback_rate`` (never, without a limit)."""
+        if not self.pushback_rate:
+            return False
+        limit = self._limits[ip]
+        cutoff = trio.current_time() - self.pushback_window
+        while limit.recent and limit.recent[0] <= cutoff:
+            limit.recent.popleft()
+        return len(limit.recent) + limit.inflight >= self.pushback_rate
+
     def max_messages_in_window(self, domain: str, seconds: float) -> int:
         """Most messages of ``domain`` that arrived within any ``seconds``-long window:
         the proof that a ``max_message_rate`` throttle held."""
@@ -216,6 +358,8 @@ class Sink:
         }
         if per_domain:
             out["domains"] = {d: asdict(s) for d, s in self.stats.items()}
+            out["sources"] = {ip: {k: v for k, v in asdict(s).items() if k != "events"}
+                              for ip, s in self.sources.items()}
         return out
 
     # ------------------------------------------------------------------ serving
@@ -273,8 +417,9 @@ class Sink:
         lstats.max_concurrent_connections = max(
             lstats.max_concurrent_connections, lstats.current_connections
         )
+        source = self._count_source(peer[0])
         self._notify()
-        sess = _Session(peer=f"{peer[0]}:{peer[1]}")
+        sess = _Session(peer=f"{peer[0]}:{peer[1]}", ip=peer[0], source=source)
         try:
             await self._session(wire, sess, behaviour)
         except (trio.BrokenResourceError, trio.ClosedResourceError, _Close, OSError):
@@ -286,9 +431,65 @@ class Sink:
             lstats.current_connections -= 1
             for d in sess.domains_seen:
                 self.stats[d].current_connections -= 1
+            source.current_connections -= 1
+            self._release(sess)
             self._notify()
             with trio.CancelScope(shield=True):
                 await wire.aclose(graceful=False)
+
+    def _count_source(self, ip: str) -> SourceStats:
+        """Account a new connection from ``ip``; return its ``SourceStats``."""
+        source = self.sources.get(ip)
+        if source is None:
+            source = self.sources[ip] = SourceStats()
+        source.connections_opened += 1
+        source.current_connections += 1
+        source.max_concurrent_connections = max(source.max_concurrent_connections,
+                                                source.current_connections)
+        if self.record_arrivals:
+            source.events.append((trio.current_time(), "connect"))
+        return source
+
+    def _admit(self, sess: _Session) -> bytes | None:
+        """Pushback at this stage: the 421 reply (counted) when the session's address is at
+        its limit, else None; a MAIL/RCPT admission takes a place until the transaction
+        ends (``_release``)."""
+        if sess.slot:
+            return None
+        if self.over_limit(sess.ip):
+            return self._refuse(sess)
+        if self.pushback_stage != "data":
+            sess.slot = True
+            self._limits[sess.ip].inflight += 1
+        return None
+
+    def _refuse(self, sess: _Session) -> bytes:
+        source = sess.source
+        assert source is not None
+        source.refusals += 1
+        self.pushback_refusals += 1
+        if self.record_arrivals:
+            source.events.append((trio.current_time(), "refuse"))
+        self._notify()
+        return pushback_reply(sess.ip)
+
+    def _release(self, sess: _Session) -> None:
+        """The session's transaction ended (or a new one starts): free its place."""
+        if sess.slot:
+            sess.slot = False
+            self._limits[sess.ip].inflight -= 1
+
+    def _accepted_from(self, sess: _Session, now: float) -> None:
+        """A message from the session's address was accepted at ``now``."""
+        source = sess.source
+        if source is None:
+            return
+        source.messages += 1
+        if self.record_arrivals:
+            source.events.append((now, "accept"))
+        if self.pushback_rate:
+            self._limits[sess.ip].recent.append(now)
+            self._release(sess)
 
     def _ehlo_reply(self, name: str, sess: _Session) -> bytes:
         lines = [f"{self.hostname} hello {name}", f"SIZE {self.max_message_size}"]
@@ -302,6 +503,9 @@ class Sink:
         if (behaviour or self.default) is Behaviour.GREET_421:
             self.stats["*"].greet_421 += 1
             await wire.send(b"421 4.3.2 " + self.hostname.encode() + b" busy, try later\r\n")
+            return
+        if self.pushback_greet and self.over_limit(sess.ip):
+            await wire.send(self._refuse(sess))
             return
         await wire.send(b"220 " + self.hostname.encode() + b" ESMTP sink\r\n")
         buf = bytearray()
@@ -329,14 +533,21 @@ class Sink:
                     size, body, buf, signed = await self._read_data(wire, buf)
                     if size < 0:
                         return
-                    out.append(await self._end_of_data(sess, body, size, stuffed=True,
-                                                       signed=signed))
+                    reply = await self._end_of_data(sess, body, size, stuffed=True,
+                                                    signed=signed)
+                    out.append(reply)
+                    if reply.startswith(b"421"):  # pushback: closing, as Gmail does
+                        await wire.send(b"".join(out))
+                        return
                     continue
                 if verb == b"BDAT":
                     reply = await self._bdat(wire, sess, line, buf)
                     if reply is None:
                         return
                     out.append(reply)
+                    if reply.startswith(b"421"):
+                        await wire.send(b"".join(out))
+                        return
                     continue
                 reply = await self._command(wire, sess, line, verb, out)
                 if reply is None:
@@ -454,6 +665,10 @@ class Sink:
                         else b"451 4.3.0 try later\r\n")
         if size > self.max_message_size:
             return b"552 5.3.4 message too big\r\n"
+        if self.pushback_rate and self.pushback_stage == "data":
+            refusal = self._admit(sess)
+            if refusal is not None:
+                return refusal
         if stuffed and self.keep_messages:
             if body.startswith(b".."):
                 body = body[1:]
@@ -476,6 +691,7 @@ class Sink:
                 record((now, d, n))
         if self.keep_messages:
             self.messages.append((mail_from, list(rcpts), body, sess.peer))
+        self._accepted_from(sess, now)
         self._notify()
         return b"250 2.0.0 Ok: queued\r\n"
 
@@ -498,6 +714,10 @@ class Sink:
                     st.max_concurrent_connections, st.current_connections
                 )
                 self._notify()
+            if self.pushback_rate and self.pushback_stage == "rcpt":
+                refusal = self._admit(sess)
+                if refusal is not None:
+                    return refusal
             b = self.behaviour_for(d)
             if b is Behaviour.ACCEPT or b is Behaviour.TEMPFAIL_DATA or (
                 b is Behaviour.REJECT_DATA
@@ -543,6 +763,11 @@ class Sink:
                     size = 0
                 if size > self.max_message_size:
                     return b"552 5.3.4 message size exceeds limit\r\n"
+            self._release(sess)
+            if self.pushback_rate and self.pushback_stage == "mail":
+                refusal = self._admit(sess)
+                if refusal is not None:
+                    return refusal
             sess.mail_from = addr
             sess.rcpts = []
             return b"250 2.1.0 Ok\r\n"
@@ -550,11 +775,13 @@ class Sink:
             name = line[5:].decode("latin-1").strip() or "unknown"
             sess.greeted = True
             sess.mail_from, sess.rcpts, sess.bdat = None, [], None
+            self._release(sess)
             if verb == b"HELO":
                 return f"250 {self.hostname}\r\n".encode()
             return self._ehlo_reply(name, sess)
         if verb == b"RSET":
             sess.mail_from, sess.rcpts, sess.bdat = None, [], None
+            self._release(sess)
             return b"250 2.0.0 Ok\r\n"
         if verb == b"NOOP":
             return b"250 2.0.0 Ok\r\n"

@@ -3,6 +3,10 @@
     relay serve --config conf/relay.toml
     relay check-config conf/relay.toml
     relay queue [--config F] stats|list|show ID|retry [ID]|delete ID  [--domain D] [--json]
+    relay queue suspend|resume --domain D|--provider P|--tenant T|--campaign C|--source S
+                [--duration 2h] [--reason TEXT]
+    relay queue bounce [ID] [--domain D] [--provider P] ... [--reason TEXT]   (no DSN)
+    relay shaping status [--config F] [--json]
     relay hash-password            (reads the password from stdin)
     relay dkim keygen --domain D --selector S [--algorithm A] [--bits N] [--out DIR]
     relay report [--config F | --events FILE...] [--since T] [--until T] [--top N] [--json]
@@ -29,11 +33,19 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from relay.config import Config, ConfigError, load_config
-from relay.model import ascii_int
+from relay.config import Config, ConfigError, load_config, parse_duration
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from relay.events import EventLog
+    from relay.model import DeliveryJob, Envelope
+    from relay.spool import Spool
+    from relay.spool.shaping import ShapingEntry, ShapingStore
     from relay.spool.views import QueueEntry, QueueStats
+
+    #: A bounce selector: does this job (of this message) match?
+    Matcher = Callable[[DeliveryJob, Envelope], bool]
 
 __all__ = ["main"]
 
@@ -214,6 +226,11 @@ def format_queue_list(entries: Sequence[QueueEntry], now: float, *, more: bool =
 
 def cmd_queue(args: argparse.Namespace) -> int:
     config = _load(args.config)
+    if args.action in _CONTROL_ACTIONS:
+        return _queue_control(config, args)
+    for name in _CONTROL_ONLY:
+        if getattr(args, name) is not None:
+            raise CliError(f"--{name} is for queue suspend|resume|bounce", EX_USAGE)
     spool = _open_spool(config)
     try:
         return _queue_action(spool, args)
@@ -275,6 +292,320 @@ def _queue_action(spool, args: argparse.Namespace) -> int:  # type: ignore[no-un
     raise CliError(f"unknown queue action {action!r}", EX_USAGE)
 
 
+# -- queue control: suspend, resume, bounce; shaping status ----------------------------
+
+_CONTROL_ACTIONS = ("suspend", "resume", "bounce")
+_SELECTORS = ("domain", "provider", "tenant", "campaign", "source")
+#: Options only queue suspend|resume|bounce read (another action would ignore them).
+_CONTROL_ONLY = ("provider", "tenant", "campaign", "source", "duration", "reason")
+#: sysexits EX_IOERR and EX_TEMPFAIL ("try again later": some mail was being delivered).
+EX_IOERR, EX_TEMPFAIL = 74, 75
+
+_QUEUE_EPILOG = """\
+suspend|resume take exactly one selector. Suspended mail stays queued, deferred (not
+  an attempt), until it is resumed or --duration runs out. The workers re-read the
+  shaping table at every scheduler round, so a change takes effect within about a
+  second on every worker. --domain D: mail to recipient domain D; --provider P: the
+  destinations of [outbound.providers.P]; --source S: deliveries through
+  [egress.sources.S]; --tenant T / --campaign C: the messages' tenant or campaign.
+bounce takes selectors (all must match) and/or a QUEUE_ID: every recipient still
+  queued for that mail fails now WITHOUT a DSN (KumoMTA's admin bounce: the sender is
+  not told), one AdminBounce event per recipient in log.events. --provider matches
+  the domains whose MX hosts are the provider's now (outbound.resolvers; when DNS
+  fails, the provider the mail was last routed to); --source matches the mail of
+  every pool that includes the source. Recipients a worker is delivering right now
+  are skipped and counted (exit status 75): suspend the selection, bounce again.
+"""
+
+
+def _selectors(config: Config, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The (kind, value) of each selector given, in ``_SELECTORS`` order. A domain is
+    normalised like a routing domain; a provider or source must be defined in the
+    config, since a typo would otherwise hold or bounce nothing, silently."""
+    from relay.config import _toml_key
+
+    defined = {"provider": (["outbound", "providers"], config.outbound.providers),
+               "source": (["egress", "sources"], config.egress.sources)}
+    chosen = []
+    for kind in _SELECTORS:
+        value = getattr(args, kind)
+        if value is None:
+            continue
+        value = value.strip()
+        if kind == "domain":
+            value = value.lower().rstrip(".")
+            if "@" in value:
+                raise CliError(f"--domain {value}: a domain, not an address", EX_USAGE)
+        if not value:
+            raise CliError(f"--{kind} needs a value", EX_USAGE)
+        if kind in defined and value not in defined[kind][1]:
+            table = _toml_key([*defined[kind][0], value])
+            raise CliError(f"--{kind} {value}: no [{table}] in {args.config}", EX_USAGE)
+        chosen.append((kind, value))
+    return chosen
+
+
+def _one_scope(chosen: list[tuple[str, str]], args: argparse.Namespace) -> str:
+    """The shaping-table scope (``domain:D``, ...) of a suspend or resume."""
+    if args.queue_id:
+        raise CliError(f"queue {args.action} takes no queue id (select with --domain, "
+                       "--provider, --tenant, --campaign or --source)", EX_USAGE)
+    if len(chosen) != 1:
+        raise CliError(f"queue {args.action} needs exactly one of --domain, --provider, "
+                       "--tenant, --campaign, --source", EX_USAGE)
+    kind, value = chosen[0]
+    return f"{kind}:{value}"
+
+
+def _event_log(config: Config) -> EventLog | None:
+    """The config's event log (None when ``log.events`` is ""), opened before anything
+    changes, so an unwritable log stops the command while nothing is done yet."""
+    from relay.events import EventLog
+
+    if not config.log.events:
+        return None
+    try:
+        return EventLog(config.log.events)
+    except OSError as e:
+        raise CliError(f"cannot open the event log {config.log.events} (log.events): "
+                       f"{e.strerror or e}", EX_CANTCREAT) from None
+
+
+def _queue_control(config: Config, args: argparse.Namespace) -> int:
+    """``relay queue suspend|resume|bounce``: every argument is checked before the spool
+    or the event log is touched."""
+    if args.duration is not None and args.action != "suspend":
+        raise CliError("--duration is for queue suspend", EX_USAGE)
+    duration = _duration(args.duration) if args.duration is not None else None
+    chosen = _selectors(config, args)
+    scope = "" if args.action == "bounce" else _one_scope(chosen, args)
+    if args.action == "bounce":
+        if not chosen and not args.queue_id:
+            raise CliError("queue bounce needs a queue id or a selector (--domain, "
+                           "--provider, --tenant, --campaign, --source)", EX_USAGE)
+        if args.queue_id and not args.queue_id.isascii():
+            raise _no_such_message(args.queue_id)
+    spool = _open_spool(config)
+    events = None
+    try:
+        events = _event_log(config)
+        if args.action == "bounce":
+            return _bounce(config, spool, events, chosen, args)
+        from relay.spool.shaping import ShapingStore
+
+        store = ShapingStore(spool)
+        if args.action == "suspend":
+            return _suspend(store, events, scope, duration, args.reason or "")
+        return _resume(store, events, scope, args.reason or "")
+    finally:
+        if events is not None:
+            events.close()
+        spool.close()
+
+
+def _suspend(store: ShapingStore, events: EventLog | None, scope: str,
+             duration: float | None, reason: str) -> int:
+    """Write the operator's suspension of ``scope`` (replacing an earlier one: a new
+    duration or reason) and its ShapingChange event."""
+    from relay.events.types import ShapingChange
+    from relay.spool.shaping import ShapingEntry
+
+    now = time.time()
+    until = now + duration if duration is not None else None
+    earlier = [e for e in store.entries(now) if e.scope == scope and e.origin == "admin"]
+    store.put([ShapingEntry(scope=scope, origin="admin", suspend=True, until=until,
+                            since=now, reason=reason)])
+    if events is not None:
+        events([ShapingChange(queue_id="", scope=scope,
+                              before="suspended" if earlier else "not suspended",
+                              after="suspended", reason=reason or "relay queue suspend",
+                              rule="admin", until=until)])
+    how = ("until resumed" if until is None
+           else f"for {fmt_age(until - now)} (until {_fmt_time(until)})")
+    print(f"{scope}: suspended {how}{' (replaces the earlier suspension)' if earlier else ''}")
+    print("Every worker holds its mail within about a second; it stays queued, not attempted.")
+    return 0
+
+
+def _resume(store: ShapingStore, events: EventLog | None, scope: str, reason: str) -> int:
+    """Remove the operator's suspension of ``scope`` (an error when there is none)."""
+    from relay.events.types import ShapingChange
+
+    now = time.time()
+    removed = [e for e in store.remove(scope, origin="admin") if e.active(now)]
+    if not removed:
+        raise CliError(f"{scope}: not suspended by an operator (relay shaping status "
+                       "lists what is)", EX_DATAERR)
+    if events is not None:
+        events([ShapingChange(queue_id="", scope=scope, before="suspended",
+                              after="not suspended", reason=reason or "relay queue resume",
+                              rule="admin")])
+    print(f"{scope}: resumed (suspended since {_fmt_time(removed[0].since or None)})")
+    print("Every worker delivers its mail again within about a second.")
+    return 0
+
+
+def _bounce(config: Config, spool: Spool, events: EventLog | None,
+            chosen: list[tuple[str, str]], args: argparse.Namespace) -> int:
+    """Fail the selected recipients now, without a DSN (``Spool.admin_bounce``), with
+    one AdminBounce event each, written after each batch's commit."""
+    from relay.events.types import AdminBounce, event_tags
+
+    reason = args.reason or "bounced by the operator"
+    selector = " ".join([f"{k}:{v}" for k, v in chosen]
+                        + ([f"queue:{args.queue_id}"] if args.queue_id else []))
+    tests = [_matcher(config, spool, kind, value) for kind, value in chosen]
+
+    def select(job: DeliveryJob, env: Envelope) -> bool:
+        return all(test(job, env) for test in tests)
+
+    def log(done: list[tuple[Envelope, list[str]]]) -> None:
+        if events is not None:
+            events([AdminBounce(queue_id=env.queue_id, recipient=rcpt, reason=reason,
+                                selector=selector, **event_tags(env))
+                    for env, rcpts in done for rcpt in rcpts])
+
+    try:
+        bounced, skipped = spool.admin_bounce(select, queue_id=args.queue_id, committed=log)
+    except OSError as e:
+        raise CliError(f"cannot write the event log {config.log.events}: {e.strerror or e} "
+                       "(the last batch's recipients are bounced; their AdminBounce events "
+                       "are missing)", EX_IOERR) from None
+    if not bounced and not skipped:
+        if args.queue_id and spool.show(args.queue_id) is None:
+            raise _no_such_message(args.queue_id)
+        print(f"Nothing queued matches {selector}")
+        return 0
+    messages = len({qid for qid, _ in bounced})
+    print(f"{_plural(len(bounced), 'recipient')} of {_plural(messages, 'message')} "
+          f"bounced ({selector}; no DSN sent)")
+    if skipped:
+        print(f"{_plural(skipped, 'recipient')} skipped: a worker is delivering them right "
+              "now; suspend the selection, then run the bounce again")
+        return EX_TEMPFAIL
+    return 0
+
+
+def _matcher(config: Config, spool: Spool, kind: str, value: str) -> Matcher:
+    """``(job, envelope) -> bool`` for one bounce selector (see ``_QUEUE_EPILOG``)."""
+    if kind == "domain":
+        return lambda job, env: job.domain == value
+    if kind == "tenant":
+        return lambda job, env: env.tenant == value
+    if kind == "campaign":
+        return lambda job, env: env.campaign_id == value
+    if kind == "source":
+        from relay.outbound.egress import Egress
+
+        egress = Egress(config.egress)
+        pools = {name for name, pool in config.egress.pools.items()
+                 if any(m.source == value for m in pool.sources)}
+        return lambda job, env: egress.pool_of(job.pool) in pools
+    keys = _destination_keys(config, spool)
+    target = f"provider:{value}"
+    return lambda job, env: (keys.get(job.domain) or job.shard_key) == target
+
+
+def _destination_keys(config: Config, spool: Spool) -> dict[str, str | None]:
+    """The destination key (``provider:NAME`` or the domain) of every domain with queued
+    mail, as the engine would route it now (``Router.destination_key``, MX lookups
+    through ``outbound.resolvers``, 32 at a time); None where the lookup failed."""
+    import trio
+
+    from relay.outbound.resolver import Resolver
+    from relay.outbound.routing import Router
+
+    # Every domain with a job (the stats' per-domain table, uncut).
+    domains = [d.domain for d in spool.stats(top=sys.maxsize).top_domains]
+    router = Router(config.outbound, Resolver(list(config.outbound.resolvers)))
+    failed = "\0"  # a fallback no real key can equal: the lookup failed
+    keys: dict[str, str | None] = {}
+
+    async def lookup(domain: str, limiter: trio.CapacityLimiter) -> None:
+        async with limiter:
+            key = await router.destination_key(domain, failed)
+        keys[domain] = None if key == failed else key
+
+    async def lookup_all() -> None:
+        limiter = trio.CapacityLimiter(32)
+        async with trio.open_nursery() as nursery:
+            for domain in domains:
+                nursery.start_soon(lookup, domain, limiter)
+
+    trio.run(lookup_all)
+    unknown = sum(key is None for key in keys.values())
+    if unknown:
+        print(f"relay: warning: the MX hosts of {_plural(unknown, 'domain')} could not be "
+              "looked up now; their mail matches by the provider it was last routed to",
+              file=sys.stderr)
+    return keys
+
+
+def shaping_holds(entry: ShapingEntry) -> str:
+    """What a shaping entry holds, for people: ``suspended``, or its limits with the rate
+    per minute (``rate 60.0/min, connections 2, 50 deliveries/connection``); a learned
+    (adaptive) entry shows its learned limits, ``configured limits`` when it has none."""
+    if entry.suspend:
+        return "suspended"
+    learned = entry.learned
+    rate = entry.max_message_rate
+    conns = entry.max_connections
+    if learned is not None:
+        rate = learned.rate if rate is None else rate
+        conns = learned.connections if conns is None else conns
+    parts = []
+    if rate is not None:
+        parts.append(f"rate {rate * 60:.1f}/min")
+    if conns is not None:
+        parts.append(f"connections {conns}")
+    if entry.max_deliveries_per_connection is not None:
+        parts.append(f"{entry.max_deliveries_per_connection} deliveries/connection")
+    return ", ".join(parts) or "configured limits"
+
+
+def _by_scope(entry: ShapingEntry) -> tuple[str, str]:
+    return entry.scope, entry.origin
+
+
+def format_shaping_status(entries: Sequence[ShapingEntry], now: float) -> str:
+    """``relay shaping status`` for people: one row per entry in force, sorted by scope
+    (then origin): scope, origin (``admin``, ``rule:ID``, ``adaptive``), what it holds,
+    since, expiry (``until resumed``, or the time and what is left), reason; then a
+    count. No entry: ``No suspensions or adjusted limits in force``."""
+    if not entries:
+        return "No suspensions or adjusted limits in force\n"
+    rows = [("Scope", "Origin", "Holds", "Since", "Expires", "Reason")]
+    for e in sorted(entries, key=_by_scope):
+        expires = ("until resumed" if e.until is None
+                   else f"{_fmt_time(e.until)} (in {fmt_age(e.until - now)})")
+        rows.append((e.scope, e.origin, shaping_holds(e), _fmt_time(e.since or None),
+                     expires, " ".join(e.reason.split()) or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=False))
+             + f"  {row[5]}" for row in rows]
+    suspended = sum(e.suspend for e in entries)
+    lines += ["", f"-- {suspended} suspended, {len(entries) - suspended} with adjusted limits."]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_shaping_status(args: argparse.Namespace) -> int:
+    """``relay shaping status``: every entry of the spool's shaping table in force."""
+    from relay.spool.shaping import ShapingStore
+
+    config = _load(args.config)
+    spool = _open_spool(config)
+    try:
+        now = time.time()
+        entries = ShapingStore(spool).entries(now)
+    finally:
+        spool.close()
+    if args.json:
+        _print_json(sorted(entries, key=_by_scope))
+    else:
+        sys.stdout.write(format_shaping_status(entries, now))
+    return 0
+
+
 def cmd_hash_password(args: argparse.Namespace) -> int:
     from relay.inbound.auth import hash_password
 
@@ -287,16 +618,13 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
 # -- suppression list --------------------------------------------------------------------
 
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
 def _duration(text: str) -> float:
     """``90``, ``30m``, ``12h``, ``30d``, ``2w`` -> seconds."""
-    unit = text[-1:].lower()
-    number = ascii_int(text[:-1] if unit in _DURATION_UNITS else text)
-    if number is None or number < 1:
-        raise CliError(f"{text!r} is not a duration (examples: 3600, 30m, 12h, 30d)", EX_USAGE)
-    return float(number * _DURATION_UNITS.get(unit, 1))
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise CliError(f"{text!r} is not a duration (examples: 3600, 30m, 12h, 30d)",
+                       EX_USAGE) from None
 
 
 def cmd_suppress(args: argparse.Namespace) -> int:
@@ -577,14 +905,36 @@ def _parser() -> argparse.ArgumentParser:
                             "apply, with the table each comes from (repeatable)")
     check.set_defaults(func=cmd_check_config)
 
-    queue = sub.add_parser("queue", help="inspect and manage the queue")
-    queue.add_argument("action", choices=["stats", "list", "show", "retry", "delete"])
+    queue = sub.add_parser("queue", help="inspect and manage the queue",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=_QUEUE_EPILOG)
+    queue.add_argument("action", choices=["stats", "list", "show", "retry", "delete",
+                                          *_CONTROL_ACTIONS])
     queue.add_argument("queue_id", nargs="?")
     queue.add_argument("--config", default=DEFAULT_CONFIG)
     queue.add_argument("--domain", help="only jobs for this recipient domain")
     queue.add_argument("--limit", type=int, default=1000)
     queue.add_argument("--json", action="store_true", help="machine-readable output")
+    queue.add_argument("--provider", help="suspend/resume/bounce: the mail of this "
+                                          "[outbound.providers] entry")
+    queue.add_argument("--tenant", help="suspend/resume/bounce: the mail of this tenant")
+    queue.add_argument("--campaign", help="suspend/resume/bounce: the mail of this campaign")
+    queue.add_argument("--source", help="suspend/resume/bounce: the mail through this "
+                                        "[egress.sources] entry")
+    queue.add_argument("--duration", help="suspend: for this long (3600, 30m, 2h, 1d; "
+                                          "default: until resumed)")
+    queue.add_argument("--reason", help="suspend/resume/bounce: why (shown by relay shaping "
+                                        "status, written to the event log)")
     queue.set_defaults(func=cmd_queue)
+
+    shaping = sub.add_parser("shaping", help="traffic shaping: suspensions and limits")
+    shaping_sub = shaping.add_subparsers(dest="shaping_command", required=True)
+    status = shaping_sub.add_parser("status", help="every suspension and adjusted limit in "
+                                                   "force, with its reason and expiry")
+    status.add_argument("--config", default=DEFAULT_CONFIG)
+    status.add_argument("--json", action="store_true",
+                        help="machine-readable output (rates in messages per second)")
+    status.set_defaults(func=cmd_shaping_status)
 
     hp = sub.add_parser("hash-password", help="scrypt hash for inbound.auth_users")
     hp.set_defaults(func=cmd_hash_password)

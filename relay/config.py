@@ -7,13 +7,15 @@ keys are errors: a typo in a throttle name must not silently fall back to a defa
 ``load_config(path)`` returns a ``Config`` or raises ``ConfigError`` whose message names the
 file and the key as TOML spells it, in plain words (``conf/relay.toml:
 inbound.max_recipients: expected an integer, got a string``, ``conf/relay.toml:
-outbound.domains."gmail.com".tls: must be one of "off", "opportunistic", "required" (got
-"yes")``), which is what ``relay check-config`` and a failed SIGHUP reload print.
+outbound.domains."gmail.com".tls: must be one of "off", "opportunistic", "required",
+"verify" (got "yes")``), which is what ``relay check-config`` and a failed SIGHUP reload print.
 
 Relative paths in a file (``spool.path``, ``log.events``, ``log.mail_log``,
-``inbound.tls_cert``, ``inbound.tls_key``, ``dkim.signers[].key``, ``bounces.rules``) are
-relative to the directory of that file, so the queue commands work from any directory:
-``load_config`` makes them absolute.
+``inbound.tls_cert``, ``inbound.tls_key``, ``dkim.signers[].key``, ``bounces.rules``,
+``bounces.secret_file``, ``outbound.tls_ca_file``, ``password_file``,
+``webhooks[].secret_file``) are relative to the
+directory of that file, so the queue commands work from any directory: ``load_config``
+makes them absolute (and reads the secret and password files).
 ``decode_config`` has no file and leaves them as they are (relative to the current
 directory).
 
@@ -34,19 +36,22 @@ import os
 import re
 import socket
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import msgspec
 import msgspec.structs
 
-from relay.model import ascii_int
+from relay.model import ascii_int, ip_address
+from relay.privileges import lookup_group, lookup_user
 
 __all__ = [
     "AdminConfig",
     "ApiKey",
     "AuthUser",
     "BouncesConfig",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "DkimConfig",
@@ -59,16 +64,22 @@ __all__ = [
     "RelayPolicyConfig",
     "Route",
     "ServerConfig",
+    "SmtpAuth",
     "SpoolConfig",
+    "SuppressRule",
     "SuppressionConfig",
     "TenantLimits",
     "Throttle",
+    "WebhookConfig",
     "check_dkim_name",
     "decode_config",
     "load_config",
+    "parse_connection_limit",
+    "parse_duration",
     "parse_rate",
     "parse_size",
     "reload_config",
+    "split_local",
 ]
 
 
@@ -101,6 +112,19 @@ _RATE_SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hour": 3600, 
                  "day": 86400}
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(value: str) -> float:
+    """``"90"``, ``"30m"``, ``"12h"``, ``"30d"``, ``"2w"`` -> seconds (at least 1)."""
+    unit = value[-1:].lower()
+    number = ascii_int(value[:-1] if unit in _DURATION_UNITS else value)
+    if number is None or number < 1:
+        raise ValueError(f"invalid duration {value!r} (examples: \"3600\", \"30m\", "
+                         "\"12h\", \"30d\")")
+    return float(number * _DURATION_UNITS.get(unit, 1))
+
+
 def parse_rate(value: str) -> float:
     """``"300/min"``, ``"10/s"``, ``"1000/h"``, ``"5/10s"`` -> events per second."""
     m = _RATE_RE.match(value)
@@ -113,6 +137,41 @@ def parse_rate(value: str) -> float:
     if period <= 0:
         raise ValueError(f"rate {value!r} needs a period of at least 1 second")
     return count / period
+
+
+#: A throttle written ``"local:300/min"`` / ``"local:20"`` is this node's own even when
+#: ``[cluster] redis`` shares the others between the nodes (KumoMTA's spelling).
+LOCAL_PREFIX = "local:"
+
+
+def split_local(value: str) -> tuple[str, bool]:
+    """``"local:300/min"`` -> ("300/min", True); ``"300/min"`` -> ("300/min", False)."""
+    if value.startswith(LOCAL_PREFIX):
+        return value[len(LOCAL_PREFIX):].strip(), True
+    return value, False
+
+
+def parse_connection_limit(value: int | str) -> tuple[int, bool]:
+    """``max_connections``: ``20`` (cluster-wide with ``[cluster] redis``) or
+    ``"local:20"`` (this node's own) -> (20, is local). A string is only for ``local:``."""
+    if isinstance(value, int):
+        return value, False
+    text, local = split_local(value)
+    if not local:
+        raise ValueError("expected an integer, got a string")
+    number = ascii_int(text)
+    if number is None or number < 1:
+        raise ValueError(f"invalid connection limit {value!r} (examples: 20, \"local:20\")")
+    return number, local
+
+
+def _check_scoped_rate(value: str) -> None:
+    """A throttle's rate, ``local:`` or not (the error quotes it as written)."""
+    try:
+        parse_rate(split_local(value)[0])
+    except ValueError as e:
+        reason = str(e).replace(repr(split_local(value)[0]), repr(value))
+        raise ValueError(reason) from None
 
 
 class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -137,6 +196,12 @@ class ServerConfig(_Base):
     #: Restart backoff for a worker that died: doubles from min to max.
     restart_backoff_min: Seconds = 0.5
     restart_backoff_max: Seconds = 30.0
+    #: Run the workers as this user (Postfix mail_owner): the supervisor stays root to
+    #: bind ports below 1024 and hands the sockets to the workers, which give root up
+    #: before they open the spool or a log (relay.privileges). "" = no change.
+    user: str = ""
+    #: ... and this group; "" = the user's primary group.
+    group: str = ""
 
     def resolved_hostname(self) -> str:
         return self.hostname or socket.getfqdn()
@@ -257,12 +322,17 @@ class LogConfig(_Base):
 class Throttle(_Base):
     """Delivery limits for one destination. Every field is optional so an override names
     only what it changes; ``OutboundConfig.throttle_for`` merges default <- wildcard <- exact.
+
+    With ``[cluster] redis`` set, ``max_connections``, ``max_message_rate`` and
+    ``max_connection_rate`` hold for all the nodes together; written with the ``local:``
+    prefix (``"local:20"``, ``"local:300/min"``) a limit stays each node's own.
     """
 
-    max_connections: PositiveInt | None = None
+    #: 20, or "local:20" (see above).
+    max_connections: PositiveInt | str | None = None
     max_deliveries_per_connection: PositiveInt | None = None
     max_recipients_per_message: PositiveInt | None = None
-    #: e.g. "300/min"; "" means unlimited.
+    #: e.g. "300/min" (or "local:300/min"); "" means unlimited.
     max_message_rate: str | None = None
     max_connection_rate: str | None = None
     connect_timeout: Seconds | None = None
@@ -272,7 +342,9 @@ class Throttle(_Base):
     retry_interval: Seconds | None = None
     max_retry_interval: Seconds | None = None
     max_age: Seconds | None = None
-    tls: Literal["off", "opportunistic", "required"] | None = None
+    #: "off" | "opportunistic" (Postfix may) | "required" (encrypt: TLS, certificate not
+    #: verified) | "verify" (TLS, certificate and host name verified).
+    tls: Literal["off", "opportunistic", "required", "verify"] | None = None
     #: A connection lost after the end of data was sent, before its reply: the message
     #: may have been delivered. "retry" (a duplicate is possible) or "delivered" (a loss
     #: is possible); either way the event says ``ambiguous: true``.
@@ -281,7 +353,8 @@ class Throttle(_Base):
 
 class Limits(_Base):
     """A destination's effective limits: every field resolved (``throttle_for``), so the
-    delivery engine never repeats a default. Field meanings as in ``Throttle``."""
+    delivery engine never repeats a default. Field meanings as in ``Throttle``, without
+    the ``local:`` prefixes (``OutboundConfig.local_limits`` tells which had one)."""
 
     max_connections: int
     max_deliveries_per_connection: int
@@ -295,7 +368,7 @@ class Limits(_Base):
     retry_interval: float
     max_retry_interval: float
     max_age: float
-    tls: Literal["off", "opportunistic", "required"]
+    tls: Literal["off", "opportunistic", "required", "verify"]
     ambiguous: Literal["retry", "delivered"]
 
 
@@ -343,12 +416,31 @@ def _host_matches(host: str, pattern: str) -> bool:
 PROVIDER_PREFIX = "provider:"
 
 
+class SmtpAuth(_Base):
+    """AUTH PLAIN/LOGIN credentials for a smart host or a route (Postfix
+    smtp_sasl_password_maps); all empty (the default) = no AUTH. With a username, set
+    one of ``password`` and ``password_file`` (better: the secret stays out of the
+    config file); ``load_config`` reads the file and puts its first line in
+    ``password`` (``decode_config`` reads no file). Used only over TLS: they make the
+    hop's TLS at least "required"."""
+
+    username: str = ""
+    password: str = ""
+    password_file: str = ""
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.username or self.password or self.password_file)
+
+
 class Route(_Base):
     """A static route: mail for ``domain`` (exact, or ``*.example.com`` wildcard) goes to
-    these hosts, tried in order; ``host`` or ``host:port`` or ``[v6]:port``."""
+    these hosts, tried in order; ``host`` or ``host:port`` or ``[v6]:port``; ``auth``
+    logs in to each of them."""
 
     domain: str
     hosts: list[str]
+    auth: SmtpAuth = msgspec.field(default_factory=SmtpAuth)
 
 
 class OutboundConfig(_Base):
@@ -360,6 +452,11 @@ class OutboundConfig(_Base):
     smtp_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 25
     #: Global smart host ("host[:port]"); static routes still take precedence over it.
     smart_host: str = ""
+    #: Credentials for the smart host (``SmtpAuth``), e.g. an upstream provider's.
+    smart_host_auth: SmtpAuth = msgspec.field(default_factory=SmtpAuth)
+    #: PEM CA certificates that tls = "verify" trusts instead of the system's ("" = the
+    #: system's); relative to the config file.
+    tls_ca_file: str = ""
     routes: list[Route] = msgspec.field(default_factory=list)
     #: Source address for outgoing connections ("" = kernel's choice).
     source_address: str = ""
@@ -377,36 +474,70 @@ class OutboundConfig(_Base):
                 return PROVIDER_PREFIX + name
         return None
 
-    def layers(self, destination: str) -> list[tuple[str, Throttle]]:
+    def layers(self, destination: str, source: str = "",
+               egress: EgressSource | None = None) -> list[tuple[str, Throttle]]:
         """Where a destination's limits come from, weakest first, each with the table
-        that says it: the built-in defaults, ``[outbound.default]``, then a provider's
-        block, or a domain's best wildcard and its exact entry."""
+        that says it: the built-in defaults, ``[outbound.default]``, the egress source's
+        ``limits``, then a provider's block, or a domain's best wildcard and its exact
+        entry, then the same for the (source, provider or domain) pair."""
         layers: list[tuple[str, Throttle]] = [("built-in default", BUILTIN_THROTTLE),
                                               ("[outbound.default]", self.default)]
+        prefix = ["egress", "sources", source]
+        if egress is not None:
+            layers.append((f"[{_toml_key([*prefix, 'limits'])}]", egress.limits))
         if destination.startswith(PROVIDER_PREFIX):
             name = destination[len(PROVIDER_PREFIX):]
             if name in self.providers:
                 layers.append((f"[{_toml_key(['outbound', 'providers', name])}]",
                                self.providers[name]))
+            if egress is not None and name in egress.providers:
+                layers.append((f"[{_toml_key([*prefix, 'providers', name])}]",
+                               egress.providers[name]))
             return layers
         dest = destination.lower().rstrip(".")
-        wildcard = _best_wildcard(dest, self.domains)
-        if wildcard is not None:
-            layers.append((f"[{_toml_key(['outbound', 'domains', wildcard])}]",
-                           self.domains[wildcard]))
-        if dest in self.domains:
-            layers.append((f"[{_toml_key(['outbound', 'domains', dest])}]", self.domains[dest]))
+        tables: list[tuple[list[str | int], dict[str, Throttle]]] = [
+            (["outbound", "domains"], self.domains)]
+        if egress is not None:
+            tables.append(([*prefix, "domains"], egress.domains))
+        for where, table in tables:
+            wildcard = _best_wildcard(dest, table)
+            if wildcard is not None:
+                layers.append((f"[{_toml_key([*where, wildcard])}]", table[wildcard]))
+            if dest in table:
+                layers.append((f"[{_toml_key([*where, dest])}]", table[dest]))
         return layers
 
-    def throttle_for(self, destination: str) -> Limits:
-        """Effective limits of a destination: its ``layers`` merged, strongest last."""
+    def throttle_for(self, destination: str, source: str = "",
+                     egress: EgressSource | None = None) -> Limits:
+        """Effective limits of a destination (through an egress source): its ``layers``
+        merged, strongest last."""
+        merged = self._merged(destination, source, egress)
+        merged["max_connections"] = parse_connection_limit(merged["max_connections"])[0]
+        for name in ("max_message_rate", "max_connection_rate"):
+            merged[name] = split_local(merged[name])[0]  # type: ignore[arg-type]
+        return Limits(**merged)  # type: ignore[arg-type]
+
+    def local_limits(self, destination: str, source: str = "",
+                     egress: EgressSource | None = None) -> frozenset[str]:
+        """Which of a destination's cluster-capable limits (``max_connections``,
+        ``max_message_rate``, ``max_connection_rate``) are written ``local:``: those stay
+        this node's own with ``[cluster] redis`` set."""
+        merged = self._merged(destination, source, egress)
+        local = {name for name in ("max_message_rate", "max_connection_rate")
+                 if split_local(merged[name])[1]}  # type: ignore[arg-type]
+        if parse_connection_limit(merged["max_connections"])[1]:  # type: ignore[arg-type]
+            local.add("max_connections")
+        return frozenset(local)
+
+    def _merged(self, destination: str, source: str,
+                egress: EgressSource | None) -> dict[str, object]:
         merged: dict[str, object] = {}
-        for _source, layer in self.layers(destination):
+        for _source, layer in self.layers(destination, source, egress):
             for name in Limits.__struct_fields__:
                 value = getattr(layer, name)
                 if value is not None:
                     merged[name] = value
-        return Limits(**merged)  # type: ignore[arg-type]
+        return merged
 
     def member_caps(self, domain: str) -> tuple[int | None, str | None]:
         """A domain's own ``max_connections`` and ``max_message_rate`` (from its exact or
@@ -415,9 +546,10 @@ class OutboundConfig(_Base):
         cap: int | None = None
         rate: str | None = None
         for _source, layer in self.layers(domain)[2:]:
-            cap = layer.max_connections if layer.max_connections is not None else cap
+            if layer.max_connections is not None:
+                cap = parse_connection_limit(layer.max_connections)[0]
             rate = layer.max_message_rate if layer.max_message_rate is not None else rate
-        return cap, rate or None
+        return cap, split_local(rate)[0] if rate else None
 
 
 def _best_wildcard(domain: str, table: dict[str, object]) -> str | None:
@@ -559,13 +691,241 @@ class UnsubscribeConfig(_Base):
     tenants: list[str] = msgspec.field(default_factory=list)
 
 
+class SuppressRule(_Base):
+    """When a bounce class (or complaints) suppresses the address (``[bounces.suppress]``,
+    relay.outcomes.suppress): ``when`` is "immediate", "never" or "N/D" ("3/7d": the
+    third within seven days); the entry then holds for ``expires`` ("30d"; "" = until
+    an operator removes it)."""
+
+    when: str = "immediate"
+    expires: str = ""
+
+
 class BouncesConfig(_Base):
-    """Bounce classification (relay.outcomes.classify): every failure's Momentum class."""
+    """Bounce classification (relay.outcomes.classify), out-of-band bounces and
+    complaints to a bounce domain (relay.inbound.bounces), and the suppression they feed
+    (relay.events.suppress_feed)."""
 
     #: The operator's rules file (TOML, relative to the config file's directory), read
     #: before the shipped defaults (relay/outcomes/bounce_rules.toml); "" = the defaults
     #: only. Checked at load and re-read on SIGHUP.
     rules: str = ""
+    #: The bounce domain (its MX must point at this relay): mail leaves with a VERP return
+    #: path there, one recipient per transaction, and the listener takes the reports
+    #: that come back. "" = off (mail leaves with its own sender).
+    domain: str = ""
+    #: The HMAC key of the VERP addresses and of the X-Relay-Ref header (at least 16
+    #: characters), or a file holding it (relative to the config file); one of them with
+    #: ``domain``. Changing it voids the addresses of mail already sent.
+    secret: str = ""
+    secret_file: str = ""
+    #: Addresses that receive feedback reports (ARF) from mailbox providers' feedback
+    #: loops; mail to them is parsed, never relayed.
+    complaint_addresses: list[str] = msgspec.field(default_factory=list)
+    #: The SenderId of a ``Feedback-ID: campaign:tenant:kind:SenderId`` header (Gmail's
+    #: feedback loop) added to mail without one; "" = none.
+    feedback_id: str = ""
+    #: Let bounces (in-session and out-of-band) and complaints add suppression entries
+    #: under ``suppress``.
+    auto_suppress: bool = True
+    #: A bounce class (code or name) or "complaint" -> "immediate", "never", "N/D" or
+    #: ``{ when = "3/7d", expires = "30d" }``, over the shipped defaults.
+    suppress: dict[str, str | SuppressRule] = msgspec.field(default_factory=dict)
+
+
+class WarmupStep(_Base):
+    """From ``day`` of a source's age (day 1 = its ``warmup_start``) on, at most
+    ``daily_cap`` messages a day through it, until the next step's day."""
+
+    day: PositiveInt
+    daily_cap: PositiveInt
+
+
+class EgressSource(_Base):
+    """One sending identity (``[egress.sources.NAME]``): a local address to bind and the
+    name to say in EHLO (KumoMTA's egress source, PowerMTA's virtual MTA)."""
+
+    #: The local IP outgoing connections are bound to; "" = the kernel's choice.
+    source_address: str = ""
+    #: Our name in EHLO through this source (its PTR name); "" = ``server.hostname``.
+    ehlo_domain: str = ""
+    #: Limits for every destination through this source, over ``[outbound.default]``.
+    limits: Throttle = msgspec.field(default_factory=Throttle)
+    #: Limits per (source, domain) and (source, provider): over everything else.
+    domains: dict[str, Throttle] = msgspec.field(default_factory=dict)
+    providers: dict[str, Throttle] = msgspec.field(default_factory=dict)
+    #: The source's first day of sending ("2026-12-01"); with ``warmup`` its daily caps.
+    warmup_start: str = ""
+    warmup: list[WarmupStep] = msgspec.field(default_factory=list)
+
+    def daily_cap(self, today: str) -> int | None:
+        """The cap of the day ``today`` (ISO date), or None: no cap (no schedule, or
+        the schedule is over)."""
+        if not self.warmup or not self.warmup_start:
+            return None
+        import datetime
+
+        age = (datetime.date.fromisoformat(today)
+               - datetime.date.fromisoformat(self.warmup_start)).days + 1
+        steps = sorted(self.warmup, key=lambda s: s.day)
+        if age > steps[-1].day:
+            return None
+        cap = steps[0].daily_cap
+        for step in steps:
+            if step.day <= age:
+                cap = step.daily_cap
+        return cap
+
+
+class PoolMember(_Base):
+    source: str
+    weight: PositiveInt = 1
+
+
+class EgressPool(_Base):
+    """Sources that share a sender's traffic, by weighted round robin."""
+
+    sources: Annotated[list[PoolMember], msgspec.Meta(min_length=1)]
+
+
+class EgressConfig(_Base):
+    """Egress sources and pools (relay.outbound.egress). With no pools, mail leaves from
+    ``outbound.source_address`` as one unnamed source."""
+
+    sources: dict[str, EgressSource] = msgspec.field(default_factory=dict)
+    pools: dict[str, EgressPool] = msgspec.field(default_factory=dict)
+    #: The pool of mail that names none (and whose tenant has none); "" = no pools.
+    default_pool: str = ""
+    #: A header naming the pool (PowerMTA's ``X-VirtualMTA``), removed before delivery;
+    #: "" = not read.
+    pool_header: str = "X-VirtualMTA"
+    #: A tenant's pool, for its mail that names none.
+    tenant_pools: dict[str, str] = msgspec.field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.pools)
+
+
+class ShapingRule(_Base):
+    """A rule that reacts to a reply (KumoMTA's shaping automation); see
+    relay/outcomes/shaping_rules.toml for the format and the shipped rules."""
+
+    id: str
+    match_mx: list[str] = msgspec.field(default_factory=list)
+    provider: str = ""
+    domain: str = ""
+    code: int | None = None
+    enhanced: str = ""
+    regex: str = ""
+    #: "immediate" or "N/h": act at the Nth match within an hour.
+    trigger: str = "immediate"
+    action: Literal["suspend", "limit"] = "suspend"
+    max_message_rate: str = ""
+    max_connections: PositiveInt | None = None
+    max_deliveries_per_connection: PositiveInt | None = None
+    #: How long the action holds ("30m", "2h", "1d", or seconds).
+    duration: str = "1h"
+    cite: str = ""
+    note: str = ""
+
+
+class ShapingConfig(_Base):
+    """Traffic shaping (relay.outcomes.shaping): reply rules, then adaptive limits."""
+
+    #: Rules written here come first, then ``rules_file``'s, then the shipped ones.
+    rules: list[ShapingRule] = msgspec.field(default_factory=list)
+    #: The operator's rules file (TOML ``[[rules]]``, relative to the config file).
+    rules_file: str = ""
+    #: Use the shipped rules for Gmail, Yahoo and Microsoft.
+    default_rules: bool = True
+    #: Closed-loop shaping (AIMD) on pushback: 421s, 4.7.x deferrals, refused connects.
+    adaptive: bool = True
+    #: On pushback the rate becomes this share of the rate the destination accepted
+    #: over the last ``window`` seconds, and the connections this share of those in use.
+    decrease: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.9
+    #: The window the accepted rate is measured over (providers write their limits per
+    #: minute: a burst then counts as what it is per minute).
+    window: Seconds = 60.0
+    #: After this long without pushback, limits grow by ``increase`` (a share of the
+    #: current rate, at least 1/min) and one connection, toward the configured limits.
+    clean_interval: Seconds = 60.0
+    increase: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.05
+    #: Never below this rate, nor below one connection.
+    floor_rate: str = "6/min"
+    #: A new destination starts with this many connections (at most its limit) and
+    #: may open one more per message accepted, until its first pushback (slow start).
+    initial_connections: PositiveInt = 4
+    #: After pushback, the destination waits until the cut rate fits in the window
+    #: (at least this long) before one probe connection; the wait doubles while the
+    #: probes are refused, up to ``max_pause``.
+    pause: Seconds = 5.0
+    max_pause: Seconds = 300.0
+
+
+class WebhookConfig(_Base):
+    """One webhook (``[[webhooks]]``): the event log's events POSTed to ``url`` in
+    signed JSON batches, at least once (relay.events.webhooks)."""
+
+    #: Names its cursor file and its metrics: letters, digits, ".", "_", "-".
+    name: str
+    #: http:// or https:// URL the batches are POSTed to.
+    url: str
+    #: Event types sent ("Delivery", "Bounce", ...); [] = every type.
+    events: list[str] = msgspec.field(default_factory=list)
+    #: Only events of these tenants; [] = every event, with a tenant or not.
+    tenants: list[str] = msgspec.field(default_factory=list)
+    #: Events per POST at most ...
+    batch_size: PositiveInt = 100
+    #: ... and seconds the first event of a batch waits for more before it is sent.
+    max_batch_age: Seconds = 1.0
+    #: The HMAC-SHA256 key of X-Relay-Signature; set this or ``secret_file`` (its first
+    #: line; relative to the config file's directory).
+    secret: str = ""
+    secret_file: str = ""
+    #: Seconds one POST may take (connect to the end of the answer).
+    timeout: Seconds = 10.0
+    #: After a failed POST, wait ``retry_min`` seconds, doubling up to ``retry_max``.
+    retry_min: Seconds = 1.0
+    retry_max: Seconds = 300.0
+    #: A webhook without a cursor yet starts at the beginning of the current event log
+    #: file (true) or at its end (false).
+    backfill: bool = True
+
+    def secret_bytes(self) -> bytes:
+        """The key: ``secret``, or the first line of ``secret_file``."""
+        if self.secret or not self.secret_file:
+            return self.secret.encode()
+        lines = Path(self.secret_file).read_text().strip().splitlines()
+        return lines[0].strip().encode() if lines else b""
+
+
+class ClusterConfig(_Base):
+    """Limits shared by the relay nodes of a cluster through Redis (``[cluster]``,
+    relay.outbound.cluster): message rates, connection rates and ``max_connections`` then
+    hold for all the nodes together, except those written ``local:``."""
+
+    #: "redis://host:port/db", "rediss://..." (TLS) or "unix:///path?db=0"; "" = off.
+    redis: str = ""
+    #: Nodes sharing the limits. Without Redis (down, or slower than ``timeout``) each
+    #: node uses this share of every shared limit (limit / expected_nodes).
+    expected_nodes: PositiveInt = 2
+    #: Most message (or connection-rate) tokens a node leases from Redis at once ...
+    lease_batch: PositiveInt = 50
+    #: ... and at most ``lease_window`` seconds' worth of the limit (a slow limit leases
+    #: one or two at a time, so the cluster's rate stays close to it).
+    lease_window: Seconds = 0.25
+    #: Leased tokens a node has not used within this are given back.
+    token_lifetime: Seconds = 1.0
+    #: A connection's lease in Redis lives this long and is renewed every third of it
+    #: while the connection is open: a node killed outright frees its slots within it.
+    connection_lease_ttl: Seconds = 10.0
+    #: A Redis call taking longer than this counts as Redis being unreachable.
+    timeout: Seconds = 0.5
+    #: While Redis is unreachable, it is tried again this often.
+    retry_interval: Seconds = 2.0
+    #: The start of every key the relay writes (nodes sharing limits use the same).
+    key_prefix: str = "relay:"
 
 
 class Config(_Base):
@@ -581,6 +941,10 @@ class Config(_Base):
     suppression: SuppressionConfig = msgspec.field(default_factory=SuppressionConfig)
     unsubscribe: UnsubscribeConfig = msgspec.field(default_factory=UnsubscribeConfig)
     bounces: BouncesConfig = msgspec.field(default_factory=BouncesConfig)
+    egress: EgressConfig = msgspec.field(default_factory=EgressConfig)
+    shaping: ShapingConfig = msgspec.field(default_factory=ShapingConfig)
+    webhooks: list[WebhookConfig] = msgspec.field(default_factory=list)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
 
 
 def _semantic_checks(cfg: Config) -> None:
@@ -594,6 +958,10 @@ def _semantic_checks(cfg: Config) -> None:
             text = str(e).replace(repr(value), _toml_value(value)) if value else str(e)
             raise ValueError(f"{key}: {text}") from None
 
+    if cfg.server.user:
+        check("server.user", lookup_user, cfg.server.user)
+    if cfg.server.group:
+        check("server.group", lookup_group, cfg.server.group)
     for i, addr in enumerate(cfg.inbound.listen):
         check(f"inbound.listen[{i}]", parse_hostport, addr)
     check("inbound.max_message_size", parse_size, cfg.inbound.max_message_size)
@@ -620,18 +988,25 @@ def _semantic_checks(cfg: Config) -> None:
                 raise ValueError(f"{_toml_key(['outbound', 'providers', name])}.match_mx[{i}]: "
                                  f"{_toml_str(pattern)} is not a host name or *.suffix")
     for key, t in throttles.items():
-        for field in ("max_message_rate", "max_connection_rate"):
-            value = getattr(t, field)
-            if value:
-                check(f"{key}.{field}", parse_rate, value)
+        _throttle_checks(key, t, check)
     for i, route in enumerate(cfg.outbound.routes):
         for j, host in enumerate(route.hosts):
             check(f"outbound.routes[{i}].hosts[{j}]", parse_hostport, host)
     if cfg.outbound.smart_host:
         check("outbound.smart_host", parse_hostport, cfg.outbound.smart_host)
+    _auth_checks(cfg.outbound)
     for i, r in enumerate(cfg.outbound.resolvers):
         check(f"outbound.resolvers[{i}]", parse_hostport, r)
     _http_checks(cfg, check)
+    _egress_checks(cfg.egress, check)
+    for i, rule in enumerate(cfg.shaping.rules):
+        try:
+            check_rule_fields(rule)
+        except ValueError as e:
+            raise ValueError(f"shaping.rules[{i}] (id {_toml_str(rule.id)}): {e}") from None
+    if len({r.id for r in cfg.shaping.rules}) != len(cfg.shaping.rules):
+        raise ValueError("shaping.rules: two rules have the same id")
+    check("shaping.floor_rate", parse_rate, cfg.shaping.floor_rate)
     unsub = cfg.unsubscribe
     if unsub.url:
         if not unsub.url.startswith("https://") and not unsub.url.startswith("http://"):
@@ -643,6 +1018,255 @@ def _semantic_checks(cfg: Config) -> None:
     if unsub.mailto and ("@" not in unsub.mailto or any(c in unsub.mailto for c in " <>")):
         raise ValueError(f"unsubscribe.mailto: {_toml_str(unsub.mailto)} is not an address")
     _dkim_checks(cfg.dkim)
+    _bounces_checks(cfg.bounces)
+    _webhook_checks(cfg)
+    _cluster_checks(cfg.cluster)
+
+
+def _throttle_checks(key: str, t: Throttle, check) -> None:  # type: ignore[no-untyped-def]
+    """A throttle table's rates and connection limit (``local:`` or not)."""
+    for field in ("max_message_rate", "max_connection_rate"):
+        value = getattr(t, field)
+        if value:
+            check(f"{key}.{field}", _check_scoped_rate, value)
+    if t.max_connections is not None:
+        check(f"{key}.max_connections", parse_connection_limit, t.max_connections)
+
+
+def _cluster_checks(cluster: ClusterConfig) -> None:
+    from urllib.parse import urlsplit
+
+    if not cluster.redis:
+        return
+    try:
+        url = urlsplit(cluster.redis)
+        _ = url.port  # a bad port raises
+        ok = ((url.scheme in ("redis", "rediss") and bool(url.hostname))
+              or (url.scheme == "unix" and bool(url.path)))
+    except ValueError:
+        ok = False
+    if not ok or any(c in cluster.redis for c in " \t\r\n"):
+        raise ValueError(f"cluster.redis: {_toml_str(cluster.redis)} is not a redis://, "
+                         "rediss:// or unix:// URL (example: \"redis://127.0.0.1:6379/0\")")
+    if cluster.token_lifetime < cluster.lease_window:
+        raise ValueError("cluster.token_lifetime: less than cluster.lease_window")
+
+
+_WEBHOOK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", re.ASCII)
+
+
+def _webhook_checks(cfg: Config) -> None:
+    from urllib.parse import urlsplit
+
+    from relay.events.types import Event
+
+    known = {t.__struct_config__.tag for t in get_args(Event)}
+    seen: set[str] = set()
+    for i, hook in enumerate(cfg.webhooks):
+        key = f"webhooks[{i}]"
+        if not _WEBHOOK_NAME_RE.match(hook.name):
+            raise ValueError(f"{key}.name: {_toml_str(hook.name)} must be 1-64 letters, "
+                             "digits, '.', '_' or '-' (it names a file and a metric label)")
+        if hook.name in seen:
+            raise ValueError(f"{key}.name: {_toml_str(hook.name)} is used twice")
+        seen.add(hook.name)
+        try:
+            url = urlsplit(hook.url)
+            url_ok = url.scheme in ("http", "https") and bool(url.hostname)
+            _ = url.port  # a bad port raises
+        except ValueError:
+            url_ok = False
+        if not url_ok or any(c in hook.url for c in " \t\r\n"):
+            raise ValueError(f"{key}.url: {_toml_str(hook.url)} is not an http:// or "
+                             "https:// URL")
+        for j, name in enumerate(hook.events):
+            if name not in known:
+                raise ValueError(f"{key}.events[{j}]: {_toml_str(name)} is not an event "
+                                 f"type (one of {', '.join(sorted(known))})")
+        if bool(hook.secret) == bool(hook.secret_file):
+            raise ValueError(f"{key}.secret/secret_file: set one of them (the key that "
+                             "signs each POST)")
+        if hook.retry_min > hook.retry_max:
+            raise ValueError(f"{key}.retry_min: more than retry_max")
+    if cfg.webhooks and not cfg.log.events:
+        raise ValueError("webhooks: need log.events (the webhooks send the event log)")
+
+
+def _secret_from_file(source: str, key: str, path: str, *, min_length: int = 1,
+                      exact: bool = False) -> str:
+    """The secret in ``path``: its first line, stripped of blanks (``exact``: as it is,
+    for a password); a ConfigError names ``key`` and the file."""
+    try:
+        text = Path(path).read_text("utf-8")
+    except OSError as e:
+        raise ConfigError(f"{source}: {key}: cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: {key}: {path} is not UTF-8 text") from None
+    if exact:
+        secret = text.split("\n", 1)[0].removesuffix("\r")
+    else:
+        lines = text.strip().splitlines()
+        secret = lines[0].strip() if lines else ""
+    if not secret:
+        raise ConfigError(f"{source}: {key}: {path} is empty (its first line is the secret)")
+    if len(secret) < min_length:
+        raise ConfigError(f"{source}: {key}: {path} holds fewer than {min_length} characters")
+    if "\0" in secret or "\r" in secret:
+        raise ConfigError(f"{source}: {key}: {path}: the first line holds a NUL or CR")
+    return secret
+
+
+def _read_webhook_secrets(cfg: Config, source: str) -> Config:
+    """Each ``webhooks[].secret_file`` read into its ``secret`` (at every load, so a
+    SIGHUP picks up a new key); a ConfigError names the key and the file."""
+    hooks = []
+    for i, hook in enumerate(cfg.webhooks):
+        if hook.secret_file:
+            secret = _secret_from_file(source, f"webhooks[{i}].secret_file", hook.secret_file)
+            hook = msgspec.structs.replace(hook, secret=secret)
+        hooks.append(hook)
+    return msgspec.structs.replace(cfg, webhooks=hooks)
+
+
+def _bounces_checks(bounces: BouncesConfig) -> None:
+    from relay.outcomes.suppress import parse_policy
+
+    if bounces.domain:
+        try:
+            check_dkim_name(bounces.domain)
+        except ValueError as e:
+            raise ValueError(f"bounces.domain: {e}") from None
+        if not bounces.secret and not bounces.secret_file:
+            raise ValueError("bounces.secret: needed with bounces.domain set (or "
+                             "bounces.secret_file)")
+    else:
+        for key in ("complaint_addresses", "feedback_id"):
+            if getattr(bounces, key):
+                raise ValueError(f"bounces.{key}: needs bounces.domain")
+    if bounces.secret and bounces.secret_file:
+        raise ValueError("bounces.secret/secret_file: set one, not both")
+    if bounces.secret and len(bounces.secret) < 16:
+        raise ValueError("bounces.secret: needs at least 16 characters")
+    for i, addr in enumerate(bounces.complaint_addresses):
+        local, at, domain = addr.rpartition("@")
+        if not at or not local or not domain or any(c in addr for c in " <>"):
+            raise ValueError(f"bounces.complaint_addresses[{i}]: {_toml_str(addr)} is not "
+                             "an address")
+    if ":" in bounces.feedback_id or any(c.isspace() for c in bounces.feedback_id):
+        raise ValueError(f"bounces.feedback_id: {_toml_str(bounces.feedback_id)} must not "
+                         "contain a colon or blanks")
+    try:
+        parse_policy(bounces.suppress)
+    except ValueError as e:
+        key, _, reason = str(e).partition(": ")
+        raise ValueError(f"{_toml_key(['bounces', 'suppress', key])}: {reason}") from None
+
+
+def _read_bounce_secret(cfg: Config, source: str) -> Config:
+    """``bounces.secret_file`` read into ``bounces.secret`` (a ConfigError names the
+    file); at least 16 characters, surrounding blanks ignored."""
+    path = cfg.bounces.secret_file
+    if not path:
+        return cfg
+    secret = _secret_from_file(source, "bounces.secret_file", path, min_length=16)
+    return msgspec.structs.replace(cfg, bounces=msgspec.structs.replace(cfg.bounces,
+                                                                        secret=secret))
+
+
+def _auth_entries(outbound: OutboundConfig) -> list[tuple[str, SmtpAuth]]:
+    """Every configured ``SmtpAuth`` with its TOML key."""
+    entries = [("outbound.smart_host_auth", outbound.smart_host_auth)]
+    entries += [(f"outbound.routes[{i}].auth", r.auth) for i, r in enumerate(outbound.routes)]
+    return [(key, auth) for key, auth in entries if auth.configured]
+
+
+def _auth_checks(outbound: OutboundConfig) -> None:
+    if outbound.smart_host_auth.configured and not outbound.smart_host:
+        raise ValueError("outbound.smart_host_auth: there is no outbound.smart_host")
+    for key, auth in _auth_entries(outbound):
+        if not auth.username or any(c in auth.username for c in "\0\r\n"):
+            raise ValueError(f"{key}.username: must be non-empty, without NUL, CR or LF")
+        if bool(auth.password) == bool(auth.password_file):
+            raise ValueError(f"{key}: set one of password, password_file")
+        if any(c in auth.password for c in "\0\r\n"):
+            raise ValueError(f"{key}.password: must not contain NUL, CR or LF")
+
+
+def _egress_checks(egress: EgressConfig, check) -> None:  # type: ignore[no-untyped-def]
+    import datetime
+
+    for name, src in egress.sources.items():
+        key = _toml_key(["egress", "sources", name])
+        if src.source_address and ip_address(src.source_address) is None:
+            raise ValueError(f"{key}.source_address: {_toml_str(src.source_address)} is not "
+                             "an IP address")
+        if src.ehlo_domain and not _HOSTNAME_RE.match(src.ehlo_domain):
+            raise ValueError(f"{key}.ehlo_domain: {_toml_str(src.ehlo_domain)} is not a "
+                             "host name")
+        if src.warmup_start:
+            check(f"{key}.warmup_start", datetime.date.fromisoformat, src.warmup_start)
+        if src.warmup and not src.warmup_start:
+            raise ValueError(f"{key}.warmup: needs warmup_start (the source's first day)")
+        days = [step.day for step in src.warmup]
+        if len(set(days)) != len(days):
+            raise ValueError(f"{key}.warmup: a day is listed twice")
+        tables = {f"{key}.limits": src.limits}
+        tables.update({f"{key}.domains.{_toml_key([d])}": t for d, t in src.domains.items()})
+        tables.update({f"{key}.providers.{_toml_key([p])}": t
+                       for p, t in src.providers.items()})
+        for where, t in tables.items():
+            _throttle_checks(where, t, check)
+    for name, pool in egress.pools.items():
+        for i, member in enumerate(pool.sources):
+            if member.source not in egress.sources:
+                raise ValueError(f"{_toml_key(['egress', 'pools', name])}.sources[{i}].source: "
+                                 f"no [egress.sources.{_toml_key([member.source])}]")
+    if egress.pools and egress.default_pool not in egress.pools:
+        raise ValueError(f"egress.default_pool: {_toml_str(egress.default_pool)} is not one of "
+                         "[egress.pools] (with pools, every message needs one)")
+    if not egress.pools and egress.default_pool:
+        raise ValueError("egress.default_pool: there are no [egress.pools]")
+    for tenant, pool in egress.tenant_pools.items():
+        if pool not in egress.pools:
+            raise ValueError(f"{_toml_key(['egress', 'tenant_pools', tenant])}: "
+                             f"{_toml_str(pool)} is not one of [egress.pools]")
+
+
+_TRIGGER_RE = re.compile(r"^(immediate|[1-9][0-9]{0,5}/h)$")
+
+
+def check_rule_fields(rule: ShapingRule) -> None:
+    """A shaping rule's fields, beyond their types: ValueError("field: reason")."""
+    scopes = [name for name in ("match_mx", "provider", "domain") if getattr(rule, name)]
+    if len(scopes) != 1:
+        raise ValueError("needs exactly one scope of match_mx, provider, domain"
+                         + (f" (has {', '.join(scopes)})" if scopes else ""))
+    if rule.code is None and not rule.enhanced and not rule.regex:
+        raise ValueError("needs at least one of code, enhanced, regex")
+    if rule.code is not None and not 200 <= rule.code <= 599:
+        raise ValueError(f"code: {rule.code} is not a reply code")
+    if rule.enhanced and not re.match(r"^[245](\.[0-9]{1,3}){0,2}\.?$", rule.enhanced):
+        raise ValueError(f"enhanced: {_toml_str(rule.enhanced)} is not an enhanced status "
+                         "code (\"4.7.28\") or a prefix of one (\"4.7.\")")
+    if rule.regex:
+        try:
+            re.compile(rule.regex)
+        except re.error as e:
+            raise ValueError(f"regex: {e}") from None
+    if not _TRIGGER_RE.match(rule.trigger):
+        raise ValueError(f"trigger: {_toml_str(rule.trigger)} must be \"immediate\" or "
+                         "\"N/h\" (e.g. \"3/h\")")
+    parse_duration(rule.duration)
+    if rule.max_message_rate:
+        parse_rate(rule.max_message_rate)
+    if rule.action == "limit" and not (rule.max_message_rate or rule.max_connections
+                                       or rule.max_deliveries_per_connection):
+        raise ValueError("action \"limit\" needs max_message_rate, max_connections or "
+                         "max_deliveries_per_connection")
+
+
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+                          r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?$")
 
 
 def _http_checks(cfg: Config, check) -> None:  # type: ignore[no-untyped-def]
@@ -766,7 +1390,7 @@ def decode_config(data: bytes | str, source: str = "<config>") -> Config:
 
     ``decode_config(b'[outbound.default]\\ntls = "yes"\\n', "relay.toml")`` raises
     ``ConfigError('relay.toml: outbound.default.tls: must be one of "off",
-    "opportunistic", "required" (got "yes")')``. Paths are returned as written.
+    "opportunistic", "required", "verify" (got "yes")')``. Paths are returned as written.
     """
     try:
         cfg = msgspec.toml.decode(data, type=Config)
@@ -1100,22 +1724,58 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config: {e.strerror}") from None
     cfg = _resolve_paths(decode_config(data, str(p)), Path(os.path.abspath(p)).parent)
-    _check_bounce_rules(cfg, str(p))
-    return cfg
+    cfg = _read_outbound_files(cfg, str(p))
+    _check_rules_files(cfg, str(p))
+    return _read_webhook_secrets(_read_bounce_secret(cfg, str(p)), str(p))
 
 
-def _check_bounce_rules(cfg: Config, source: str) -> None:
-    """``bounces.rules`` must name a readable, valid rules file: ``relay.toml:
-    bounces.rules: my-rules.toml: rules[2] (id "acme"): regex: ...``. The compiled
-    classifier is kept (``load_classifier``), so the engine does not compile it again."""
-    if not cfg.bounces.rules:
-        return
+def _read_outbound_files(cfg: Config, source: str) -> Config:
+    """``outbound.tls_ca_file`` must load as CA certificates; the first line of each
+    ``password_file`` becomes that entry's ``password`` (read at every load, so a
+    SIGHUP picks up a rotated password). Errors name the key and the file."""
+    import ssl
+
+    outbound = cfg.outbound
+    if outbound.tls_ca_file:
+        try:
+            ssl.create_default_context(cafile=outbound.tls_ca_file)
+        except OSError as e:  # ssl.SSLError included: not PEM, no certificate in it
+            raise ConfigError(f"{source}: outbound.tls_ca_file: cannot load "
+                              f"{outbound.tls_ca_file}: {e.strerror or e}") from None
+    passwords = {key: _read_password(source, key, auth)
+                 for key, auth in _auth_entries(outbound) if auth.password_file}
+    if not passwords:
+        return cfg
+    replace = msgspec.structs.replace
+
+    def filled(key: str, auth: SmtpAuth) -> SmtpAuth:
+        return replace(auth, password=passwords[key]) if key in passwords else auth
+
+    return replace(cfg, outbound=replace(
+        outbound, smart_host_auth=filled("outbound.smart_host_auth", outbound.smart_host_auth),
+        routes=[replace(r, auth=filled(f"outbound.routes[{i}].auth", r.auth))
+                for i, r in enumerate(outbound.routes)]))
+
+
+def _read_password(source: str, key: str, auth: SmtpAuth) -> str:
+    return _secret_from_file(source, f"{key}.password_file", auth.password_file, exact=True)
+
+
+def _check_rules_files(cfg: Config, source: str) -> None:
+    """``bounces.rules`` and ``shaping.rules_file`` must name readable, valid rules files:
+    ``relay.toml: bounces.rules: my-rules.toml: rules[2] (id "acme"): regex: ...``. The
+    compiled classifier is kept (``load_classifier``), so the engine does not compile it
+    again."""
     from relay.outcomes.classify import RulesError, load_classifier
+    from relay.outcomes.shaping import ShapingRulesError, read_rules_file
 
-    try:
-        load_classifier(cfg.bounces.rules)
-    except RulesError as e:
-        raise ConfigError(f"{source}: bounces.rules: {e}") from None
+    for key, path, read in (("bounces.rules", cfg.bounces.rules, load_classifier),
+                            ("shaping.rules_file", cfg.shaping.rules_file, read_rules_file)):
+        if path:
+            try:
+                read(path)
+            except (RulesError, ShapingRulesError) as e:
+                raise ConfigError(f"{source}: {key}: {e}") from None
 
 
 def _resolve_paths(cfg: Config, base: Path) -> Config:
@@ -1138,5 +1798,20 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
                         tls_key=absolute(cfg.inbound.tls_key)),
         dkim=replace(cfg.dkim, signers=[replace(s, key=absolute(s.key))
                                         for s in cfg.dkim.signers]),
-        bounces=replace(cfg.bounces, rules=absolute(cfg.bounces.rules)),
+        bounces=replace(cfg.bounces, rules=absolute(cfg.bounces.rules),
+                        secret_file=absolute(cfg.bounces.secret_file)),
+        shaping=replace(cfg.shaping, rules_file=absolute(cfg.shaping.rules_file)),
+        outbound=_outbound_paths(cfg.outbound, absolute),
+        webhooks=[replace(w, secret_file=absolute(w.secret_file)) for w in cfg.webhooks],
     )
+
+
+def _outbound_paths(outbound: OutboundConfig, absolute: Callable[[str], str]) -> OutboundConfig:
+    replace = msgspec.structs.replace
+
+    def auth(a: SmtpAuth) -> SmtpAuth:
+        return replace(a, password_file=absolute(a.password_file))
+
+    return replace(outbound, tls_ca_file=absolute(outbound.tls_ca_file),
+                   smart_host_auth=auth(outbound.smart_host_auth),
+                   routes=[replace(r, auth=auth(r.auth)) for r in outbound.routes])

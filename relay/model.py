@@ -20,6 +20,7 @@ __all__ = [
     "Completion",
     "DeliveryJob",
     "Envelope",
+    "Learned",
     "NewMessage",
     "Recipient",
     "RecipientOutcome",
@@ -132,6 +133,24 @@ class DeliveryJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: tried even if its destination is backed off (which lifts the backoff, as
     #: Postfix's ``postqueue -f`` does). Cleared by the next outcome.
     forced: bool = False
+    #: The egress pool its message was given at intake (``Envelope.ip_pool``); None =
+    #: no pools configured then (the default source).
+    pool: str | None = None
+
+
+class Learned(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A path's limits learned by the closed loop (``relay.outcomes.shaping``), kept over a
+    restart in the spool (``relay.spool.shaping``)."""
+
+    #: Messages per second the path may send; None = its configured limit.
+    rate: float | None = None
+    connections: int | None = None
+    #: Additive step of the rate (per ``clean_interval``), fixed at the last cut.
+    step: float = 0.0
+    #: Unix time of the last change.
+    changed: float = 0.0
+    #: The path has seen pushback since it started (slow start is over).
+    cut: bool = False
 
 
 def ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

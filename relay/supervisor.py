@@ -1,7 +1,12 @@
 """The supervisor: forks the workers, restarts the ones that die, relays signals.
 
-It holds no sockets, no LMDB environment and no trio loop, so a fork never copies
-anything a child must not inherit. It waits for signals synchronously with
+It holds no LMDB environment and no trio loop, so a fork never copies anything a child
+must not inherit. It binds each worker's listening sockets (SO_REUSEPORT, one set per
+worker) just before forking that worker and closes its own copies right after: the
+child takes them over (``relay.inbound.listener.hand_over``), so the supervisor never
+holds a listening socket while the relay runs, a dead worker's share of new connections
+goes to the others, and a restarted worker gets its sockets from a process that can
+still bind port 25. It waits for signals synchronously with
 ``sigtimedwait`` (SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGUSR1 blocked and collected), which
 keeps the control flow a plain loop.
 
@@ -27,6 +32,19 @@ relay blocks nothing; when the pid in it is dead but the lock is held, its worke
 given ``DYING_GRACE`` seconds to finish dying). ``relay queue`` does not take it. Then
 each ``inbound.listen`` address is bound once and closed (``relay.preflight.probe_listen``).
 Either failure raises ``StartupError`` before any worker exists.
+
+Privileges (``server.user``/``server.group``, ``relay.privileges``): the supervisor stays
+root; each forked child gives root up before it runs any worker code. Before the first
+fork, as root, the supervisor makes the relay's own files the user's: every entry of the
+spool directory owned by root is given to user:group (a root-owned entry is what an
+earlier root run, ``relay queue`` as root or this start created; an entry of some third
+user is refused, naming it), and each log file is created (mode 0640) or, when root owns
+it, given to the user; the log directories are left alone. Then a child that has
+dropped to the user runs ``preflight`` and reads the config file (the workers re-read
+it on SIGHUP): whatever the user could not open is a ``StartupError`` naming the key,
+the path and the user. A relay not started as root with ``server.user`` set refuses to
+start, unless it already runs as that user (systemd ``User=``), which is a no-op. The
+identity is fixed at start: a SIGHUP that changes it is logged as needing a restart.
 """
 
 from __future__ import annotations
@@ -38,6 +56,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,8 +64,18 @@ from pathlib import Path
 
 from relay.config import Config, ConfigError, reload_config
 from relay.http.metrics import write_supervisor_snapshot
+from relay.inbound.listener import bind_listeners, hand_over
 from relay.model import ascii_int
 from relay.preflight import StartupError, preflight, probe_listen
+from relay.privileges import (
+    Identity,
+    PrivilegeError,
+    drop_privileges,
+    lookup_group,
+    lookup_user,
+    resolve,
+    switch_problem,
+)
 from relay.spool import pid_alive
 
 __all__ = ["Supervisor"]
@@ -90,13 +119,22 @@ class Supervisor:
         self.exit_code = 0
         #: Restarts of each worker (after it died), for ``GET /metrics``.
         self.restarts = {i: 0 for i in range(self.nworkers)}
+        #: Who the workers run as (``server.user``/``group`` at start), None: unchanged.
+        self.identity: Identity | None = None
 
     def run(self) -> int:
         """Lock the spool, probe the listening addresses, then fork and supervise the
         workers until they have stopped. Raises StartupError when it cannot start."""
         source = self.config_path or "config"
+        self.identity = worker_identity(self.config, source)
         lock_fd = lock_spool(self.config.spool.path)
         try:
+            if self.identity is not None and self.identity.uid not in (None, 0):
+                problems = give_files(self.identity, self.config, source)
+                problems = problems or probe_as(self.identity, self.config, self.config_path,
+                                                source)
+                if problems:
+                    raise StartupError(problems, EX_CONFIG)
             problems = probe_listen(self.config, source)
             if problems:
                 raise StartupError(problems, EX_CONFIG)
@@ -180,6 +218,9 @@ class Supervisor:
             return
         if new.server.resolved_workers() != self.nworkers:
             log.warning("reload: server.workers changes need a restart")
+        if (new.server.user, new.server.group) != (self.config.server.user,
+                                                   self.config.server.group):
+            log.warning("reload: server.user and server.group changes need a restart")
         self.config = new
         log.info("supervisor: reloading %s", self.config_path)
         for slot in self.slots:
@@ -234,12 +275,22 @@ class Supervisor:
 
     def _spawn(self, slot: _Slot, old_mask: set[signal.Signals]) -> None:
         _close_error_fd(slot)
+        try:
+            sockets = bind_worker_sockets(self.config)
+        except OSError as e:  # e.g. the port was taken while the worker was down
+            slot.backoff = min(max(slot.backoff * 2, self.config.server.restart_backoff_min),
+                               self.config.server.restart_backoff_max)
+            slot.restart_at = time.monotonic() + slot.backoff
+            log.error("worker %d: cannot listen: %s; trying again in %.1fs", slot.index,
+                      e.strerror or e, slot.backoff)
+            return
         error_r, error_w = os.pipe2(os.O_CLOEXEC)
         try:
             pid = os.fork()
         except BaseException:
             os.close(error_r)
             os.close(error_w)
+            _close_sockets(sockets)
             raise
         if pid == 0:  # the child
             code = 0
@@ -247,12 +298,18 @@ class Supervisor:
                 os.close(error_r)
                 for other in self.slots:
                     _close_error_fd(other)
-                # A SIGUSR1 sent before the worker listens for it must not kill it (its
-                # default action): ignored until the worker's trio loop takes it over.
+                # A SIGUSR1 or SIGHUP sent before the worker listens for it must not kill
+                # it (their default action): ignored until the worker's trio loop takes
+                # them over. (Its socket is listening from the start, so a test or an
+                # operator may well signal a worker that is still starting.)
                 signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+                hand_over(sockets)
+                if self.identity is not None:  # before any worker code runs
+                    drop_privileges(self.identity)
                 self.worker_main(self.config, self.config_path, slot.index, self.nworkers)
-            except ConfigError as e:
+            except (ConfigError, PrivilegeError) as e:
                 # The supervisor logs it (once, however many workers fail alike).
                 try:
                     os.write(error_w, str(e).encode(errors="replace")[:4000])
@@ -266,10 +323,126 @@ class Supervisor:
                 logging.shutdown()
                 os._exit(code)
         os.close(error_w)
+        _close_sockets(sockets)  # the worker has them now
         os.set_blocking(error_r, False)
         slot.error_fd = error_r
         slot.pid = pid
         slot.started = time.monotonic()
+
+
+def bind_worker_sockets(config: Config) -> dict[str, list[socket.socket]]:
+    """One worker's listening sockets (``inbound``, ``http`` and ``admin`` ``listen``), by
+    spec; all or none (OSError)."""
+    sockets: dict[str, list[socket.socket]] = {}
+    try:
+        for spec in [*config.inbound.listen, *config.http.listen, *config.admin.listen]:
+            sockets.setdefault(spec, []).extend(bind_listeners([spec]))
+    except BaseException:
+        _close_sockets(sockets)
+        raise
+    return sockets
+
+
+def _close_sockets(sockets: dict[str, list[socket.socket]]) -> None:
+    for socks in sockets.values():
+        for sock in socks:
+            sock.close()
+
+
+def worker_identity(config: Config, source: str) -> Identity | None:
+    """Who the workers become; StartupError when the names are unknown (a file checked
+    at load time can meet a machine without them) or this process cannot switch."""
+    server = config.server
+    for key, name, lookup in (("server.user", server.user, lookup_user),
+                              ("server.group", server.group, lookup_group)):
+        try:
+            if name:
+                lookup(name)
+        except ValueError as e:
+            raise StartupError([f"{source}: {key}: {e}"]) from None
+    identity = resolve(server.user, server.group)
+    problem = switch_problem(identity) if identity is not None else None
+    if problem:
+        raise StartupError([f"{source}: server.user: {problem}"])
+    return identity
+
+
+def give_files(identity: Identity, config: Config, source: str) -> list[str]:
+    """As root, before the first fork: the spool's root-owned entries and the log files
+    become ``identity``'s (see the module docstring); one line per problem."""
+    assert identity.uid is not None
+    uid, gid = identity.uid, identity.gid
+    spool = Path(config.spool.path)
+    # The supervisor writes its metrics snapshot there as root: the directory must be
+    # the workers' before that, or they could not write theirs.
+    (spool / "metrics").mkdir(parents=True, exist_ok=True)
+    problems = []
+    for path in [spool, *_tree(spool)]:
+        st = path.lstat()
+        if st.st_uid == 0 and uid != 0:
+            os.lchown(path, uid, gid)
+        elif st.st_uid != uid:
+            problems.append(f"{source}: spool.path: {path} belongs to uid {st.st_uid}, not to "
+                            f"{identity.describe()}: chown -R "
+                            f"{identity.user}:{identity.group} {spool}")
+    for key, target in (("log.events", config.log.events), ("log.mail_log", config.log.mail_log)):
+        if not target or target in ("-", "stderr"):
+            continue
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOCTTY, 0o640)
+            try:
+                if os.fstat(fd).st_uid == 0 and uid != 0:
+                    os.fchown(fd, uid, gid)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            problems.append(f"{source}: {key}: cannot create {target}: {e.strerror or e}")
+    return problems
+
+
+def _tree(top: Path) -> list[Path]:
+    """Everything under ``top`` (not following symbolic links)."""
+    found = []
+    for root, dirs, files in os.walk(top):
+        found += [Path(root) / name for name in (*dirs, *files)]
+    return found
+
+
+def probe_as(identity: Identity, config: Config, config_path: str | None,
+             source: str) -> list[str]:
+    """``preflight`` and a read of the config file in a child that has become
+    ``identity``: what the workers will not be able to open, one line each."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # the child: report, never return
+        code = 0
+        try:
+            os.close(read_fd)
+            drop_privileges(identity)
+            problems = preflight(config, source, dry_run=True)
+            if config_path:
+                try:
+                    with open(config_path, "rb"):
+                        pass
+                except OSError as e:
+                    problems.append(f"{source}: cannot read the config file (the workers "
+                                    f"re-read it on SIGHUP): {e.strerror or e}")
+            os.write(write_fd, "\n".join(problems).encode(errors="replace"))
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                os.write(write_fd, f"{source}: server.user: {e}".encode(errors="replace"))
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    chunks = []
+    with contextlib.suppress(OSError):
+        while chunk := os.read(read_fd, 65536):
+            chunks.append(chunk)
+    os.close(read_fd)
+    os.waitpid(pid, 0)
+    lines = b"".join(chunks).decode(errors="replace").splitlines()
+    return [f"{line} (as {identity.describe()})" for line in lines if line]
 
 
 def lock_spool(spool_path: str) -> int:

@@ -1,11 +1,15 @@
 """One worker process: a single ``trio.run`` that receives mail and delivers its shard.
 
-The supervisor forks N of these. Each one, after the fork, binds the listening sockets
-itself (SO_REUSEPORT), opens its own LMDB environment, and runs three things in one
-nursery: the group-commit writer, the SMTP listener, and the delivery engine for the
-domains whose stable hash falls in its shard. Nothing is shared in memory between
-workers; mail for another worker's shard reaches it through the spool plus a datagram
-wake-up.
+The supervisor forks N of these. Each one runs as ``server.user`` from its first
+instruction (the supervisor's child gives root up before calling ``run_worker``), takes
+over the SO_REUSEPORT listening sockets the supervisor bound for it just before the
+fork (``relay.inbound.listener.take_listeners``), opens its own LMDB environment, and
+runs three things in one nursery: the group-commit writer, the SMTP listener, and the
+delivery engine for the domains whose stable hash falls in its shard. Nothing is shared
+in memory between workers; mail for another worker's shard reaches it through the spool
+plus a datagram wake-up. Worker 0 alone also sends the webhooks (``[[webhooks]]``,
+``relay.events.webhooks``): they read the event log all workers share, so exactly one
+process posts it.
 
 Signals (delivered by the supervisor):
 - SIGTERM/SIGINT: stop accepting, let open transactions finish for up to
@@ -34,15 +38,21 @@ import trio
 from relay.config import Config, ConfigError, reload_config
 from relay.events import EventBus, EventLog, Metrics
 from relay.events.maillog import MailLog
+from relay.events.suppress_feed import SuppressionFeed
+from relay.events.webhooks import WebhookService
 from relay.http.api import IDEMPOTENCY_TTL, HttpApi
 from relay.http.metrics import AdminApp, publish_snapshots
 from relay.http.server import HttpRegistry, serve_http
-from relay.inbound.listener import bind_listeners, serve_listeners
+from relay.inbound.bounces import BounceMailbox
+from relay.inbound.listener import serve_listeners, take_listeners
 from relay.inbound.session import InboundContext, SessionRegistry, serve_session
 from relay.inbound.tls import server_ssl_context
 from relay.intake import Admission, Intake, default_stages
 from relay.outbound.engine import DeliveryEngine
+from relay.outbound.limits import LOCAL_LIMITS
 from relay.outbound.wakeup import Waker
+from relay.outcomes.classify import RulesError, load_classifier
+from relay.outcomes.suppress import SuppressPolicy, parse_policy
 from relay.spool import GroupCommitWriter, NewMessage, Spool, new_queue_id, shard_of
 from relay.spool.suppression import SuppressionList
 
@@ -68,6 +78,9 @@ class Worker:
         spool = Spool(cfg.spool.path, cfg.spool.map_size_bytes())
         self.spool = spool
         self.suppressions = SuppressionList(spool)
+        # Bounces and complaints add suppression entries ([bounces] auto_suppress).
+        self.feed = SuppressionFeed(self.suppressions, _suppress_policy(cfg),
+                                    purge=self.index == 0)
         # One bus; the JSON-lines log and the counters subscribe (principle 7).
         metrics = Metrics()
         event_log = EventLog(cfg.log.events) if cfg.log.events else None
@@ -78,7 +91,8 @@ class Worker:
             raise ConfigError(f"{self.config_path or 'config'}: log.mail_log: cannot open "
                               f"{cfg.log.mail_log}: {e.strerror or e}") from None
         self.logs: list[EventLog | MailLog] = [x for x in (event_log, mail_log) if x is not None]
-        events = EventBus([s for s in (event_log, mail_log, metrics) if s is not None])
+        events = EventBus([s for s in (event_log, mail_log, metrics, self.feed)
+                           if s is not None])
         waker = Waker(cfg.spool.path, metrics)
         nworkers = self.nworkers
 
@@ -101,26 +115,42 @@ class Worker:
         )
         self.writer, self.events = writer, events
         self.ctx = self._context(cfg, server_ssl_context(cfg.inbound, self.config_path or "config"))
+        # [cluster] redis: the limits shared with the other nodes (its client lives in
+        # this worker's services nursery, started before the engine that uses it;
+        # coredis is imported only by a node of a cluster).
+        cluster = None
+        if cfg.cluster.redis:
+            from relay.outbound.cluster import Cluster
+
+            cluster = Cluster(cfg.cluster, metrics=metrics, events=events)
         self.engine = DeliveryEngine(
             cfg, spool, self.index, nworkers, events, self.ctx.hostname, waker=waker,
             writer=writer, metrics=metrics, prepare_dsn=self._prepare_dsn,
+            limits=cluster or LOCAL_LIMITS,
         )
         writer.claimant = self.engine
         self.http_app = self._http_app(cfg, self.ctx)
-        listeners = bind_listeners(cfg.inbound.listen)
-        http_listeners = bind_listeners(cfg.http.listen)
+        listeners = take_listeners(cfg.inbound.listen)
+        http_listeners = take_listeners(cfg.http.listen)
         metrics_dir = Path(cfg.spool.path) / "metrics"
         self.admin_app = AdminApp(cfg.admin, metrics, metrics_dir, self.index, nworkers)
-        admin_listeners = bind_listeners(cfg.admin.listen)
+        admin_listeners = take_listeners(cfg.admin.listen)
+        # Webhooks read the shared event log: one process (worker 0) sends them.
+        self.webhooks = WebhookService(cfg, metrics) if self.index == 0 else None
         try:
             async with trio.open_nursery() as services:
                 await services.start(writer.run)
+                await services.start(self.feed.run)
+                if cluster is not None:
+                    await services.start(cluster.run)
                 await services.start(self.engine.run)
                 services.start_soon(self.registry.watch, lambda: self.ctx)
                 if self.index == 0 and http_listeners:
                     services.start_soon(_purge_idempotency, spool)
                 services.start_soon(publish_snapshots, metrics, metrics_dir, self.index,
                                     spool if self.index == 0 else None)
+                if self.webhooks is not None:
+                    await services.start(self.webhooks.run)
                 async with trio.open_nursery() as sessions:
                     await sessions.start(self._accept, listeners, http_listeners, sessions,
                                          admin_listeners)
@@ -133,6 +163,7 @@ class Worker:
                 # Sessions are drained: nothing more will be submitted. Commit what was,
                 # then stop delivery (in-flight jobs are covered by their claim lease).
                 await writer.aclose()
+                await self.feed.flushed()
                 services.cancel_scope.cancel()
         finally:
             for log_file in self.logs:
@@ -212,7 +243,19 @@ class Worker:
                                 self.suppressions)
         intake = Intake(stages, self.writer, self.events)
         return InboundContext.build(config, intake=intake, new_queue_id=new_queue_id,
-                                    ssl_context=ssl_context, suppressions=self.suppressions)
+                                    ssl_context=ssl_context, suppressions=self.suppressions,
+                                    bounces=self._bounces(config))
+
+    def _bounces(self, config: Config) -> BounceMailbox | None:
+        """What the listener does with mail for ``[bounces] domain`` (None: not set)."""
+        if not config.bounces.domain:
+            return None
+        try:
+            classifier = load_classifier(config.bounces.rules)
+        except RulesError:  # changed since the config was checked (the engine logs it)
+            classifier = load_classifier("")
+        return BounceMailbox(config.bounces, events=self.events, classifier=classifier,
+                             feed=self.feed)
 
     def _http_app(self, config: Config, ctx: InboundContext) -> HttpApi:
         """The HTTP endpoints for ``config``, admitting through ``ctx``'s intake."""
@@ -246,6 +289,8 @@ class Worker:
                         "changes need a restart")
         if new.log != self.config.log:
             log.warning("reload: [log] changes need a restart")
+        if new.cluster != self.config.cluster:
+            log.warning("reload: [cluster] changes need a restart")
         try:
             ctx = self._context(new, ssl_context)
             http_app = self._http_app(new, ctx)
@@ -256,8 +301,17 @@ class Worker:
         self.admin_app = AdminApp(new.admin, self.admin_app.metrics, self.admin_app.directory,
                                   self.index, self.nworkers)
         self.engine.apply_config(new)
+        self.feed.policy = _suppress_policy(new)
+        if self.webhooks is not None:
+            self.webhooks.apply_config(new)
         self.config = new
         log.info("worker %d: configuration reloaded", self.index)
+
+
+def _suppress_policy(config: Config) -> SuppressPolicy | None:
+    """The policy the feed applies (checked with the config), None when it is off."""
+    bounces = config.bounces
+    return parse_policy(bounces.suppress) if bounces.auto_suppress else None
 
 
 #: How often the worker of index 0 deletes idempotency records past their 24 hours.

@@ -1,7 +1,7 @@
 """The events: one record per outcome, so an operator can account for every message.
 
 Every record has ``type`` (Reception, Delivery, TransientFailure, Bounce, Expiration,
-Suppressed, Unsubscribe),
+Suppressed, Unsubscribe, OOB, Complaint),
 ``time`` (Unix seconds) and ``queue_id``; the rest depends on the type. Fields are only
 added with defaults, so a log written by an older version still decodes.
 """
@@ -16,11 +16,15 @@ import msgspec
 from relay.model import Envelope
 
 __all__ = [
+    "OOB",
+    "AdminBounce",
     "Bounce",
+    "Complaint",
     "Delivery",
     "Event",
     "Expiration",
     "Reception",
+    "ShapingChange",
     "Suppressed",
     "TransientFailure",
     "Unsubscribe",
@@ -130,6 +134,78 @@ class Unsubscribe(_Event, tag="Unsubscribe"):
     method: str = "one-click"
 
 
+class ShapingChange(_Event, tag="ShapingChange"):
+    """A path's limits changed (``queue_id`` is ""): a rule fired, the closed loop cut
+    or raised them, an operator suspended or resumed, a source could not be bound.
+    ``scope`` is the path (``SOURCE->DESTINATION``) or the operator's selector."""
+
+    scope: str
+    before: str = ""
+    after: str = ""
+    #: What caused it: the reply ("421 4.7.28 ..."), "clean interval", "admin", ...
+    reason: str = ""
+    #: The rule's id ("gmail-rate-4.7.28"), "adaptive", "admin" or "bind".
+    rule: str = ""
+    #: Unix time it ends (None: until resumed, or not a suspension).
+    until: float | None = None
+
+
+class AdminBounce(_Event, tag="AdminBounce"):
+    """An operator bounced a queued recipient (``relay queue bounce``): no DSN."""
+
+    recipient: str
+    reason: str = ""
+    selector: str = ""
+
+
+class _Report(_Event):
+    """Common fields of a report that came back to the bounce domain
+    (relay.inbound.bounces): ``queue_id`` is the ORIGINAL message's ("" when the report
+    could not be linked to one of ours), ``recipient`` its recipient it is about ("" when
+    the report does not say); the tags are the original message's when known."""
+
+    recipient: str = ""
+    #: The address it came to (a VERP return path, a complaint address).
+    bounce_address: str = ""
+    #: The SMTP client that brought the report, and the id of our 250 to it.
+    client_ip: str = ""
+    report_id: str = ""
+    #: How it was linked: "verp" (the address it came to), "return-path" (a VERP
+    #: address in the returned headers), "reference" (the X-Relay-Ref header), "" none.
+    linked_by: str = ""
+    #: Why it was not linked or not understood ("" when it was).
+    note: str = ""
+
+
+class OOB(_Report, tag="OOB"):
+    """An out-of-band bounce: a DSN (RFC 3464), a non-standard bounce, or another reply
+    (an auto-reply) that came to the return path after the message was delivered."""
+
+    #: "dsn", "non-standard" (found by flufl.bounce's detectors), "reply" (neither).
+    kind: str = ""
+    #: The DSN's Action ("failed", "delayed", ...); "" for a mere reply.
+    action: str = ""
+    #: The Status and the Diagnostic-Code ("5.1.1", "550 5.1.1 user unknown"), or the
+    #: words of a non-standard bounce or of a reply.
+    status: str = ""
+    reply: str = ""
+    reporting_mta: str = ""
+    remote_mta: str = ""
+    bounce_class: int | None = None
+    bounce_rule: str | None = None
+
+
+class Complaint(_Report, tag="Complaint"):
+    """A feedback report (ARF, RFC 5965): a recipient reported the message."""
+
+    #: The report's Feedback-Type ("abuse", "fraud", "not-spam", ...), User-Agent,
+    #: Reporting-MTA and Source-IP.
+    feedback_type: str = ""
+    user_agent: str = ""
+    reporting_mta: str = ""
+    source_ip: str = ""
+
+
 def event_tags(envelope: Envelope) -> dict[str, Any]:
     """The accounting fields of ``envelope`` that every event about it carries (only the
     ones set, so an untagged message's events stay as small as before)."""
@@ -146,7 +222,7 @@ def event_tags(envelope: Envelope) -> dict[str, Any]:
 
 
 Event = (Reception | Delivery | TransientFailure | Bounce | Expiration | Suppressed
-         | Unsubscribe)
+         | Unsubscribe | ShapingChange | AdminBounce | OOB | Complaint)
 
 encode = msgspec.json.Encoder().encode
 decode = msgspec.json.Decoder(Event).decode

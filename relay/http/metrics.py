@@ -94,6 +94,19 @@ HELP = {
     "spool_commit_seconds": "Duration of a spool group commit.",
     "spool_commit_batch_size": "Items stored by one spool group commit.",
     "reception_commit_seconds": "End of data to 250: seconds until the message was durable.",
+    "webhook_backlog_bytes": "Bytes of the event log not yet acknowledged, by webhook.",
+    "webhook_backlog_events": "Events not yet acknowledged (estimated), by webhook.",
+    "webhook_lag_seconds": "Age of the oldest event not yet acknowledged, by webhook.",
+    "webhook_deliveries_total": "Batches POSTed and acknowledged with a 2xx, by webhook.",
+    "webhook_events_total": "Events acknowledged by the receiver, by webhook.",
+    "webhook_failures_total": "POSTs that failed (error, timeout, non-2xx), by webhook.",
+    "webhook_skipped_lines_total": "Unreadable event log lines skipped, by webhook.",
+    "webhook_post_seconds": "Duration of one webhook POST, by webhook.",
+    "cluster_limits_fallback": "Workers whose cluster limits are in fallback now (Redis "
+                               "unusable: local shares of each limit).",
+    "total_redis_round_trips": "Calls to the cluster's Redis, by operation (lease, "
+                               "give_back, acquire, renew, release, ping).",
+    "total_redis_errors": "Calls to the cluster's Redis that failed or timed out.",
 }
 
 _Labels = tuple[tuple[str, str], ...]

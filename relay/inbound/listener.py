@@ -4,6 +4,14 @@
 hand: every worker binds the same address after the fork and the kernel spreads incoming
 connections across them. There is no accept lock and nothing shared between workers.
 
+The supervisor binds them (``bind_listeners``, as root when it is) just before it forks
+each worker and closes its own copies right after, and the child takes them over
+(``hand_over`` in the child, ``take_listeners`` in the worker): a worker that has given
+root up (``server.user``) and is restarted after a crash still gets its port-25 socket.
+Each worker still has its own SO_REUSEPORT socket in the group, so the kernel spreads
+connections over them as before, and a dead worker's socket is gone with it (its share
+goes to the others until it is back), as when each worker bound its own.
+
 ``serve_listeners`` is the accept loop. It drains the whole backlog per wake-up (a bulk
 injector connects in bursts) and hands each connection to the session handler as a plain
 non-blocking socket (see ``relay.wire``); running out of file descriptors pauses
@@ -22,7 +30,8 @@ import trio
 from relay.config import parse_hostport
 from relay.wire import tune_socket
 
-__all__ = ["bind_listeners", "listen_address", "serve_listeners"]
+__all__ = ["bind_listeners", "hand_over", "listen_address", "serve_listeners",
+           "take_listeners"]
 
 log = logging.getLogger("relay.inbound")
 
@@ -78,6 +87,31 @@ def bind_listeners(specs: list[str]) -> list[socket.socket]:
             sock.close()
         raise
     return listeners
+
+
+#: The sockets this process's parent bound for it, by listen spec (see the docstring).
+_handed_over: dict[str, list[socket.socket]] = {}
+
+
+def hand_over(sockets: dict[str, list[socket.socket]]) -> None:
+    """In a freshly forked worker: the listening sockets its supervisor bound for it."""
+    for spec, socks in sockets.items():
+        _handed_over.setdefault(spec, []).extend(socks)
+
+
+def take_listeners(specs: list[str]) -> list[socket.socket]:
+    """The listeners for ``specs``: the handed-over socket of each, else one bound now
+    (a worker run without a supervisor)."""
+    taken: list[socket.socket] = []
+    try:
+        for spec in specs:
+            pending = _handed_over.get(spec)
+            taken.append(pending.pop(0) if pending else bind_listeners([spec])[0])
+    except BaseException:
+        for sock in taken:
+            sock.close()
+        raise
+    return taken
 
 
 async def serve_listeners(listeners: list[socket.socket], handler: Handler,

@@ -35,9 +35,10 @@ import trio
 
 from relay.config import Config, InboundConfig
 from relay.inbound.auth import Authenticator
+from relay.inbound.bounces import BounceMailbox
 from relay.intake import Admission, Intake, Refused
 from relay.intake.suppress import SuppressionLookup
-from relay.model import Envelope, ip_address
+from relay.model import Envelope, Recipient, ip_address
 from relay.smtp import (
     NEED_DATA,
     AuthRequested,
@@ -71,6 +72,7 @@ WATCH_TICK_MIN, WATCH_TICK_MAX = 0.05, 1.0
 
 RELAY_DENIED = "Relay access denied"
 SUPPRESSED = "Recipient address is on the suppression list"
+NOT_A_BOUNCE_ADDRESS = "Recipient address rejected: not a valid bounce address"
 #: Client addresses whose relay verdict a context remembers (InboundContext.may_relay).
 RELAY_VERDICTS_MAX = 4096
 STORE_FAILED = Reply(451, "4.3.0", "Error: queue file write error, try again later")
@@ -96,6 +98,8 @@ class InboundContext:
     suppressions: SuppressionLookup | None = None
     #: AUTH users' tenants (``inbound.auth_users[].tenant``).
     tenants: dict[str, str] = field(default_factory=dict)
+    #: Mail for the bounce domain (``[bounces] domain``; relay.inbound.bounces), or None.
+    bounces: BounceMailbox | None = None
     #: may_relay's answers by client address: a bulk relay hears from a few sending
     #: hosts all day, and parsing the address and matching the networks cost as much
     #: as the rest of a RCPT. Emptied when full; a reload builds a new context.
@@ -110,6 +114,7 @@ class InboundContext:
         new_queue_id: Callable[[], str],
         ssl_context: ssl.SSLContext | None,
         suppressions: SuppressionLookup | None = None,
+        bounces: BounceMailbox | None = None,
     ) -> InboundContext:
         hostname = config.server.resolved_hostname()
         settings = server_settings(
@@ -127,6 +132,7 @@ class InboundContext:
             watch_tick=_watch_tick(config),
             suppressions=suppressions if config.suppression.smtp == "refuse" else None,
             tenants={u.username: u.tenant for u in config.inbound.auth_users if u.tenant},
+            bounces=bounces,
         )
 
     def may_relay(self, client_ip: str) -> bool:
@@ -355,7 +361,14 @@ class _Session:
     def _decide_recipient(self, event: RecipientRequested) -> None:
         ctx = self.ctx
         user = self.conn.authenticated_user
-        if user is None and not ctx.may_relay(self.client_ip):
+        if ctx.bounces is not None and ctx.bounces.claims(event.address):
+            # For us, from anybody (relay.inbound.bounces): not relaying.
+            if ctx.bounces.accepts(event.address):
+                self.conn.accept_recipient()
+            else:
+                self.conn.reject_recipient(Reply(550, "5.1.1", f"<{event.address}>: "
+                                                 f"{NOT_A_BOUNCE_ADDRESS}"))
+        elif user is None and not ctx.may_relay(self.client_ip):
             self.conn.reject_recipient(Reply(554, "5.7.1", f"<{event.address}>: {RELAY_DENIED}"))
         elif ctx.suppressions is not None and ctx.suppressions.blocking(
                 ctx.tenants.get(user) if user else None, [event.address]):
@@ -375,14 +388,35 @@ class _Session:
             self.conn.auth_failed()
 
     async def _store(self, event: MessageReceived) -> None:
-        """Admit the message through the intake; 250 only once it is committed."""
+        """Admit the message through the intake; 250 only once it is committed. Its
+        recipients at the bounce domain are a report, recorded instead (after the
+        others are committed: relay.inbound.bounces)."""
+        ctx, conn = self.ctx, self.conn
+        reports, recipients = (ctx.bounces.split(event.recipients) if ctx.bounces is not None
+                               else ([], event.recipients))
+        queue_id = ctx.new_queue_id()
+        if recipients and not await self._admit(event, list(recipients), queue_id):
+            return
+        if reports and ctx.bounces is not None and not await ctx.bounces.receive(
+                event.data, reports, client_ip=self.client_ip, report_id=queue_id):
+            if not recipients:
+                conn.message_failed(STORE_FAILED)
+                return
+            log.error("%s: stored, but the suppression of its report could not be "
+                      "committed", queue_id)
+        conn.message_stored(queue_id)
+
+    async def _admit(self, event: MessageReceived, recipients: list[Recipient],
+                     queue_id: str) -> bool:
+        """The intake's part of ``_store``: False when the message was refused or could
+        not be stored (its reply is queued)."""
         ctx, conn = self.ctx, self.conn
         protocol = "ESMTP" if conn.esmtp else "SMTP"
         if conn.esmtp:
             protocol += ("S" if self.tls_info else "") + ("A" if conn.authenticated_user else "")
         envelope = Envelope(
-            queue_id=ctx.new_queue_id(), sender=event.sender,
-            recipients=list(event.recipients), received_at=time.time(), body=event.body,
+            queue_id=queue_id, sender=event.sender,
+            recipients=recipients, received_at=time.time(), body=event.body,
             smtputf8=event.smtputf8, declared_size=event.declared_size, ret=event.ret,
             envid=event.envid, client_ip=self.client_ip, client_port=self.client_port,
             client_helo=conn.helo or "", auth_user=conn.authenticated_user, tls=self.tls_info,
@@ -394,13 +428,13 @@ class _Session:
             await ctx.intake.admit(admission)
         except Refused as e:
             conn.message_failed(e.reply)
-            return
+            return False
         except Exception:
             log.exception("spool commit failed for %s from %s", envelope.queue_id,
                           self.client_ip)
             conn.message_failed(STORE_FAILED)
-            return
-        conn.message_stored(envelope.queue_id)
+            return False
+        return True
 
     async def _start_tls(self) -> bool:
         """Handshake after the core's 220; False when the handshake failed (session over)."""

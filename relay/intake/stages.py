@@ -4,8 +4,10 @@ Each is one small class whose ``admit`` may add header lines, change the envelop
 raise ``Refused``. The order: the loop check, on the message as it arrived; the tag
 headers (tenant, campaign); the suppression list (``relay.intake.suppress``), which needs
 the tenant; the trace headers on top; one-click unsubscribe headers
-(``relay.intake.unsubscribe``); DKIM signing (``relay.intake.signing``) last, over the
-final bytes, so the unsubscribe headers are signed.
+(``relay.intake.unsubscribe``); the reference headers of bounce handling
+(``relay.intake.reference``: X-Relay-Ref, Feedback-ID); DKIM signing
+(``relay.intake.signing``) last, over the final bytes, so the unsubscribe headers and
+Feedback-ID are signed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from relay.intake.headers import (
     without_fields,
 )
 from relay.intake.intake import Stage
+from relay.intake.pools import PoolChoice
+from relay.intake.reference import ReferenceHeaders
 from relay.intake.signing import signing_stages
 from relay.intake.suppress import SuppressionCheck, SuppressionLookup
 from relay.intake.unsubscribe import UnsubscribeHeaders
@@ -110,10 +114,15 @@ def default_stages(config: Config, hostname: str, source: str = "config",
     if inbound.tenant_header or inbound.campaign_header:
         stages.append(TagHeaders(inbound.tenant_header, inbound.campaign_header,
                                  inbound.strip_tag_headers))
+    if config.egress.enabled:
+        stages.append(PoolChoice(config.egress))  # after the tags: knows the tenant
     if suppressions is not None:
         stages.append(SuppressionCheck(suppressions))  # after the tags: knows the tenant
     stages += [TraceHeaders(hostname), MessageId(hostname)]
     unsub = config.unsubscribe
     if unsub.url:
         stages.append(UnsubscribeHeaders(unsub.url, unsub.mailto, unsub.secret, unsub.tenants))
+    bounces = config.bounces
+    if bounces.domain:  # what a report that returns the headers is about
+        stages.append(ReferenceHeaders(bounces.secret, bounces.feedback_id))
     return [*stages, *signing_stages(config, source)]  # signing last: the final bytes

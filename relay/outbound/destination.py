@@ -8,7 +8,9 @@ domains. Its owner (the engine, seen only through ``DestinationOwner``) hands it
 Inside its nursery:
 
 - a **manager loop** that opens connections while jobs wait and nobody is free to take
-  them, up to ``max_connections``, each paced by the connection-rate bucket;
+  them, up to ``max_connections``, each paced by the connection-rate bucket (the limits
+  are ``relay.outbound.limits`` objects: this node's own, or shared by a cluster of
+  nodes through Redis, where a connection also holds a slot lease while it lives);
 - **connection tasks**: resolve hops, try them in order (next MX/IP on failure), then take
   jobs from the shared queue, one transaction per job (split by
   ``max_recipients_per_message``), each paced by the message-rate bucket. With a server
@@ -21,6 +23,15 @@ Inside its nursery:
   DNS fails transiently, the destination stops connecting until ``backoff_until`` and
   every queued job (and every job that arrives meanwhile) is deferred in the spool to
   that time. A success resets the failure count.
+
+- **shaping** (``relay.outbound.shaping.PathShaping``): each attempt's replies are fed
+  back; a rule may suspend the destination (as a backoff) or lower its limits, and the
+  closed loop lowers the message rate and connections on pushback, pauses, then lets
+  ONE probe connection through, and raises them again after clean intervals. A new
+  destination starts with a few connections (slow start).
+
+A destination is one path: an egress source (``path``: its address and EHLO name) and a
+destination; with no pools, the default source.
 
 When it has had no job and no connection for ``idle_timeout`` (and no backoff pending)
 the manager returns: the destination is torn down. ``closed`` is set synchronously at
@@ -43,9 +54,18 @@ import trio
 from relay.config import PROVIDER_PREFIX, Limits
 from relay.events import Metrics
 from relay.model import DeliveryJob, Envelope
+from relay.outbound.egress import Path
+from relay.outbound.limits import LOCAL_LIMITS, DestinationLimits, Lease
 from relay.outbound.resolver import ResolveError
 from relay.outbound.routing import Hop, Router
-from relay.outbound.session import ClientSession, SessionError, SessionPolicy, open_session
+from relay.outbound.session import (
+    BindError,
+    ClientSession,
+    SessionError,
+    SessionPolicy,
+    open_session,
+)
+from relay.outbound.shaping import PathShaping
 from relay.outbound.throttle import TokenBucket, rate_from_config
 from relay.outcomes.judge import Attempt, RetryPolicy, backoff_delay
 from relay.smtp.client import LOOP_STATUS, RecipientOutcome
@@ -70,9 +90,24 @@ class DestinationOwner(Protocol):
 
     def is_own_listener(self, ip: str, port: int) -> bool: ...
 
+    def held_by_operator(self, job: DeliveryJob,
+                         envelope: Envelope) -> tuple[float, str] | None:
+        """An operator's suspension of this job's domain, or its message's tenant or
+        campaign: (Unix time it ends, reason), or None."""
+        ...
+
+    def source_unusable(self, source: str, reason: str) -> None:
+        """``source``'s address cannot be bound: leave it out for a while."""
+        ...
+
     def member_caps(self, domain: str) -> tuple[int | None, str | None]:
         """A domain's own max_connections and max_message_rate, which hold inside a
         provider destination too (``OutboundConfig.member_caps``)."""
+        ...
+
+    def return_path(self, envelope: Envelope, recipient_index: int) -> str | None:
+        """MAIL FROM for one recipient (a VERP address), or None: the envelope's sender.
+        When it is not None, each recipient gets a transaction of its own."""
         ...
 
     async def load(self, job: DeliveryJob) -> tuple[Envelope, bytes] | None:
@@ -136,27 +171,35 @@ class _Holding:
     """What one connection task has taken off the queue and not recorded yet, so that an
     internal error can still give every one of those jobs an outcome."""
 
-    __slots__ = ("jobs", "runs")
+    __slots__ = ("jobs", "lease", "runs")
 
-    def __init__(self) -> None:
+    def __init__(self, lease: Lease) -> None:
         #: Taken, message not loaded yet.
         self.jobs: list[DeliveryJob] = []
         #: Loaded (being begun, in flight, or waiting to be recorded).
         self.runs: list[_Run] = []
+        #: The connection's slot (``relay.outbound.limits``).
+        self.lease = lease
 
 
 class Destination:
     """See the module docstring."""
 
-    def __init__(self, owner: DestinationOwner, key: str, throttle: Limits) -> None:
+    def __init__(self, owner: DestinationOwner, key: str, throttle: Limits, *,
+                 path: Path | None = None, shaping: PathShaping | None = None,
+                 limiters: DestinationLimits | None = None) -> None:
         self.owner = owner
         self.key = key
+        #: Where it leaves from: the egress source (None: the default, from the owner).
+        self.path = path
+        #: Its traffic shaping (rules, closed loop, suspensions); None: none.
+        self.shaping = shaping
         self.throttle = throttle
         self.retry_policy = _retry_policy(throttle)
         self.queue: deque[DeliveryJob] = deque()
-        # Burst 1: sends are spread evenly, so no window ever exceeds the rate (+1).
-        self.message_bucket = TokenBucket(rate_from_config(throttle.max_message_rate), 1)
-        self.connection_bucket = TokenBucket(rate_from_config(throttle.max_connection_rate))
+        #: Its message rate, connection rate and connection slots (relay.outbound.limits:
+        #: this node's own, or shared by a cluster): only ever used through them.
+        self._use(limiters or LOCAL_LIMITS.make(key, throttle, frozenset()))
         #: Connection tasks alive / still connecting / waiting for a job.
         self.active = 0
         self.connecting = 0
@@ -194,19 +237,93 @@ class Destination:
         if len(self.queue) > self.idle:
             self._lot.unpark_all()
 
-    def apply_throttle(self, throttle: Limits) -> None:
-        """New limits (SIGHUP): buckets keep their earned tokens; a lower connection limit
-        takes effect as connections finish (nothing in flight is dropped)."""
+    def _use(self, limiters: DestinationLimits) -> None:
+        self.limiters = limiters
+        self.message_bucket = limiters.message
+        self.connection_bucket = limiters.connection
+        self.slots = limiters.slots
+        # Burst 1: sends are spread evenly, so no window ever exceeds the rate (+1).
+        self.message_bucket.reconfigure(self._message_rate(), 1)
+
+    def apply_throttle(self, throttle: Limits,
+                       limiters: DestinationLimits | None = None) -> None:
+        """New limits (SIGHUP), and the limiters for them when they changed: buckets keep
+        their earned tokens; a lower connection limit takes effect as connections finish
+        (nothing in flight is dropped)."""
         self.throttle = throttle
         self.retry_policy = _retry_policy(throttle)
-        self.message_bucket.reconfigure(rate_from_config(throttle.max_message_rate), 1)
+        if self.shaping is not None:
+            self.shaping.reconfigure(throttle)
+        if limiters is not None and limiters is not self.limiters:
+            self._use(limiters)
+        self.message_bucket.reconfigure(self._message_rate(), 1)
         self.connection_bucket.reconfigure(rate_from_config(throttle.max_connection_rate))
+        self.slots.reconfigure(throttle.max_connections)
         # Member caps are read again as each domain's next job comes; what they have
         # taken still counts.
         old, self._members = self._members, {}
         for domain, member in old.items():
             self._member(domain).taken = member.taken
         self._poke()
+
+    # ------------------------------------------------------------------ shaping
+
+    def _message_rate(self) -> float | None:
+        configured = rate_from_config(self.throttle.max_message_rate)
+        return configured if self.shaping is None else self.shaping.message_rate(configured)
+
+    def _max_connections(self) -> int:
+        configured = self.throttle.max_connections
+        return configured if self.shaping is None else self.shaping.max_connections(configured)
+
+    def _paused_until(self) -> float:
+        """trio time until which nothing is sent (after pushback, before the probe)."""
+        if self.shaping is None:
+            return 0.0
+        until = self.shaping.paused_until()
+        return until - self.owner.wall(0.0) if until else 0.0
+
+    def _shaped(self) -> None:
+        """The shaping state changed: new rate, suspension, pause; everybody re-checks."""
+        assert self.shaping is not None
+        self.message_bucket.reconfigure(self._message_rate(), 1)
+        suspended = self.shaping.suspended_until - self.owner.wall(0.0)
+        if suspended > self.backoff_until:
+            self.suspend(suspended, f"suspended by shaping rule "
+                                    f"{self.shaping.suspend_reason}")
+        self._poke()
+
+    def suspend(self, until: float, reason: str) -> None:
+        """Hold the destination until trio time ``until`` (a rule, an operator): what it
+        holds, and what comes, is deferred to then."""
+        if until > self.backoff_until:
+            self.backoff_until = until
+            self.backoff_reason = reason
+        self._poke()
+
+    def _provider(self) -> str:
+        """The provider's name when this is a provider's destination, else ""."""
+        dest = self.path.destination if self.path is not None else self.key
+        return dest.removeprefix(PROVIDER_PREFIX) if dest.startswith(PROVIDER_PREFIX) else ""
+
+    def _feedback(self, outcomes: list[RecipientOutcome], hop: Hop | None) -> None:
+        shaping = self.shaping
+        if shaping is None:
+            return
+        # One message: one delivery for the closed loop, and its first refusal (the
+        # reply that decided the transaction) for the rules.
+        changed = False
+        refusal = next((o for o in outcomes if not 200 <= o.code < 300
+                        and not o.text.startswith("internal error")), None)
+        if refusal is not None:
+            changed = shaping.refused(
+                refusal.code, refusal.enhanced, refusal.text,
+                mx_host=hop.mx_host if hop else "", provider=self._provider(),
+                in_use=self.active)
+        elif outcomes:
+            changed = shaping.delivered()
+        if changed:
+            self._shaped()
 
     def _poke(self) -> None:
         """Something changed (backoff, limits, a connection came or went): everybody
@@ -255,6 +372,11 @@ class Destination:
     async def _manage(self, nursery: trio.Nursery) -> None:
         while True:
             t = self.throttle
+            paused = self._paused_until()
+            if paused > trio.current_time() and not self.backed_off:
+                with trio.move_on_at(paused):
+                    await self._lot.park()
+                continue
             if self.backed_off:
                 if self.queue:
                     jobs = list(self.queue)
@@ -268,14 +390,20 @@ class Destination:
                     await self._lot.park()
                 continue
             waiting = len(self.queue) - self.idle - self.connecting
-            if waiting > 0 and self.active < t.max_connections:
+            if waiting > 0 and self.active < self._max_connections():
+                # A slot first (with a cluster, one of max_connections for all nodes),
+                # then the connection-rate token; the slot is held until it closes.
+                lease = await self.slots.acquire()
+                if lease is None:
+                    continue  # none free yet: look at the state again, then ask again
                 await self.connection_bucket.acquire()
                 if self.backed_off or not self.queue:
+                    lease.release()
                     continue
                 self.active += 1
                 self.connecting += 1
                 self.metrics.set("connection_count", self.active, destination=self.key)
-                nursery.start_soon(self._connection)
+                nursery.start_soon(self._connection, lease)
                 continue
             if not self.queue and self.active == 0:
                 with trio.move_on_after(t.idle_timeout):
@@ -289,11 +417,11 @@ class Destination:
 
     # ------------------------------------------------------------------ connections
 
-    async def _connection(self) -> None:
+    async def _connection(self, lease: Lease) -> None:
         session: ClientSession | None = None
         hop: Hop | None = None
         connected = False
-        holding = _Holding()
+        holding = _Holding(lease)
         try:
             opened = await self._open()
             self.connecting -= 1
@@ -310,6 +438,7 @@ class Destination:
             await self._internal_error(holding, hop, f"{type(e).__name__}: {e}"[:200],
                                        before_connect=not connected)
         finally:
+            lease.release()
             if not connected:
                 self.connecting -= 1
             self.active -= 1
@@ -345,14 +474,17 @@ class Destination:
 
     def _policy(self) -> SessionPolicy:
         t = self.throttle
+        path = self.path
         return SessionPolicy(
-            helo_name=self.owner.hostname,
+            helo_name=path.helo_name if path is not None else self.owner.hostname,
             tls=t.tls,
             connect_timeout=t.connect_timeout,
             command_timeout=t.command_timeout,
             data_timeout=t.data_timeout,
-            source_address=self.owner.source_address,
+            source_address=(path.source_address if path is not None
+                            else self.owner.source_address),
             ssl_context=self.owner.client_ssl_context,
+            ca_file=self.owner.router.config.tls_ca_file,
         )
 
     async def _open(self) -> tuple[ClientSession, Hop] | None:
@@ -384,7 +516,11 @@ class Destination:
                     f"of my own listeners: mail for {domain} loops back to myself")
                 return None
             try:
-                session = await open_session(hop.ip, hop.port, hop.mx_host, policy)
+                session = await open_session(hop.ip, hop.port, hop.mx_host, policy,
+                                             auth=hop.auth)
+            except BindError as e:
+                await self._unbindable(e)
+                return None
             except SessionError as e:
                 if e.enhanced == LOOP_STATUS:
                     await self._bounce_domain(domain, e.code, LOOP_STATUS, e.text)
@@ -399,8 +535,22 @@ class Destination:
         text = "; ".join(e.text for e in errors[-3:]) or "no usable host"
         enhanced = next((e.enhanced for e in reversed(errors)
                          if e.enhanced and e.enhanced.startswith("4.")), "4.4.1")
-        await self._failed(451, enhanced, text, last_hop, trio.current_time() - started)
+        await self._failed(451, enhanced, text, last_hop, trio.current_time() - started,
+                           connection=True)
         return None
+
+    async def _unbindable(self, error: BindError) -> None:
+        """Our source address cannot be bound: the source is left out, and every job
+        held here goes back to the spool (not an attempt) to be sent from another."""
+        if self.path is not None:
+            self.owner.source_unusable(self.path.source, error.text)
+        jobs = list(self.queue)
+        self.queue.clear()
+        self.backoff_until = trio.current_time() + 1.0
+        self.backoff_reason = error.text
+        self._poke()
+        await self._settle_all(jobs, error.code, error.enhanced or "4.4.1", error.text,
+                               counted=False, not_before=self.owner.wall(self.backoff_until))
 
     async def _bounce_domain(self, domain: str, code: int, enhanced: str, text: str) -> None:
         """A permanent routing failure (NXDOMAIN, null MX, a mail loop): every queued
@@ -411,12 +561,19 @@ class Destination:
         await self._settle_all(jobs, code, enhanced, text)
 
     async def _failed(self, code: int, enhanced: str, text: str, hop: Hop | None,
-                      seconds: float = 0.0) -> None:
+                      seconds: float = 0.0, *, connection: bool = False) -> None:
         """No hop worked: back off the whole destination and defer what it holds (those
         jobs were attempted: this connection was opened for them, so they count)."""
         self.failures += 1
         delay = backoff_delay(self.failures, self.retry_policy.retry_interval,
                               self.retry_policy.max_retry_interval)
+        if self.shaping is not None and connection:
+            # A refused or failed connection: the closed loop cuts and, after the
+            # backoff, sends one probe connection instead of a reconnect storm.
+            self.shaping.refused(code, enhanced, text, mx_host=hop.mx_host if hop else "",
+                                 provider=self._provider(), in_use=self.active,
+                                 connection=True)
+            self._shaped()
         self.backoff_until = max(self.backoff_until, trio.current_time() + delay)
         self.backoff_reason = text
         jobs = list(self.queue)
@@ -525,7 +682,9 @@ class Destination:
                 if run is None or not run.chunks:
                     run = await self._next_run(session, wait, holding)
                 if run is not None and run.chunks and await self._paced(run.job.domain, wait):
-                    session.begin(run.envelope, run.chunks.popleft(), run.data)
+                    chunk = run.chunks.popleft()
+                    session.begin(run.envelope, chunk, run.data,
+                                  sender=self.owner.return_path(run.envelope, chunk[0]))
                     run.open += 1
                     in_flight.append(run)
                     if len(in_flight) > 1:  # behind another's end of data (RFC 2920 3.1)
@@ -558,7 +717,13 @@ class Destination:
         """The next job with its message, or None: the connection's deliveries cap is
         reached, or no job is queued (``wait``: none came within ``idle_timeout``)."""
         cap = self.throttle.max_deliveries_per_connection
+        if self.shaping is not None:
+            cap = self.shaping.deliveries_per_connection(cap)
         while session.deliveries < cap:
+            if self._paused_until() > trio.current_time():
+                return None  # pushback: this connection ends; the probe comes later
+            if holding.lease.revoked:
+                return None  # over this node's share of a cluster's connections
             job = await self._next_job() if wait else self._take()
             if job is None:
                 return None
@@ -567,9 +732,19 @@ class Destination:
             holding.jobs.remove(job)
             if loaded is None:
                 self._release(job)
+            elif (held := self.owner.held_by_operator(job, loaded[0])) is not None:
+                self._release(job)
+                until = min(held[0], self.owner.wall(trio.current_time()) + 86400.0)
+                attempt = Attempt(
+                    outcomes=[RecipientOutcome(i, 451, "4.4.1", held[1])
+                              for i in job.recipients],
+                    destination=self.key, counted=False, not_before=until)
+                await self.owner.settle(job, attempt, self.retry_policy, loaded, self._recorded)
             else:
                 envelope, data = loaded
-                run = _Run(job, envelope, data, self.throttle.max_recipients_per_message)
+                verp = self.owner.return_path(envelope, job.recipients[0]) is not None
+                run = _Run(job, envelope, data,
+                           1 if verp else self.throttle.max_recipients_per_message)
                 run.connect_seconds, session.setup_seconds = session.setup_seconds, 0.0
                 holding.runs.append(run)
                 return run
@@ -590,6 +765,7 @@ class Destination:
 
     async def _record(self, run: _Run, hop: Hop | None) -> None:
         self._release(run.job)
+        self._feedback(run.outcomes, hop)
         attempt = Attempt(outcomes=run.outcomes, destination=self.key,
                           mx_host=hop.mx_host if hop else "", ip=hop.ip if hop else "",
                           port=hop.port if hop else 0, connect_seconds=run.connect_seconds,

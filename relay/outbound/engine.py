@@ -26,9 +26,19 @@ group-commit writer (not waited for), so a crash between the two duplicates an e
 never loses one. Destinations see the engine only through the narrow ``DestinationOwner``
 interface (``destination.py``).
 
+Egress and shaping. With ``[egress]`` pools, each job gets a source of its pool
+(``relay.outbound.egress``: weighted round robin, warm-up caps, unbindable sources left
+out) and goes to the destination of the path (source, destination), keyed
+``SOURCE->DESTINATION``; all paths of a destination live in the worker owning it. The
+shaping table in the spool (``relay.spool.shaping``: rule suspensions, learned limits,
+the operator's ``relay queue suspend``) is read whenever its version changes, at each
+scheduler round; changes made here are written there the next round.
+
 Ownership. A destination spanning domains (a provider) belongs to the worker its key
 hashes to; a job claimed elsewhere is handed over through the spool (``Spool.hand_over``)
-with a wake-up, so its limits live in one process at any worker count.
+with a wake-up, so its limits live in one process at any worker count. Its limiters come
+from ``limits`` (``relay.outbound.limits``): node-local by default, or shared with the
+other nodes of a cluster (``relay.outbound.cluster.Cluster``, ``[cluster] redis``).
 
 Time. Wall time is ``trio.current_time() + offset`` with the offset fixed when ``run``
 starts, so under ``trio.testing.MockClock`` retry schedules and backoffs run instantly
@@ -47,15 +57,21 @@ from typing import Any
 
 import trio
 
-from relay.config import Config, parse_hostport
+from relay.config import Config, Limits, parse_hostport
 from relay.events import EventBus, Metrics
+from relay.events.types import ShapingChange
 from relay.model import ip_address
 from relay.outbound.destination import Destination
+from relay.outbound.egress import BIND_RETRY, Egress, Path
+from relay.outbound.limits import LOCAL_LIMITS, LimitsFactory
 from relay.outbound.resolver import Resolver
 from relay.outbound.routing import Router
+from relay.outbound.shaping import PathShaping
 from relay.outbound.wakeup import Waker
 from relay.outcomes.classify import Classifier, RulesError, load_classifier
 from relay.outcomes.judge import Attempt, RetryPolicy, judge
+from relay.outcomes.shaping import ShapingRules, ShapingRulesError, load_shaping_rules
+from relay.outcomes.verp import verp_for
 from relay.spool import (
     Completion,
     DeliveryJob,
@@ -68,8 +84,14 @@ from relay.spool import (
     new_queue_id,
     shard_of,
 )
+from relay.spool.shaping import ShapingEntry, ShapingStore, UsageStore, path_key
 
 __all__ = ["DeliveryEngine"]
+
+#: ``_shaping_io``'s arguments and answer (version, entries if changed, warm-up counts).
+_ShapingRequest = tuple[list[ShapingEntry], str, dict[str, int] | None, bool]
+_ShapingResult = tuple[int, list[ShapingEntry] | None,
+                       tuple[dict[str, int], dict[str, int]] | None]
 
 log = logging.getLogger("relay.outbound")
 
@@ -99,8 +121,11 @@ class DeliveryEngine:
         lease: float = 600.0,
         release_claims_on_start: bool = True,
         prefetch_bytes: int = 16 * 1024 * 1024,
+        limits: LimitsFactory = LOCAL_LIMITS,
     ) -> None:
         self.config = config
+        #: Builds each destination's limiters: node-local, or a cluster's (``Cluster``).
+        self.limits = limits
         self.spool = spool
         self.shard = shard
         self.nshards = nshards
@@ -126,6 +151,17 @@ class DeliveryEngine:
             log.error("bounce rules not usable, classifying with the defaults only: %s", e)
             self.classifier = load_classifier("")
         self.client_ssl_context = client_ssl_context
+        #: Egress sources and pools; shaping rules, and the persisted shaping table
+        #: (read again whenever its version changes, see ``_claim``).
+        self.egress = Egress(config.egress)
+        self.shaping_rules = _shaping_rules(config, ShapingRules([]))
+        #: Opened by ``run`` (in the worker, after the spool is).
+        self.shaping_store: ShapingStore | None = None
+        self.usage: UsageStore | None = None
+        self._shaping_version = -1
+        self._shaping: dict[str, list[ShapingEntry]] = {}
+        self._to_persist: list[ShapingEntry] = []
+        self._usage_loaded = ""
         self.poll_interval = poll_interval
         self.claim_batch = claim_batch
         self.max_in_memory = max_in_memory
@@ -175,6 +211,16 @@ class DeliveryEngine:
     def member_caps(self, domain: str) -> tuple[int | None, str | None]:
         return self.config.outbound.member_caps(domain)
 
+    def return_path(self, envelope: Envelope, recipient_index: int) -> str | None:
+        """The VERP return path of one recipient (``[bounces] domain``,
+        relay.outcomes.verp), or None: the envelope's own sender (no bounce domain, or
+        the null sender of a DSN, which stays null)."""
+        bounces = self.config.bounces
+        verp = verp_for(bounces.domain, bounces.secret)
+        if verp is None or not envelope.sender or envelope.is_bounce:
+            return None
+        return verp.address(envelope.queue_id, recipient_index)
+
     def is_own_listener(self, ip: str, port: int) -> bool:
         """Whether ``ip:port`` is one of this relay's SMTP listeners (a route, smart host
         or MX pointing back at us: a mail loop). A wildcard listener counts for the
@@ -190,12 +236,19 @@ class DeliveryEngine:
             self.resolver = Resolver(list(config.outbound.resolvers))
         self.config = config
         self.router = Router(config.outbound, self.resolver)
+        self.shaping_rules = _shaping_rules(config, self.shaping_rules)
+        egress, self.egress = self.egress, Egress(config.egress)
+        self.egress.unbindable = egress.unbindable
+        self.egress.day, self.egress.local, self.egress.others = (
+            egress.day, egress.local, egress.others)
         try:
             self.classifier = load_classifier(config.bounces.rules)
         except RulesError as e:  # changed since the config was checked: keep the old rules
             log.error("reload: keeping the bounce rules in use: %s", e)
-        for key, dest in self.destinations.items():
-            dest.apply_throttle(config.outbound.throttle_for(key))
+        for dest in self.destinations.values():
+            limits = self._limits(dest.path, dest.key)
+            dest.apply_throttle(limits, self.limits.refresh(
+                dest.key, dest.limiters, limits, self._local_limits(dest.path, dest.key)))
         self.poke()
 
     def poke(self) -> None:
@@ -208,6 +261,9 @@ class DeliveryEngine:
         if not self._offset_fixed:
             self._offset = time.time() - trio.current_time()
             self._offset_fixed = True
+        if self.shaping_store is None:
+            self.shaping_store = ShapingStore(self.spool)
+            self.usage = UsageStore(self.spool) if not self.spool.readonly else None
         if self.release_claims_on_start:
             released = await trio.to_thread.run_sync(
                 functools.partial(self.spool.release_claims, self.shard, self.nshards)
@@ -241,10 +297,12 @@ class DeliveryEngine:
             if room > 0:
                 limit = min(self.claim_batch, room)
                 try:
-                    jobs, loaded, nd = await trio.to_thread.run_sync(
+                    jobs, loaded, nd, shaping = await trio.to_thread.run_sync(
                         self._claim, self.now(), limit,
                         self.prefetch_bytes - self._prefetched_bytes,
+                        self._shaping_request(),
                     )
+                    self._shaping_apply(shaping)
                 except Exception:
                     # A spool that cannot be read now must not end the worker (which
                     # would only crash-loop on it): log, and look again after a while.
@@ -269,12 +327,19 @@ class DeliveryEngine:
             self._sleep_until = 0.0
 
     def _claim(
-        self, now: float, limit: int, prefetch_room: int
-    ) -> tuple[list[DeliveryJob], dict[str, tuple[Envelope, bytes]], float | None]:
+        self, now: float, limit: int, prefetch_room: int, shaping: _ShapingRequest
+    ) -> tuple[list[DeliveryJob], dict[str, tuple[Envelope, bytes]], float | None,
+               _ShapingResult | None]:
         """(Worker thread) One scheduler round's spool work in one thread hop: claim
         up to ``limit`` due jobs, read their messages (up to ``prefetch_room`` bytes),
         and, when the claim did not fill ``limit`` (the scheduler will sleep), the
-        shard's next due time."""
+        shard's next due time; and the shaping table's work (``_shaping_io``)."""
+        try:
+            shaped = self._shaping_io(*shaping)
+        except Exception:
+            log.exception("shard %d: reading or writing the shaping table failed", self.shard)
+            self._to_persist[:0] = shaping[0]  # (list.insert is atomic) tried next round
+            shaped = None
         spool = self.spool
         jobs = spool.due_jobs(now, self.shard, self.nshards, limit, self.lease)
         loaded: dict[str, tuple[Envelope, bytes]] = {}
@@ -285,7 +350,126 @@ class DeliveryEngine:
                 # Only an optimisation: each job reads its message when it starts.
                 log.exception("prefetching %d messages failed", len(jobs))
         nd = spool.next_due(self.shard, self.nshards) if len(jobs) < limit else None
-        return jobs, loaded, nd
+        return jobs, loaded, nd, shaped
+
+    # -- shaping state and warm-up counts, shared through the spool
+
+    def _shaping_request(self) -> _ShapingRequest:
+        """What the next ``_shaping_io`` (in the claim's thread hop) is to do: write the
+        shaping changes of the last round, read the table when its version moved (an
+        operator, another worker), publish this worker's warm-up counts while reading
+        the others' (only when a source has a warm-up schedule)."""
+        persist, self._to_persist = self._to_persist, []
+        egress = self.egress
+        egress.used("", self.now())  # roll the day over
+        usage = dict(egress.local) if egress.unpublished else None
+        egress.unpublished = False
+        load_usage = any(s.warmup for s in egress.config.sources.values())
+        return persist, egress.day, usage, load_usage
+
+    def _shaping_apply(self, result: _ShapingResult | None) -> None:
+        if result is None:
+            return
+        version, entries, counts = result
+        egress = self.egress
+        if counts is not None:
+            own, others = counts
+            if self._usage_loaded != egress.day:  # a restart today: go on from our count
+                self._usage_loaded = egress.day
+                for source, n in own.items():
+                    egress.local[source] = max(egress.local.get(source, 0), n)
+            egress.others = others
+        if entries is not None:
+            self._shaping_version = version
+            by_scope: dict[str, list[ShapingEntry]] = {}
+            for entry in entries:
+                by_scope.setdefault(entry.scope, []).append(entry)
+            self._shaping = by_scope
+            self._apply_admin()
+
+    def _shaping_io(self, persist: list[ShapingEntry], day: str, usage: dict[str, int] | None,
+                    load_usage: bool) -> _ShapingResult:
+        """(Worker thread) See ``_shaping_request``."""
+        store = self.shaping_store
+        assert store is not None
+        if persist and not self.spool.readonly:
+            store.put(persist)
+        version = store.version()
+        entries = store.entries(time.time()) if version != self._shaping_version else None
+        counts = None
+        if self.usage is not None and load_usage:
+            if usage:
+                self.usage.publish(day, usage, self.shard)
+            counts = self.usage.read(day, self.shard)
+        return version, entries, counts
+
+    def _persist(self, entry: ShapingEntry) -> None:
+        self._to_persist.append(entry)
+        self._shaping.setdefault(entry.scope, [])
+        self._wake.set()
+
+    def _publish(self, change: ShapingChange) -> None:
+        log.info("shaping %s: %s -> %s (%s%s)", change.scope, change.before, change.after,
+                 change.rule, f": {change.reason}" if change.reason else "")
+        self.events.emit(change)
+
+    def operator_hold(self, scopes: list[str]) -> tuple[float, str] | None:
+        """The operator's suspension over any of ``scopes`` (Unix time it ends, inf for
+        until resumed; its reason), or None."""
+        now = self.now()
+        best: tuple[float, str] | None = None
+        for scope in scopes:
+            for entry in self._shaping.get(scope, ()):
+                if entry.origin == "admin" and entry.suspend and entry.active(now):
+                    until = entry.until if entry.until is not None else float("inf")
+                    if best is None or until > best[0]:
+                        best = (until, entry.reason or f"suspended by the operator ({scope})")
+        return best
+
+    def _admin_scopes(self, dest: Destination) -> list[str]:
+        path = dest.path
+        destination = path.destination if path is not None else dest.key
+        scopes = [dest.key]
+        if destination.startswith("provider:"):
+            scopes.append(destination)
+        else:
+            scopes.append(f"domain:{destination}")
+        if path is not None and path.source:
+            scopes.append(f"source:{path.source}")
+        return scopes
+
+    def _apply_admin(self) -> None:
+        """Operator suspensions onto running destinations; a lifted one lets them go."""
+        for dest in self.destinations.values():
+            held = self.operator_hold(self._admin_scopes(dest))
+            if held is not None:
+                until, reason = held
+                dest.suspend(min(until - self._offset, trio.current_time() + 86400.0),
+                             f"{ADMIN_HOLD}{reason}")
+            elif dest.backoff_reason.startswith(ADMIN_HOLD):
+                dest.lift_backoff()
+
+    def held_by_operator(self, job: DeliveryJob,
+                         envelope: Envelope) -> tuple[float, str] | None:
+        """An operator's suspension of this job's domain (inside a provider's
+        destination, which is held as a whole only by provider), or of its message's
+        tenant or campaign: (Unix time, reason), or None."""
+        if not self._shaping:
+            return None
+        scopes = [f"domain:{job.domain}"]
+        if envelope.tenant:
+            scopes.append(f"tenant:{envelope.tenant}")
+        if envelope.campaign_id:
+            scopes.append(f"campaign:{envelope.campaign_id}")
+        return self.operator_hold(scopes)
+
+    def source_unusable(self, source: str, reason: str) -> None:
+        until = self.now() + BIND_RETRY
+        if self.egress.unbindable.get(source, 0.0) < self.now():
+            self._publish(ShapingChange(queue_id="", scope=f"source:{source}", before="usable",
+                                        after="suspended", reason=reason, rule="bind",
+                                        until=until))
+        self.egress.unbindable[source] = until
 
     # -- jobs claimed by the inbound commit (relay.spool.Claimant)
 
@@ -351,7 +535,15 @@ class DeliveryEngine:
         if self._owner(dest_key) != self.shard:
             self._hand_over(job, dest_key)
             return
-        dest = self.destinations.get(dest_key)
+        path = self._path(job, dest_key)
+        if path is None:
+            # No source of its pool can take it now (warm-up caps, unbindable, suspended):
+            # back to the spool until one can. Not an attempt, not an event.
+            overflow.append((job, self._no_source_until(job)))
+            self._held.discard((job.queue_id, job.domain))
+            self._drop_prefetched(job)
+            return
+        dest = self.destinations.get(path.key)
         if dest is not None and not dest.closed and len(dest.queue) >= self.max_per_destination:
             # A backlogged (throttled/slow) destination must not fill the engine's memory
             # budget and starve the others: hand the job back to the spool until the
@@ -361,13 +553,79 @@ class DeliveryEngine:
             self._drop_prefetched(job)
             return
         if dest is None or dest.closed:
-            dest = Destination(self, dest_key, self.config.outbound.throttle_for(dest_key))
-            self.destinations[dest_key] = dest
+            dest = self._new_destination(path)
+            self.destinations[path.key] = dest
             self._nursery.start_soon(self._run_destination, dest)
         elif job.forced and dest.backed_off:
             log.info("operator retry of %s: lifting the backoff of %s", job.queue_id, dest_key)
             dest.lift_backoff()
         dest.enqueue(job)
+
+    def _path(self, job: DeliveryJob, dest_key: str) -> Path | None:
+        """The (source, destination) path of a job: a source of its pool (``egress``),
+        or the default source when there are no pools; None when no source can take it
+        now."""
+        egress = self.egress
+        if not egress.enabled:
+            return Path(dest_key, dest_key, "", self.config.outbound.source_address,
+                        self.hostname)
+
+        def path_open(source: str) -> bool:
+            dest = self.destinations.get(path_key(source, dest_key))
+            return dest is None or dest.shaping is None or \
+                dest.shaping.suspended_until <= self.now()
+
+        source = egress.choose(job.pool, self.now(), len(job.recipients), path_open)
+        if source is None:
+            return None
+        src = egress.source(source)
+        assert src is not None
+        return Path(path_key(source, dest_key), dest_key, source,
+                    src.source_address or self.config.outbound.source_address,
+                    src.ehlo_domain or self.hostname)
+
+    def _no_source_until(self, job: DeliveryJob) -> float:
+        """When to look again for a source for ``job``: the next UTC day when every
+        source of its pool is over its warm-up cap, else in half a minute."""
+        now = self.now()
+        pool = self.egress.config.pools[self.egress.pool_of(job.pool)]
+        if all(self.egress.cap(m.source, now) is not None
+               and not self.egress.usable(m.source, now, len(job.recipients))
+               and self.egress.unbindable.get(m.source, 0.0) <= now
+               for m in pool.sources):
+            return self.egress.next_day(now)
+        return now + 30.0
+
+    def _limits(self, path: Path | None, key: str) -> Limits:
+        if path is None or not path.source:
+            return self.config.outbound.throttle_for(key if path is None else path.destination)
+        return self.config.outbound.throttle_for(path.destination, path.source,
+                                                 self.egress.source(path.source))
+
+    def _local_limits(self, path: Path | None, key: str) -> frozenset[str]:
+        """The limits of ``_limits`` written ``local:`` (this node's own in a cluster)."""
+        if path is None or not path.source:
+            return self.config.outbound.local_limits(key if path is None else path.destination)
+        return self.config.outbound.local_limits(path.destination, path.source,
+                                                 self.egress.source(path.source))
+
+    def _new_destination(self, path: Path) -> Destination:
+        limits = self._limits(path, path.key)
+        shaping = PathShaping(
+            path.key, path.destination, self.config.shaping, self.shaping_rules, limits,
+            now=self.now, publish=self._publish, persist=self._persist,
+            entries=self._shaping.get(path.key, []))
+        limiters = self.limits.make(path.key, limits, self._local_limits(path, path.key))
+        dest = Destination(self, path.key, limits, path=path, shaping=shaping,
+                           limiters=limiters)
+        held = self.operator_hold(self._admin_scopes(dest))
+        if held is not None:
+            dest.suspend(min(held[0] - self._offset, trio.current_time() + 86400.0),
+                         f"{ADMIN_HOLD}{held[1]}")
+        if shaping.suspended_until > self.now():
+            dest.suspend(shaping.suspended_until - self._offset,
+                         f"suspended by shaping rule {shaping.suspend_reason}")
+        return dest
 
     def _hand_over(self, job: DeliveryJob, dest_key: str) -> None:
         """Queue ``job`` for the worker owning ``dest_key`` (principle 4: a destination's
@@ -517,6 +775,20 @@ class DeliveryEngine:
             shards.discard(self.shard)
         if shards and self.waker is not None:
             self.waker.notify(shards)
+
+
+#: The reason of an operator's suspension starts so (``relay queue suspend``).
+ADMIN_HOLD = "suspended by the operator: "
+
+
+def _shaping_rules(config: Config, running: ShapingRules) -> ShapingRules:
+    """The config's shaping rules; the running ones when they cannot be read now (the
+    file changed since the config was checked)."""
+    try:
+        return load_shaping_rules(config.shaping)
+    except ShapingRulesError as e:
+        log.error("shaping rules not usable, keeping the rules in use: %s", e)
+        return running
 
 
 def _owner_of(dest_key: str, nshards: int) -> int:

@@ -40,6 +40,13 @@ async def explain(config: Config, domain: str) -> list[str]:
     sources = _sources(outbound.layers(key))
     lines += [_line(name, getattr(limits, name), sources[name])
               for name in Limits.__struct_fields__]
+    for name, src in config.egress.sources.items():
+        layers = outbound.layers(key, name, src)
+        through = outbound.throttle_for(key, name, src)
+        own = {f: t for f, t in _sources(layers).items() if t.startswith("[egress.")}
+        if own:
+            lines.append(f"  through egress source {name} ({src.source_address or 'any'}):")
+            lines += [_line(f, getattr(through, f), t, indent=4) for f, t in own.items()]
     if key != domain:
         cap, rate = outbound.member_caps(domain)
         own = _sources(outbound.layers(domain)[2:])

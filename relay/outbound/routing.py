@@ -14,6 +14,9 @@ Contract:
   domain matches that provider's ``match_mx`` (so the many domains hosted at one
   provider share one set of limits), else the domain itself. Only MX-routed domains can
   belong to a provider, and only when providers are configured (else no lookup).
+- ``Router.credentials(domain)`` -> the AUTH ``Credentials`` of the route (or smart host)
+  the domain's mail goes to, or None; the hops of that route carry them (``Hop.auth``).
+  MX hops never do: credentials are for the host they were configured for.
 
 ``Router`` is rebuilt on a config reload; the resolver (and its cache) is kept.
 """
@@ -22,20 +25,24 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from typing import TypeVar
 
-from relay.config import OutboundConfig, parse_hostport
+from relay.config import OutboundConfig, Route, SmtpAuth, parse_hostport
 from relay.outbound.resolver import ResolveError, Resolver
+from relay.smtp.client import Credentials
 
 __all__ = ["Hop", "Router", "match_route"]
 
 
 @dataclass(frozen=True, slots=True)
 class Hop:
-    """One place to connect to: the MX (or route) host name, its IP and the port."""
+    """One place to connect to: the MX (or route) host name, its IP and the port, and
+    the credentials to log in with there (a route's or the smart host's)."""
 
     mx_host: str
     ip: str
     port: int
+    auth: Credentials | None = None
 
 
 def _is_ip(host: str) -> bool:
@@ -46,7 +53,10 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def match_route(domain: str, routes: dict[str, list[str]]) -> list[str] | None:
+_T = TypeVar("_T")
+
+
+def match_route(domain: str, routes: dict[str, _T]) -> _T | None:
     """Exact key, then the most specific ``*.suffix`` wildcard, then ``*``.
 
     ``*.example.com`` matches ``a.example.com`` and ``b.a.example.com`` but not
@@ -72,10 +82,10 @@ class Router:
         self.config = config
         self.resolver = resolver
         self.max_hops = max_hops
-        self._routes: dict[str, list[str]] = {}
+        self._routes: dict[str, Route] = {}
         for route in config.routes:
             # First route for a key wins, like a first-match transport table.
-            self._routes.setdefault(route.domain.lower().rstrip("."), list(route.hosts))
+            self._routes.setdefault(route.domain.lower().rstrip("."), route)
         #: key_needs_dns answers per domain. The engine asks for every claimed job and
         #: the answer (a full throttle merge plus a route match) only changes with the
         #: config, which replaces the Router. Cleared when it gets big.
@@ -83,7 +93,8 @@ class Router:
 
     def static_hosts(self, domain: str) -> list[tuple[str, int]] | None:
         """Configured hosts for ``domain`` (route, else smart host), or None for MX."""
-        hosts = match_route(domain, self._routes)
+        route = match_route(domain, self._routes)
+        hosts = route.hosts if route is not None else None
         if hosts is None and self.config.smart_host:
             hosts = [self.config.smart_host]
         if hosts is None:
@@ -93,6 +104,14 @@ class Router:
             host, port = parse_hostport(h, self.config.smtp_port)
             out.append((host, port or self.config.smtp_port))
         return out
+
+    def credentials(self, domain: str) -> Credentials | None:
+        """AUTH credentials for ``domain``'s route, else for the smart host when that is
+        where its mail goes; None for MX delivery and routes without ``auth``."""
+        route = match_route(domain, self._routes)
+        if route is not None:
+            return _credentials(route.auth)
+        return _credentials(self.config.smart_host_auth) if self.config.smart_host else None
 
     def key_needs_dns(self, domain: str) -> bool:
         """Whether ``destination_key`` must look up MX records (to match providers)."""
@@ -133,22 +152,24 @@ class Router:
                                    enhanced="5.1.2")
             return [Hop(domain, literal, port)]
         static = self.static_hosts(domain)
+        auth = None
         if static is not None:
             names = [(h, p) for h, p in static]
+            auth = self.credentials(domain)
         else:
             names = [(m.name, port) for m in await self.resolver.mx(domain)]
         hops: list[Hop] = []
         last_error: ResolveError | None = None
         for host, p in names:
             if _is_ip(host):
-                hops.append(Hop(host, host, p))
+                hops.append(Hop(host, host, p, auth))
             else:
                 try:
                     addrs = await self.resolver.addresses(host)
                 except ResolveError as e:
                     last_error = e
                     continue
-                hops.extend(Hop(host, ip, p) for ip in addrs)
+                hops.extend(Hop(host, ip, p, auth) for ip in addrs)
             if len(hops) >= self.max_hops:
                 break
         if not hops:
@@ -157,3 +178,9 @@ class Router:
             raise ResolveError(f"no address for any mail exchanger of {domain}",
                                permanent=False, enhanced="4.4.4")
         return hops[: self.max_hops]
+
+
+def _credentials(auth: SmtpAuth) -> Credentials | None:
+    """The configured ``SmtpAuth`` as the client's Credentials (its password already read
+    from ``password_file`` by ``load_config``), None when none is configured."""
+    return Credentials(auth.username, auth.password) if auth.configured else None

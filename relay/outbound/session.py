@@ -27,8 +27,23 @@ Postfix-like choices (documented because they are policy):
   ``smtp_tls_security_level = may``). A refused STARTTLS continues in plaintext; a failed
   handshake reconnects once and delivers in plaintext (Postfix does the same retry).
 * ``tls="required"``: STARTTLS missing or refused, or a failed handshake -> transient
-  ``SessionError`` (4.7.4 / 4.7.5): Postfix defers, it does not bounce. Certificates are
-  verified only with ``verify_certificates=True`` (Postfix ``encrypt`` vs ``verify``).
+  ``SessionError`` (4.7.4 / 4.7.5): Postfix defers, it does not bounce. The certificate
+  is not verified (Postfix ``encrypt``: protection from passive eavesdropping only),
+  unless ``verify_certificates=True``.
+* ``tls="verify"`` (Postfix ``verify``): as "required", and the chain must verify
+  against the system CAs, or only against ``ca_file`` when one is set (Postfix's
+  ``smtp_tls_CAfile`` without ``tls_append_default_CA``), for the host name the mail
+  was routed to -- the MX host name, or the route's / smart host's name as configured
+  -- never a name derived from the IP. A failure is ``4.7.5 certificate verify failed:
+  <why>``, transient: the engine tries the next hop and defers. A given
+  ``ssl_context`` replaces all of this: its own settings decide.
+* AUTH (``open_session(..., auth=Credentials)``, for a smart host or route that needs
+  it): TLS becomes at least "required" for that connection, so credentials never
+  cross a plaintext connection (STARTTLS not offered -> 4.7.4 with the reason; the
+  client refuses too). AUTH right after the EHLO that follows STARTTLS; a refusal
+  (535 ...), no AUTH offered or no mechanism in common -> transient ``SessionError``
+  4.7.x with the server's reply (Postfix ``smtp_sasl_auth_soft_bounce = yes``: a
+  wrong password is the operator's to fix, the mail waits).
 * A 5xx greeting is reported with ``permanent=False`` (Postfix ``smtp_skip_5xx_greeting
   = yes``: try the next MX, defer when none is left); a 5xx to both EHLO and HELO is
   permanent ("refused to talk to me").
@@ -53,6 +68,7 @@ import trio
 from relay.model import Envelope
 from relay.smtp.client import (
     LOOP_STATUS,
+    Credentials,
     Phase,
     RecipientOutcome,
     SmtpClient,
@@ -63,6 +79,7 @@ from relay.smtp.replies import Reply
 from relay.wire import Wire, tune_socket
 
 __all__ = [
+    "BindError",
     "ClientSession",
     "RecipientOutcome",
     "SessionError",
@@ -82,15 +99,24 @@ class SessionPolicy(msgspec.Struct, kw_only=True):
     """How to talk to one destination (built by the engine from the effective Throttle)."""
 
     helo_name: str
-    tls: Literal["off", "opportunistic", "required"]
+    tls: Literal["off", "opportunistic", "required", "verify"]
     connect_timeout: float
     command_timeout: float
     data_timeout: float
     source_address: str = ""
-    #: None -> a cached default client context (verifying only with verify_certificates).
+    #: None -> a cached default client context (verifying with tls="verify" or
+    #: verify_certificates).
     ssl_context: ssl.SSLContext | None = None
     #: With tls="required" and no ssl_context: verify the chain and the MX host name.
     verify_certificates: bool = False
+    #: PEM file of the CAs that verification trusts instead of the system's ("" = the
+    #: system's); ``outbound.tls_ca_file``.
+    ca_file: str = ""
+
+    @property
+    def verifies(self) -> bool:
+        """The default context checks the certificate chain and the host name."""
+        return self.tls == "verify" or self.verify_certificates
 
 
 class SessionError(Exception):
@@ -120,20 +146,50 @@ class SessionError(Exception):
 
 # --------------------------------------------------------------------------- TLS
 
-_contexts: dict[bool, ssl.SSLContext] = {}
+_contexts: dict[tuple[bool, str, tuple[int, int]], ssl.SSLContext] = {}
 
 
-def _default_context(verify: bool) -> ssl.SSLContext:
-    """One shared client context per verification mode: building one loads the CA
-    store (milliseconds), far too slow per connection on a bulk sender."""
-    ctx = _contexts.get(verify)
+def _default_context(verify: bool, ca_file: str = "") -> ssl.SSLContext:
+    """One shared client context per verification mode and CA file: building one loads
+    the CA store (milliseconds), far too slow per connection on a bulk sender. The CA
+    file's mtime and size are part of the key, so a replaced file is read again (one
+    stat per connection). Raises OSError / ssl.SSLError for an unreadable CA file."""
+    ca_file = ca_file if verify else ""
+    stat = os.stat(ca_file) if ca_file else None
+    key = (verify, ca_file, (stat.st_mtime_ns, stat.st_size) if stat else (0, 0))
+    ctx = _contexts.get(key)
     if ctx is None:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file or None)
         if not verify:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
-        _contexts[verify] = ctx
+        if len(_contexts) >= 16:  # CA files replaced over and over: keep it bounded
+            _contexts.clear()
+        _contexts[key] = ctx
     return ctx
+
+
+def _client_context(policy: SessionPolicy, peer: str) -> ssl.SSLContext:
+    """The context for a STARTTLS with ``peer``; a CA file that cannot be loaded (gone
+    since the config was checked) defers the mail instead of ending the worker."""
+    if policy.ssl_context is not None:
+        return policy.ssl_context
+    try:
+        return _default_context(policy.verifies, policy.ca_file)
+    except (OSError, ssl.SSLError) as e:
+        reason = os.strerror(e.errno) if isinstance(e.errno, int) and e.errno else str(e)
+        raise SessionError(421, "4.7.5", f"cannot verify the certificate of {peer}: "
+                           f"CA file {policy.ca_file}: {reason}", permanent=False) from None
+
+
+def _handshake_reason(e: BaseException) -> str:
+    """Why a handshake failed; a verification failure says what did not verify
+    ("certificate verify failed: Hostname mismatch, certificate is not valid for
+    'mx.example.com'.")."""
+    cause = e.__cause__ or e.__context__ or e
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {cause.verify_message}"
+    return "timed out" if isinstance(e, trio.TooSlowError) else _reason(e)
 
 
 def _tls_description(stream: trio.SSLStream[trio.abc.Stream]) -> str:
@@ -328,10 +384,15 @@ class ClientSession:
             await self.progress()
         return self.take_outcomes()
 
-    def begin(self, envelope: Envelope, recipients: list[int], data: bytes) -> None:
+    def begin(self, envelope: Envelope, recipients: list[int], data: bytes, *,
+              sender: str | None = None) -> None:
         """Begin a transaction (only while ``can_begin``); its commands are written by
         the next ``progress`` or ``flush``. If the message cannot be offered to this
-        server at all (SIZE, 8BITMIME, SMTPUTF8), it is finished at once."""
+        server at all (SIZE, 8BITMIME, SMTPUTF8), it is finished at once. ``sender``
+        replaces the envelope's in MAIL FROM (a VERP return path); the envelope itself
+        is not changed (our own DSNs still go to its sender)."""
+        if sender is not None:
+            envelope = msgspec.structs.replace(envelope, sender=sender)
         out = self._client.begin_transaction(envelope, recipients, data)
         if out:
             self._unsent.append(out)
@@ -411,17 +472,26 @@ def _reason(e: BaseException) -> str:
 # --------------------------------------------------------------------------- open
 
 
-async def open_session(ip: str, port: int, mx_host: str,
-                       policy: SessionPolicy) -> ClientSession:
+async def open_session(ip: str, port: int, mx_host: str, policy: SessionPolicy, *,
+                       auth: Credentials | None = None) -> ClientSession:
     """Connect to ``ip:port`` (the MX ``mx_host``), read the greeting, EHLO (HELO
-    fallback), STARTTLS per ``policy.tls`` (EHLO again after it). Raises SessionError."""
+    fallback), STARTTLS per ``policy.tls`` (EHLO again after it), then AUTH with
+    ``auth`` when given (which makes TLS required, see the module docstring). Raises
+    SessionError."""
+    if auth is not None and policy.tls in ("off", "opportunistic"):
+        policy = msgspec.structs.replace(policy, tls="required")
     try:
-        return await _open(ip, port, mx_host, policy, allow_tls=True)
+        return await _open(ip, port, mx_host, policy, allow_tls=True, auth=auth)
     except _TlsHandshakeFailed as e:
-        if policy.tls == "required":
+        if policy.tls != "opportunistic":
             raise SessionError(421, "4.7.5", e.text, permanent=False) from None
         # Opportunistic: like Postfix, try once more without TLS.
-        return await _open(ip, port, mx_host, policy, allow_tls=False)
+        return await _open(ip, port, mx_host, policy, allow_tls=False, auth=None)
+
+
+class BindError(SessionError):
+    """The source address could not be bound (not configured on this host, or taken):
+    a fault of this egress source, not of the destination."""
 
 
 class _TlsHandshakeFailed(Exception):
@@ -437,7 +507,12 @@ async def _connect(ip: str, port: int, mx_host: str, policy: SessionPolicy) -> W
     try:
         tune_socket(sock)
         if policy.source_address:
-            sock.bind((policy.source_address, 0))
+            try:
+                sock.bind((policy.source_address, 0))
+            except OSError as e:
+                raise BindError(421, "4.4.1", f"cannot send from {policy.source_address}: "
+                                f"{os.strerror(e.errno) if e.errno else e}",
+                                permanent=False) from None
         with trio.fail_after(policy.connect_timeout):
             err = sock.connect_ex((ip, port))
             if err in (errno.EINPROGRESS, errno.EAGAIN):
@@ -445,6 +520,9 @@ async def _connect(ip: str, port: int, mx_host: str, policy: SessionPolicy) -> W
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             raise OSError(err, os.strerror(err))
+    except BindError:
+        sock.close()
+        raise
     except trio.TooSlowError:
         sock.close()
         raise SessionError(421, "4.4.1", f"connect to {where}: Connection timed out",
@@ -462,7 +540,7 @@ async def _connect(ip: str, port: int, mx_host: str, policy: SessionPolicy) -> W
 
 
 async def _open(ip: str, port: int, mx_host: str, policy: SessionPolicy, *,
-                allow_tls: bool) -> ClientSession:
+                allow_tls: bool, auth: Credentials | None) -> ClientSession:
     wire = await _connect(ip, port, mx_host, policy)
     client = SmtpClient(policy.helo_name)
     session = ClientSession(wire, client, ip=ip, port=port, mx_host=mx_host, policy=policy)
@@ -471,47 +549,82 @@ async def _open(ip: str, port: int, mx_host: str, policy: SessionPolicy, *,
         await session._converse(b"")  # greeting, then EHLO (and HELO) inside the pump
         _check_ready(session, client, "the initial greeting or EHLO/HELO")
         if policy.tls != "off" and allow_tls:
-            if "STARTTLS" not in client.extensions:
-                if policy.tls == "required":
-                    raise SessionError(
-                        421, "4.7.4",
-                        f"TLS is required, but was not offered by host {session.peer}",
-                        permanent=False)
-            else:
-                await session._converse(client.starttls())
-                if client.phase is Phase.TLS:
-                    ctx = policy.ssl_context or _default_context(policy.verify_certificates)
-                    tls_stream = trio.SSLStream(wire.transport(), ctx,
-                                                server_hostname=mx_host)
-                    try:
-                        with trio.fail_after(policy.command_timeout):
-                            await tls_stream.do_handshake()
-                    except (trio.TooSlowError, trio.BrokenResourceError, OSError) as e:
-                        await wire.aclose(graceful=False)
-                        session._closed = True
-                        reason = "timed out" if isinstance(e, trio.TooSlowError) else (
-                            _reason(e))
-                        raise _TlsHandshakeFailed(
-                            f"TLS handshake with {session.peer} failed: {reason}") from None
-                    wire.upgrade(tls_stream)
-                    session.tls = _tls_description(tls_stream)
-                    await session._converse(client.tls_established())
-                    _check_ready(session, client, "EHLO after STARTTLS")
-                else:
-                    _check_ready(session, client, "STARTTLS")
-                    if policy.tls == "required":
-                        refused = client.starttls_refused
-                        raise SessionError(
-                            421, "4.7.4",
-                            f"TLS is required, but host {session.peer} refused to start "
-                            f"TLS: {reply_line(refused) if refused else ''}".rstrip(),
-                            permanent=False)
+            await _start_tls(session, client, wire, policy, auth)
+        if auth is not None:
+            await _authenticate(session, client, auth)
         ok = True
         session.idle_since = time.monotonic()
         return session
     finally:
         if not ok:
             await session.aclose()
+
+
+async def _start_tls(session: ClientSession, client: SmtpClient, wire: Wire,
+                     policy: SessionPolicy, auth: Credentials | None) -> None:
+    """STARTTLS, the handshake and the EHLO after it; without TLS on offer (or refused)
+    a SessionError unless ``policy.tls`` is "opportunistic"."""
+    must = policy.tls != "opportunistic"
+    why = " (credentials are configured for it: no AUTH without TLS)" if auth else ""
+    if "STARTTLS" not in client.extensions:
+        if must:
+            raise SessionError(
+                421, "4.7.4", f"TLS is required, but was not offered by host "
+                f"{session.peer}{why}", permanent=False)
+        return
+    await session._converse(client.starttls())
+    if client.phase is not Phase.TLS:
+        _check_ready(session, client, "STARTTLS")
+        if must:
+            refused = client.starttls_refused
+            raise SessionError(
+                421, "4.7.4", f"TLS is required, but host {session.peer} refused to start "
+                f"TLS: {reply_line(refused) if refused else ''}".rstrip() + why,
+                permanent=False)
+        return
+    ctx = _client_context(policy, session.peer)
+    tls_stream = trio.SSLStream(wire.transport(), ctx, server_hostname=session.mx_host)
+    try:
+        with trio.fail_after(policy.command_timeout):
+            await tls_stream.do_handshake()
+    except (trio.TooSlowError, trio.BrokenResourceError, OSError) as e:
+        await wire.aclose(graceful=False)
+        session._closed = True
+        reason = _handshake_reason(e)
+        if reason.startswith("certificate verify failed"):
+            raise _TlsHandshakeFailed(f"{reason} (host {session.peer})") from None
+        raise _TlsHandshakeFailed(
+            f"TLS handshake with {session.peer} failed: {reason}") from None
+    wire.upgrade(tls_stream)
+    session.tls = _tls_description(tls_stream)
+    await session._converse(client.tls_established())
+    _check_ready(session, client, "EHLO after STARTTLS")
+
+
+async def _authenticate(session: ClientSession, client: SmtpClient,
+                        auth: Credentials) -> None:
+    """AUTH on a READY, encrypted session; any failure is a transient SessionError
+    4.7.x whose text says why (the server's own reply when it refused), never the
+    password."""
+    out = client.auth(auth)
+    if out:
+        await session._converse(out)
+    if client.authenticated:
+        return
+    _check_ready(session, client, "AUTH")  # 421, lost connection, timeout
+    unavailable = client.auth_unavailable
+    if unavailable is not None:
+        raise SessionError(unavailable.code, unavailable.status,
+                           f"cannot authenticate to {session.peer} as {auth.username}: "
+                           f"{reply_text(unavailable)}", permanent=False)
+    refused = client.auth_refused
+    assert refused is not None
+    status = refused.status
+    # 535 5.7.8 -> 4.7.8: the server's detail, in the class of a deferral.
+    enhanced = f"4.{status[2:]}" if status and status[1:4] == ".7." else "4.7.0"
+    raise SessionError(454 if refused.code >= 500 else refused.code, enhanced,
+                       f"SASL authentication failed for {auth.username}; server "
+                       f"{session.peer} said: {reply_line(refused)}", permanent=False)
 
 
 def _check_ready(session: ClientSession, client: SmtpClient, stage: str) -> None:

@@ -65,12 +65,25 @@ Local decisions, documented because an RFC leaves a choice:
 * A greeting or EHLO reply whose first word is our own HELO name means the mail came
   back to us (RFC 5321 6.3; Postfix: "mail for ... loops back to myself"): the session
   fails with ``554 5.4.6`` and the delivery layer bounces instead of retrying.
+* AUTH (RFC 4954, for relaying through a provider's smart host): ``auth(credentials)``
+  from READY, only once TLS is active -- over plaintext the client refuses to send the
+  credentials at all (``auth_unavailable``, 4.7.11), whatever the driver asks. PLAIN
+  (RFC 4616, as an initial response: one round trip) when offered, else LOGIN (the
+  username and the password each answer one 334). No AUTH offered, or no mechanism in
+  common: nothing is sent (``auth_unavailable``, 4.7.0): with credentials configured
+  the server is not the one they were meant for, and mail sent unauthenticated would
+  be refused as relaying. The server's refusal (535 ...) is kept in ``auth_refused``
+  and the client is READY again; the driver decides (it defers: Postfix's
+  ``smtp_sasl_auth_soft_bounce = yes``). The password is held only while its exchange
+  runs, and no text the client produces contains it.
 """
 
 from __future__ import annotations
 
+import base64
 import enum
 from collections import deque
+from dataclasses import dataclass, field
 
 from relay.model import Envelope, RecipientOutcome, ascii_int
 from relay.smtp.address import format_orcpt, xtext_encode
@@ -78,6 +91,7 @@ from relay.smtp.replies import Reply, ReplyParseError, parse_reply
 
 __all__ = [
     "LOOP_STATUS",
+    "Credentials",
     "Phase",
     "RecipientOutcome",
     "SmtpClient",
@@ -111,12 +125,28 @@ def reply_line(reply: Reply) -> str:
     return f"{reply.code} {reply_text(reply)}".rstrip()
 
 
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """A username and password for AUTH PLAIN/LOGIN. ``repr`` never shows the password
+    (it may end up in a log line or a traceback). They travel base64-encoded, so no
+    value can inject a command; the config refuses NUL (PLAIN's separator) and empty
+    values before they get here."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+def _b64(text: str) -> bytes:
+    return base64.b64encode(text.encode("utf-8"))
+
+
 class Phase(enum.Enum):
     GREETING = "greeting"  # connected, waiting for 220
     HELLO = "hello"  # EHLO/HELO sent
     READY = "ready"  # may start a transaction or STARTTLS or QUIT
     STARTTLS = "starttls"  # STARTTLS sent, waiting for 220
     TLS = "tls"  # 220 to STARTTLS received: driver must handshake then tls_established()
+    AUTH = "auth"  # AUTH sent, the exchange (334 ... 235) under way
     TRANSACTION = "transaction"
     QUIT = "quit"  # QUIT sent
     CLOSED = "closed"  # 421, QUIT answered, or connection lost
@@ -206,7 +236,7 @@ class _Transaction:
 
 # Expected-reply tags, in the order commands were written.
 (_GREETING, _EHLO, _HELO, _STARTTLS, _RSET, _MAIL, _RCPT, _DATA, _DOT, _DOT_DISCARD, _QUIT,
- _BDAT_LAST) = range(12)
+ _BDAT_LAST, _AUTH) = range(13)
 _ACTIVITY = {
     _GREETING: "receiving the initial server greeting",
     _EHLO: "receiving the EHLO reply",
@@ -220,6 +250,7 @@ _ACTIVITY = {
     _DOT_DISCARD: "sending end of data",
     _QUIT: "sending QUIT",
     _BDAT_LAST: "sending message body -- message may be sent more than once",
+    _AUTH: "sending AUTH",
 }
 
 
@@ -240,6 +271,14 @@ class SmtpClient:
         self.extensions: dict[str, str] = {}
         self.transactions = 0
         self.tls_active = False
+        #: AUTH succeeded (235) on this connection.
+        self.authenticated = False
+        #: The server's refusal of AUTH (535, 454, ...), if it refused.
+        self.auth_refused: Reply | None = None
+        #: Why ``auth`` sent nothing (no TLS, no AUTH offered, no mechanism in common).
+        self.auth_unavailable: Reply | None = None
+        #: The responses still to send to the server's 334 challenges (base64 lines).
+        self._auth_responses: deque[bytes] = deque()
         self._buf = bytearray()
         self._lines: list[bytes] = []
         self._pending: deque[int] = deque([_GREETING])
@@ -301,6 +340,17 @@ class SmtpClient:
         return extension in self.extensions
 
     @property
+    def auth_mechanisms(self) -> set[str]:
+        """The SASL mechanisms the server offers (upper-case): ``AUTH PLAIN LOGIN``, and
+        the pre-RFC ``AUTH=LOGIN PLAIN`` that old servers (and Outlook-era clients'
+        servers) still advertise."""
+        mechanisms = self.extensions.get("AUTH", "").split()
+        for keyword, params in self.extensions.items():
+            if keyword.startswith("AUTH="):
+                mechanisms += [keyword[5:], *params.split()]
+        return {m.upper() for m in mechanisms if m}
+
+    @property
     def size_limit(self) -> int:
         """The server's SIZE (0 = none announced or unlimited)."""
         return ascii_int(self.extensions.get("SIZE"), max_digits=18) or 0
@@ -329,6 +379,37 @@ class SmtpClient:
         self.extensions = {}
         self.esmtp = False
         return self._ehlo()
+
+    def auth(self, credentials: Credentials) -> bytes:
+        """AUTH with ``credentials`` (see the module docstring): the bytes to send, or
+        ``b""`` with ``auth_unavailable`` set when nothing may be sent. The exchange
+        ends READY, with ``authenticated`` or ``auth_refused`` set (or CLOSED on 421)."""
+        self._require(Phase.READY)
+        self.auth_refused = self.auth_unavailable = None
+        if self.authenticated:
+            return b""
+        if not self.tls_active:
+            self.auth_unavailable = Reply(454, "4.7.11", "refusing to send credentials "
+                                          "over a connection without TLS")
+            return b""
+        offered = self.auth_mechanisms
+        if "PLAIN" in offered:
+            # RFC 4616: authzid (empty: the identity is the username) NUL authcid NUL passwd
+            initial = _b64(f"\0{credentials.username}\0{credentials.password}")
+            line = b"AUTH PLAIN " + initial + b"\r\n"
+        elif "LOGIN" in offered:
+            self._auth_responses.extend((_b64(credentials.username),
+                                         _b64(credentials.password)))
+            line = b"AUTH LOGIN\r\n"
+        else:
+            why = ("offers no AUTH" if not offered else
+                   f"offers AUTH {' '.join(sorted(offered))}, none of PLAIN, LOGIN")
+            self.auth_unavailable = Reply(454, "4.7.0", f"the server {why}, but "
+                                          "credentials are configured for it")
+            return b""
+        self.phase = Phase.AUTH
+        self._pending.append(_AUTH)
+        return line
 
     def quit(self) -> bytes:
         """QUIT, if the connection is still open for commands; else ``b""``."""
@@ -528,6 +609,7 @@ class SmtpClient:
         self.phase = phase
         self.error = reply
         self._pending.clear()
+        self._auth_responses.clear()  # the password is not kept past its exchange
         if self._txn is not None:
             behind, self._behind = self._behind, None
             self._txn.settle_rest(reply.code, reply.status, reply_text(reply), ambiguous)
@@ -673,6 +755,21 @@ class SmtpClient:
             self.phase = Phase.READY
         return b""
 
+    def _on_auth(self, reply: Reply, leftover: bool) -> bytes:
+        if reply.code == 334:
+            # The next response of the exchange; a challenge beyond what the mechanism
+            # needs cancels it (RFC 4954 4: "*"), and the server answers 501.
+            self._pending.append(_AUTH)
+            response = self._auth_responses.popleft() if self._auth_responses else b"*"
+            return response + b"\r\n"
+        self._auth_responses.clear()
+        self.phase = Phase.READY
+        if reply.is_success:
+            self.authenticated = True
+        else:
+            self.auth_refused = reply
+        return b""
+
     def _on_rset(self, reply: Reply, leftover: bool) -> bytes:
         txn = self._txn
         if txn is not None and not txn.mail_sent:
@@ -779,6 +876,7 @@ class SmtpClient:
         _DOT_DISCARD: _on_dot_discard,
         _QUIT: _on_quit,
         _BDAT_LAST: _on_bdat_last,
+        _AUTH: _on_auth,
     }
 
 

@@ -14,7 +14,7 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -243,7 +243,8 @@ def prepare(msg: NewMessage, now: float | None = None,
     claimed: list[DeliveryJob] = []
     for domain, idxs in by_domain.items():
         jk = _job_key(qid, domain)
-        job = DeliveryJob(queue_id=env.queue_id, domain=domain, recipients=idxs, due=due)
+        job = DeliveryJob(queue_id=env.queue_id, domain=domain, recipients=idxs, due=due,
+                          pool=env.ip_pool)
         h = shard_hash(domain)
         if claimant is not None and claimant.wants(h):
             job.due = due + claimant.lease
@@ -804,6 +805,97 @@ class Spool:
             had_msg = txn.delete(qid, db=self._msg)
             had_env = txn.delete(qid, db=self._envdb)
         return bool(jobs) or had_msg or had_env
+
+    def admin_bounce(
+        self,
+        select: Callable[[DeliveryJob, Envelope], bool],
+        *,
+        queue_id: str | None = None,
+        batch: int = 500,
+        committed: Callable[[list[tuple[Envelope, list[str]]]], None] | None = None,
+    ) -> tuple[list[tuple[str, str]], int]:
+        """Operator bounce (``relay queue bounce``, KumoMTA's admin bounce): every
+        recipient still queued in a job that ``select(job, envelope)`` accepts fails now,
+        WITHOUT a DSN. Its job goes like ``delete`` removes jobs, and a message left
+        with no job goes too. Returns ((queue id, recipient) of every bounced recipient,
+        how many recipients were skipped).
+
+        Only ``queue_id``'s jobs are looked at when given. Jobs claimed by a live worker
+        whose lease has not run out are being delivered right now: they are skipped
+        (counted, left as they are) rather than pulled from under the delivery, which
+        would then finish to a job that is gone; suspend the selection first, then
+        bounce again. The queue is scanned in a read transaction (the writer lock is
+        not held while O(queue) work runs), then ``batch`` messages at a time are
+        bounced in one synced write transaction each, ``select`` asked again there
+        (a job may have been claimed or handed over since). ``committed`` is called
+        after each commit with each message's envelope and the recipients it lost, so
+        the caller's events match what is durably gone even if it is stopped midway.
+        """
+        candidates: dict[bytes, list[bytes]] = {}
+        with self._env.begin() as txn:
+            if queue_id is not None:
+                jobs = iter(self._jobs_of(txn, queue_id.encode("ascii")))
+            else:
+                jobs = ((bytes(k), _job_decode(v)) for k, v in txn.cursor(self._job))
+            qid, env = b"", None
+            for jk, job in jobs:
+                if jk.partition(_SEP)[0] != qid:
+                    qid = jk.partition(_SEP)[0]
+                    raw_env = txn.get(qid, db=self._envdb)
+                    env = _env_decode(raw_env) if raw_env is not None else None
+                if env is not None and select(job, env):
+                    candidates.setdefault(qid, []).append(jk)
+        bounced: list[tuple[str, str]] = []
+        skipped = 0
+        qids = list(candidates)
+        for start in range(0, len(qids), max(1, batch)):
+            done, n = self._admin_bounce_batch(
+                select, {q: candidates[q] for q in qids[start:start + max(1, batch)]})
+            skipped += n
+            bounced += [(env.queue_id, rcpt) for env, rcpts in done for rcpt in rcpts]
+            if done and committed is not None:
+                committed(done)
+        return bounced, skipped
+
+    def _admin_bounce_batch(
+        self, select: Callable[[DeliveryJob, Envelope], bool], batch: dict[bytes, list[bytes]]
+    ) -> tuple[list[tuple[Envelope, list[str]]], int]:
+        """One synced transaction of ``admin_bounce``: (envelope, recipients bounced) per
+        message, recipients skipped (in flight)."""
+        now = time.time()
+        done: list[tuple[Envelope, list[str]]] = []
+        skipped = 0
+        with self._env.begin(write=True) as txn:
+            idx = _Index(self, txn)
+            for qid, keys in batch.items():
+                raw_env = txn.get(qid, db=self._envdb)
+                if raw_env is None:
+                    continue  # delivered, bounced or deleted since the scan
+                env = _env_decode(raw_env)
+                addrs = [r.address for r in env.recipients]
+                rcpts: list[str] = []
+                for jk in keys:
+                    raw = txn.get(jk, db=self._job)
+                    if raw is None:
+                        continue
+                    job = _job_decode(raw)
+                    if not select(job, env):
+                        continue
+                    if job.claimed_by is not None and job.due > now and pid_alive(
+                            job.claimed_by):
+                        skipped += len(job.recipients)
+                        continue
+                    idx.remove(job_hash(job), job.due, jk)
+                    txn.delete(jk, db=self._job)
+                    rcpts += [addrs[i] if i < len(addrs) else f"#{i}" for i in job.recipients]
+                if not rcpts:
+                    continue
+                if not self._has_jobs(txn, qid):
+                    txn.delete(qid, db=self._msg)
+                    txn.delete(qid, db=self._envdb)
+                done.append((env, rcpts))
+            idx.finish()
+        return done, skipped
 
     def release_claims(
         self, shard: int | None = None, nshards: int = 1, *, only_dead: bool = True

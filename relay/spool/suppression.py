@@ -9,11 +9,18 @@ The tenant ``""`` means every tenant (an operator-wide entry). An entry says wha
 blocks, as SparkPost's list does: ``non_transactional`` mail (campaigns: an unsubscribe
 blocks only these), ``transactional`` mail (receipts, password resets), or both (a
 manual entry, a hard bounce). It records where it came from (``unsubscribe``,
-``manual``, ``import``, later ``bounce`` and ``complaint``), when, and optionally until
-when it holds (``expires``).
+``manual``, ``import``, ``bounce`` (in-session), ``oob`` (a bounce report that came
+later) and ``complaint``), when, and optionally until when it holds (``expires``).
 
 Reads are one short read transaction; writes are synced commits of their own (they are
-rare: an unsubscribe, a CLI command), outside the group commit.
+rare: an unsubscribe, a CLI command, a batch of bounces), outside the group commit.
+
+Entries that feed themselves (``strike``, from bounces and complaints under the policy of
+``relay.outcomes.suppress``) count toward "N within D" in a second database,
+``supp_count``: ``tenant + b"\\0" + address.lower() + b"\\0" + counter`` -> msgpack
+``_Count`` (the times of the strikes still inside the window, and when the newest
+leaves it; ``purge_counts`` deletes the ones that have). A strike never weakens an
+entry that is there: the scopes are merged, and the longer expiry holds.
 """
 
 from __future__ import annotations
@@ -23,12 +30,14 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import lmdb
 import msgspec
+import msgspec.structs
 
 from relay.spool.store import Spool
 
-__all__ = ["Suppression", "SuppressionList"]
+__all__ = ["Strike", "Suppression", "SuppressionList"]
 
 _DB = b"supp"
+_DB_COUNT = b"supp_count"
 _SEP = b"\x00"
 
 
@@ -52,8 +61,26 @@ class Suppression(msgspec.Struct, kw_only=True, omit_defaults=True):
         return self.transactional if transactional else self.non_transactional
 
 
+class Strike(msgspec.Struct, frozen=True, kw_only=True):
+    """One outcome that counts toward suppressing ``entry.address`` for ``entry.tenant``:
+    ``entry`` is added at the ``threshold``-th strike of ``counter`` (a bounce class,
+    "complaint") within ``window`` seconds (threshold 1: at once)."""
+
+    entry: Suppression
+    counter: str
+    threshold: int = 1
+    window: float = 0.0
+
+
+class _Count(msgspec.Struct, array_like=True):
+    hits: list[float]
+    #: When the newest hit leaves the window (the record is then worthless).
+    until: float
+
+
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Suppression).decode
+_count_decode = msgspec.msgpack.Decoder(_Count).decode
 
 
 def _key(tenant: str, address: str) -> bytes:
@@ -66,11 +93,17 @@ class SuppressionList:
 
     def __init__(self, spool: Spool) -> None:
         self._env = spool.env
+        self._readonly = spool.readonly
         try:
             self._db: lmdb._Database | None = self._env.open_db(
                 _DB, create=not spool.readonly)
         except lmdb.NotFoundError:  # a read-only spool no worker has opened since
             self._db = None
+        try:
+            self._counts: lmdb._Database | None = self._env.open_db(
+                _DB_COUNT, create=not spool.readonly)
+        except lmdb.NotFoundError:
+            self._counts = None
 
     def blocking(self, tenant: str | None, addresses: Sequence[str], *,
                  transactional: bool = False, now: float | None = None
@@ -100,6 +133,40 @@ class SuppressionList:
         with self._env.begin(write=True, db=db) as txn:
             txn.cursor().putmulti(items)
         return len(items)
+
+    def strike(self, strikes: Sequence[Strike], now: float | None = None) -> list[Suppression]:
+        """Count ``strikes`` and add the entries whose threshold they reach, in one
+        synced commit; the entries added (module docstring: merged with what is there)."""
+        db, counts = self._writable(), self._counts
+        if counts is None:
+            raise OSError("the spool is read-only and has no suppression counts yet")
+        now = time.time() if now is None else now
+        added: list[Suppression] = []
+        with self._env.begin(write=True) as txn:
+            for s in strikes:
+                if s.threshold > 1 and not _counted(txn, counts, s, now):
+                    continue
+                entry = _merged(txn, db, s.entry, now)
+                if entry is not None:
+                    txn.put(_key(entry.tenant, entry.address), _encode(entry), db=db)
+                    added.append(entry)
+        return added
+
+    def purge_counts(self, now: float | None = None, limit: int = 10000) -> int:
+        """Delete up to ``limit`` count records whose window has passed; how many."""
+        if self._counts is None or self._readonly:
+            return 0
+        now = time.time() if now is None else now
+        gone = 0
+        with self._env.begin(write=True, db=self._counts) as txn:
+            cursor = txn.cursor()
+            for key, raw in cursor:
+                if gone >= limit:
+                    break
+                if _count_decode(raw).until < now:
+                    txn.delete(bytes(key))
+                    gone += 1
+        return gone
 
     def remove(self, tenant: str, address: str) -> bool:
         """Delete one entry; whether it was there."""
@@ -135,3 +202,36 @@ class SuppressionList:
         if self._db is None:
             raise OSError("the spool is read-only and has no suppression list yet")
         return self._db
+
+
+def _counted(txn: lmdb.Transaction, counts: lmdb._Database, s: Strike, now: float) -> bool:
+    """Record one strike; whether it is the ``threshold``-th inside the window (the
+    count then starts over)."""
+    key = _key(s.entry.tenant, s.entry.address) + _SEP + s.counter.encode()
+    raw = txn.get(key, db=counts)
+    hits = [t for t in (_count_decode(raw).hits if raw is not None else [])
+            if t > now - s.window]
+    hits = [*hits, now][-s.threshold:]
+    if len(hits) >= s.threshold:
+        txn.delete(key, db=counts)
+        return True
+    txn.put(key, _encode(_Count(hits, max(hits) + s.window)), db=counts)
+    return False
+
+
+def _merged(txn: lmdb.Transaction, db: lmdb._Database, new: Suppression,
+            now: float) -> Suppression | None:
+    """``new`` widened by the entry already there (None: that one covers it already)."""
+    raw = txn.get(_key(new.tenant, new.address), db=db)
+    old = _decode(raw) if raw is not None else None
+    if old is None or (old.expires is not None and old.expires <= now):
+        return new
+    longer = old.expires is None or (new.expires is not None and old.expires >= new.expires)
+    if (longer and old.transactional >= new.transactional
+            and old.non_transactional >= new.non_transactional):
+        return None
+    return msgspec.structs.replace(
+        new, transactional=old.transactional or new.transactional,
+        non_transactional=old.non_transactional or new.non_transactional,
+        expires=None if old.expires is None or new.expires is None
+        else max(old.expires, new.expires))

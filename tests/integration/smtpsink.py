@@ -27,6 +27,8 @@ class RecordingSink:
         self.commands: list[bytes] = []
         #: (MAIL FROM path, accepted RCPT paths, raw DATA stream up to its final CRLF).
         self.messages: list[tuple[bytes, list[bytes], bytes]] = []
+        #: The client's (source) address of each message, in the same order.
+        self.peers: list[str] = []
         self.lock = threading.RLock()  # re-entrant: callers hold it around ``bodies``
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -50,10 +52,10 @@ class RecordingSink:
     def _accept(self) -> None:
         while True:
             try:
-                conn, _ = self.sock.accept()
+                conn, addr = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._serve, args=(conn, addr[0]), daemon=True).start()
 
     def _reply(self, line: bytes, txn: dict) -> bytes:
         verb = line[:4].upper()
@@ -72,7 +74,7 @@ class RecordingSink:
             return b"221 bye\r\n"
         return b"250 ok\r\n"
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, peer: str) -> None:
         buf, in_data, txn = b"", False, {}
         with conn:
             conn.settimeout(20)
@@ -83,6 +85,7 @@ class RecordingSink:
                 if in_data and (end := (b"\r\n" + buf).find(b"\r\n.\r\n")) >= 0:
                     with self.lock:
                         self.messages.append((txn.get("sender", b""), txn["rcpts"], buf[:end]))
+                        self.peers.append(peer)
                     buf, in_data = buf[end + 3:], False
                     conn.sendall(b"250 2.0.0 queued\r\n")
                     continue

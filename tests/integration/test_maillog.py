@@ -97,6 +97,9 @@ smart_host = "127.0.0.1:{sink.port}"
 
 [outbound.default]
 retry_interval = 3600.0
+
+[bounces]
+auto_suppress = false    # this test counts bounces of the same address, again and again
 """)
     text = relay.config_path.read_text().replace(
         "[log]\n", f'[log]\nmail_log = "{tmp_path / "log" / "mail.log"}"\n')

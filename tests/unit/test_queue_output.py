@@ -1,4 +1,5 @@
-"""`relay queue stats | list` for people: readable sizes and ages, a mailq-like listing."""
+"""`relay queue stats | list` and `relay shaping status` for people: readable sizes and
+ages, a mailq-like listing, the shaping table sorted by scope with rates per minute."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from relay.cli import fmt_age, fmt_size, format_queue_list, format_queue_stats
+from relay.cli import (
+    fmt_age,
+    fmt_size,
+    format_queue_list,
+    format_queue_stats,
+    format_shaping_status,
+    shaping_holds,
+)
+from relay.model import Learned
+from relay.spool.shaping import ShapingEntry
 from relay.spool.views import DomainCount, QueueDomain, QueueEntry, QueueStats
 
 NOW = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
@@ -123,3 +133,53 @@ def test_list_says_when_it_stopped_at_the_limit() -> None:
 
 def test_an_empty_list() -> None:
     assert format_queue_list([], NOW) == "Mail queue is empty\n"
+
+
+# -- relay shaping status
+
+
+@pytest.mark.parametrize(("entry", "text"), [
+    (ShapingEntry(scope="s", origin="admin", suspend=True, max_connections=3), "suspended"),
+    (ShapingEntry(scope="s", origin="rule:r", max_message_rate=0.5), "rate 30.0/min"),
+    (ShapingEntry(scope="s", origin="rule:r", max_message_rate=10.0, max_connections=2,
+                  max_deliveries_per_connection=50),
+     "rate 600.0/min, connections 2, 50 deliveries/connection"),
+    (ShapingEntry(scope="s", origin="adaptive", learned=Learned(rate=0.1, connections=1)),
+     "rate 6.0/min, connections 1"),
+    (ShapingEntry(scope="s", origin="adaptive", learned=Learned()), "configured limits"),
+])
+def test_what_an_entry_holds(entry: ShapingEntry, text: str) -> None:
+    assert shaping_holds(entry) == text
+
+
+def test_the_table_is_sorted_by_scope_with_aligned_columns(utc: None) -> None:
+    entries = [
+        ShapingEntry(scope="ip-a->provider:gmail", origin="rule:gmail-rate",
+                     until=NOW + 5400, since=NOW - 600, max_message_rate=1.0,
+                     reason="421 4.7.28  Our system has\r\n detected an unusual rate"),
+        ShapingEntry(scope="domain:b.test", origin="admin", suspend=True, since=NOW - 60,
+                     reason="maintenance"),
+        ShapingEntry(scope="ip-a->provider:gmail", origin="adaptive",
+                     until=NOW + 7 * 86400, since=NOW - 30,
+                     learned=Learned(rate=0.25, connections=3)),
+    ]
+    assert format_shaping_status(entries, NOW).splitlines() == [
+        "Scope                 Origin           Holds                         Since        "
+        "        Expires                         Reason",
+        "domain:b.test         admin            suspended                     2027-01-15 07"
+        ":59:00  until resumed                   maintenance",
+        "ip-a->provider:gmail  adaptive         rate 15.0/min, connections 3  2027-01-15 07"
+        ":59:30  2027-01-22 08:00:00 (in 7d)     -",
+        "ip-a->provider:gmail  rule:gmail-rate  rate 60.0/min                 2027-01-15 07"
+        ":50:00  2027-01-15 09:30:00 (in 1h30m)  421 4.7.28 Our system has detected an "
+        "unusual rate",
+        "",
+        "-- 1 suspended, 2 with adjusted limits.",
+    ]
+
+
+def test_an_unknown_start_and_an_empty_table(utc: None) -> None:
+    row = format_shaping_status([ShapingEntry(scope="tenant:t", origin="admin",
+                                              suspend=True)], NOW).splitlines()[1]
+    assert row.split() == ["tenant:t", "admin", "suspended", "-", "until", "resumed", "-"]
+    assert format_shaping_status([], NOW) == "No suspensions or adjusted limits in force\n"

@@ -25,11 +25,11 @@ def _install() -> None:
             raise InjectedFault(f"injected fault for {event.address}")
         return decide(self, event)
 
-    def faulty_begin(self, envelope, recipients, data):  # type: ignore[no-untyped-def]
+    def faulty_begin(self, envelope, recipients, data, **kw):  # type: ignore[no-untyped-def]
         for i in recipients:
             if envelope.recipients[i].address.startswith("crash-outbound"):
                 raise InjectedFault(f"injected fault for {envelope.recipients[i].address}")
-        return begin(self, envelope, recipients, data)
+        return begin(self, envelope, recipients, data, **kw)
 
     inbound._Session._decide_recipient = faulty_decide  # type: ignore[method-assign]
     outbound.ClientSession.begin = faulty_begin  # type: ignore[method-assign]
