@@ -82,8 +82,11 @@ def build_tree(tmp: Path) -> Path:
 
 
 def make_n(tree: Path, target: str) -> list[str]:
-    result = subprocess.run(["make", "-n", target], capture_output=True, text=True,
-                            timeout=60, cwd=tree, env={**os.environ, "MAKEFLAGS": ""})
+    # Run from `make test` itself, the parent make's MAKELEVEL/MAKEFLAGS would make this
+    # one print "make[1]: Entering directory ..." lines (and share its jobserver).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    result = subprocess.run(["make", "--no-print-directory", "-n", target],
+                            capture_output=True, text=True, timeout=60, cwd=tree, env=env)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
 
