@@ -1,6 +1,6 @@
 """Signed tokens: a payload with an HMAC-SHA256 tag, so that what the relay hands out
 (one-click unsubscribe links, the ``X-Relay-Ref`` header, VERP return paths) comes back
-unforged. Standard library only; every layer may use it.
+unforged. Standard library and msgspec only; every layer may use it.
 
 ``seal(secret, payload)`` is ``base64url(payload) "." base64url(mac)``; ``unseal`` gives
 the payload back only if the tag holds (compared in constant time), and never raises.
@@ -13,8 +13,14 @@ import base64
 import binascii
 import hashlib
 import hmac
+from collections.abc import Callable
+from typing import TypeVar
 
-__all__ = ["mac", "seal", "unseal"]
+import msgspec
+
+T = TypeVar("T")
+
+__all__ = ["mac", "seal", "unseal", "unseal_record"]
 
 #: Tag length: 128 bits.
 MAC_BYTES = 16
@@ -48,3 +54,18 @@ def unseal(secret: bytes, token: str, salt: bytes = b"", max_length: int = 2048
     except (binascii.Error, ValueError):
         return None
     return payload if hmac.compare_digest(mac(secret, salt + payload), got) else None
+
+
+def unseal_record(secret: bytes, token: str, decode: Callable[[bytes], T], version: int,
+                  salt: bytes = b"", max_length: int = 2048) -> T | None:
+    """The record (msgpack, with a ``version`` field) in a token ``seal`` made, decoded
+    by ``decode``; None when the tag does not hold, it does not decode, or its version
+    is not ``version``."""
+    payload = unseal(secret, token, salt, max_length)
+    if payload is None:
+        return None
+    try:
+        record = decode(payload)
+    except (ValueError, msgspec.DecodeError):
+        return None
+    return record if getattr(record, "version", None) == version else None

@@ -30,7 +30,7 @@ import msgspec
 
 from relay.intake.admission import Admission
 from relay.intake.headers import without_fields
-from relay.tokens import seal, unseal
+from relay.tokens import seal, unseal_record
 
 __all__ = ["REF_FIELD", "Reference", "ReferenceHeaders", "feedback_id", "make_ref", "read_ref"]
 
@@ -65,14 +65,7 @@ def make_ref(secret: bytes, *, queue_id: str, tenant: str, campaign: str,
 
 def read_ref(secret: bytes, token: str) -> Reference | None:
     """The token's content if ``secret`` made it, else None (never raises)."""
-    payload = unseal(secret, token, _SALT, _MAX_TOKEN)
-    if payload is None:
-        return None
-    try:
-        ref = _decode(payload)
-    except (ValueError, msgspec.DecodeError):
-        return None
-    return ref if ref.version == _VERSION else None
+    return unseal_record(secret, token, _decode, _VERSION, _SALT, _MAX_TOKEN)
 
 
 _FEEDBACK_UNSAFE = re.compile(r"[:\s]+")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import msgspec
 
 from relay.intake.admission import Admission
-from relay.tokens import seal, unseal
+from relay.tokens import seal, unseal_record
 
 __all__ = ["UnsubscribeHeaders", "UnsubscribeToken", "make_token", "read_token"]
 
@@ -47,14 +47,7 @@ def make_token(secret: bytes, *, tenant: str, campaign: str, recipient: str) -> 
 
 def read_token(secret: bytes, token: str) -> UnsubscribeToken | None:
     """The token's content if ``secret`` made it, else None (never raises)."""
-    payload = unseal(secret, token)
-    if payload is None:
-        return None
-    try:
-        content = _decode(payload)
-    except (ValueError, msgspec.DecodeError):
-        return None
-    return content if content.version == _VERSION else None
+    return unseal_record(secret, token, _decode, _VERSION)
 
 
 class UnsubscribeHeaders:
