@@ -283,8 +283,9 @@ class Destination:
         until = self.shaping.paused_until()
         return until - self.owner.wall(0.0) if until else 0.0
 
-    def _shaped(self) -> None:
-        """The shaping state changed: new rate, suspension, pause; everybody re-checks."""
+    def reshape(self) -> None:
+        """The shaping state changed (or was restored): new rate, suspension, pause;
+        everybody re-checks."""
         assert self.shaping is not None
         self.message_bucket.reconfigure(self._message_rate(), 1)
         suspended = self.shaping.suspended_until - self.owner.wall(0.0)
@@ -323,7 +324,7 @@ class Destination:
         elif outcomes:
             changed = shaping.delivered()
         if changed:
-            self._shaped()
+            self.reshape()
 
     def _poke(self) -> None:
         """Something changed (backoff, limits, a connection came or went): everybody
@@ -573,7 +574,7 @@ class Destination:
             self.shaping.refused(code, enhanced, text, mx_host=hop.mx_host if hop else "",
                                  provider=self._provider(), in_use=self.active,
                                  connection=True)
-            self._shaped()
+            self.reshape()
         self.backoff_until = max(self.backoff_until, trio.current_time() + delay)
         self.backoff_reason = text
         jobs = list(self.queue)

@@ -47,6 +47,12 @@ class Egress:
         self.others: dict[str, int] = {}
         self.unpublished = False
 
+    def reconfigure(self, config: EgressConfig) -> None:
+        """A reloaded config: new pools and sources; what was learned (unbindable
+        sources, today's counts) is kept, the round robin starts afresh."""
+        self.config = config
+        self._current = {}
+
     @property
     def enabled(self) -> bool:
         return self.config.enabled

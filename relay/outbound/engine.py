@@ -237,10 +237,7 @@ class DeliveryEngine:
         self.config = config
         self.router = Router(config.outbound, self.resolver)
         self.shaping_rules = _shaping_rules(config, self.shaping_rules)
-        egress, self.egress = self.egress, Egress(config.egress)
-        self.egress.unbindable = egress.unbindable
-        self.egress.day, self.egress.local, self.egress.others = (
-            egress.day, egress.local, egress.others)
+        self.egress.reconfigure(config.egress)
         try:
             self.classifier = load_classifier(config.bounces.rules)
         except RulesError as e:  # changed since the config was checked: keep the old rules
@@ -405,7 +402,6 @@ class DeliveryEngine:
 
     def _persist(self, entry: ShapingEntry) -> None:
         self._to_persist.append(entry)
-        self._shaping.setdefault(entry.scope, [])
         self._wake.set()
 
     def _publish(self, change: ShapingChange) -> None:
@@ -441,13 +437,19 @@ class DeliveryEngine:
     def _apply_admin(self) -> None:
         """Operator suspensions onto running destinations; a lifted one lets them go."""
         for dest in self.destinations.values():
-            held = self.operator_hold(self._admin_scopes(dest))
-            if held is not None:
-                until, reason = held
-                dest.suspend(min(until - self._offset, trio.current_time() + 86400.0),
-                             f"{ADMIN_HOLD}{reason}")
-            elif dest.backoff_reason.startswith(ADMIN_HOLD):
+            if not self._hold(dest) and dest.backoff_reason.startswith(ADMIN_HOLD):
                 dest.lift_backoff()
+
+    def _hold(self, dest: Destination) -> bool:
+        """Suspend ``dest`` while an operator holds it (re-checked a day ahead at most:
+        a hold until resumed has no end); whether one does."""
+        held = self.operator_hold(self._admin_scopes(dest))
+        if held is None:
+            return False
+        until, reason = held
+        dest.suspend(min(until - self._offset, trio.current_time() + 86400.0),
+                     f"{ADMIN_HOLD}{reason}")
+        return True
 
     def held_by_operator(self, job: DeliveryJob,
                          envelope: Envelope) -> tuple[float, str] | None:
@@ -618,13 +620,8 @@ class DeliveryEngine:
         limiters = self.limits.make(path.key, limits, self._local_limits(path, path.key))
         dest = Destination(self, path.key, limits, path=path, shaping=shaping,
                            limiters=limiters)
-        held = self.operator_hold(self._admin_scopes(dest))
-        if held is not None:
-            dest.suspend(min(held[0] - self._offset, trio.current_time() + 86400.0),
-                         f"{ADMIN_HOLD}{held[1]}")
-        if shaping.suspended_until > self.now():
-            dest.suspend(shaping.suspended_until - self._offset,
-                         f"suspended by shaping rule {shaping.suspend_reason}")
+        self._hold(dest)
+        dest.reshape()  # a rule's suspension restored from the spool
         return dest
 
     def _hand_over(self, job: DeliveryJob, dest_key: str) -> None:
