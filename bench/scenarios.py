@@ -45,6 +45,7 @@ Scenarios:
 
 from __future__ import annotations
 
+import importlib
 import math
 import sys
 import time
@@ -245,6 +246,18 @@ class _Progress:
             self.stream.flush()
 
 
+#: The scenarios with a runner of their own (``module:function``, called like ``run_one``
+#: and returning the rows); ``smtp-source`` takes no load generator processes.
+_DRIVERS = {
+    "http-inject": "bench.http_inject:run_http_inject",
+    "dkim": "bench.dkim:run_dkim",
+    "pushback": "bench.pushback:run_pushback",
+    "webhooks": "bench.webhooks:run_webhooks",
+    "observability": "bench.observe:run_observe",
+    "cluster": "bench.cluster:run_cluster",
+}
+
+
 async def run_rows(scenario: Scenario, peer_name: str, processes: int = 2,
                    show_progress: bool = True,
                    log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
@@ -255,30 +268,11 @@ async def run_rows(scenario: Scenario, peer_name: str, processes: int = 2,
         from bench.smtp_source import run_smtp_source
 
         return await run_smtp_source(scenario, peer_name, show_progress, log)
-    if scenario.driver == "http-inject":
-        from bench.http_inject import run_http_inject
-
-        return await run_http_inject(scenario, peer_name, processes, show_progress, log)
-    if scenario.driver == "dkim":
-        from bench.dkim import run_dkim
-
-        return await run_dkim(scenario, peer_name, processes, show_progress, log)
-    if scenario.driver == "pushback":
-        from bench.pushback import run_pushback
-
-        return await run_pushback(scenario, peer_name, processes, show_progress, log)
-    if scenario.driver == "webhooks":
-        from bench.webhooks import run_webhooks
-
-        return await run_webhooks(scenario, peer_name, processes, show_progress, log)
-    if scenario.driver == "observability":
-        from bench.observe import run_observe
-
-        return await run_observe(scenario, peer_name, processes, show_progress, log)
-    if scenario.driver == "cluster":
-        from bench.cluster import run_cluster
-
-        return await run_cluster(scenario, peer_name, processes, show_progress, log)
+    driver = _DRIVERS.get(scenario.driver)
+    if driver is not None:  # imported when used: each pulls in what only it needs
+        module, function = driver.split(":")
+        run = getattr(importlib.import_module(module), function)
+        return await run(scenario, peer_name, processes, show_progress, log)
     return [await run_one(scenario, peer_name, processes, show_progress, log)]
 
 
