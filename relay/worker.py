@@ -139,6 +139,8 @@ class Worker:
         self.webhooks = WebhookService(cfg, metrics) if self.index == 0 else None
         try:
             async with trio.open_nursery() as services:
+                for log_file in self.logs:  # one write per scheduler pass
+                    await services.start(log_file.run)
                 await services.start(writer.run)
                 await services.start(self.feed.run)
                 if cluster is not None:

@@ -1,50 +1,29 @@
 """The JSON-lines event log, a subscriber of the bus (``log.events`` in the config).
 
-Several worker processes append to one file. The events of one outcome are written with
-a single ``os.write`` on an ``O_APPEND`` descriptor, which the kernel appends atomically
-for regular files, so lines from different workers never interleave.
+Several worker processes append to one file, whole lines per write
+(``relay.events.appender``), so lines from different workers never interleave.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
+from relay.events.appender import Appender
 from relay.events.types import Event, decode, encode
 
 __all__ = ["EventLog"]
 
 
-class EventLog:
-    """Appends events as JSON lines to ``path``; call it with a list of events."""
+class EventLog(Appender):
+    """Appends events as JSON lines to ``path``; call it with a list of events. ``run()``
+    batches the writes of each scheduler pass (``Appender``)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = str(path)
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                                       0o640)
+        super().__init__(str(path))
 
     def __call__(self, events: Sequence[Event]) -> None:
-        if self._fd is not None:
-            os.write(self._fd, b"".join(encode(e) + b"\n" for e in events))
-
-    def reopen(self) -> None:
-        """Open ``path`` afresh and write there from now on (``SIGUSR1``, after logrotate
-        renamed the file). The new descriptor is in place before the old one is closed,
-        so no event is lost; when the open fails, the error is raised and the old file is
-        kept. A closed log stays closed."""
-        if self._fd is None:
-            return
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        old, self._fd = self._fd, fd
-        os.close(old)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self.add(b"".join([encode(e) + b"\n" for e in events]))
 
     @staticmethod
     def read(path: str | os.PathLike[str]) -> list[Event]:

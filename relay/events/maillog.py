@@ -55,8 +55,8 @@ deferrals, bounces and expirations, ``error`` bounces and expirations.
 
 Where the lines go:
 
-- a file path: appended with ``O_APPEND``, every batch of the bus (the events of one
-  outcome, or of one group commit's receptions) in ONE ``os.write``, so lines of several
+- a file path: appended whole lines per write (``relay.events.appender``: the lines of
+  one scheduler pass in one ``os.write`` while ``run()`` runs), so lines of several
   workers never interleave. Each line starts with a syslog-style time stamp (local time,
   from the event's ``time``), the host name and the program: what pflogsumm parses.
   ``reopen()`` (SIGUSR1) opens the file afresh after logrotate moved it.
@@ -74,8 +74,10 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
+import trio
+
+from relay.events.appender import Appender
 from relay.events.types import (
     Bounce,
     Delivery,
@@ -163,19 +165,19 @@ class MailLog:
         self._head = ""
         self._tail = f"[{self.pid}]: "
         self._logger: logging.Logger | None = None
-        self._fd: int | None = None
+        self._file: Appender | None = None
         if self.path in STDERR_TARGETS:
             # Its own level, not log.level's: log.level = "warning" keeps the mail log.
             self._logger = logging.getLogger("relay.mail")
             self._logger.setLevel(LEVELS[level])
         else:
-            self._fd = self._open()
+            self._file = Appender(self.path)
 
     # -- the subscriber ----------------------------------------------------------------
 
     def __call__(self, events: Sequence[Event]) -> None:
         """Format the lines of ``events`` and write them (one write for a file)."""
-        if self._fd is None and self._logger is None:
+        if self._file is None and self._logger is None:
             return
         out: list[tuple[str, str]] = []  # (program, "QUEUEID: text")
         levels: list[int] = []
@@ -194,7 +196,8 @@ class MailLog:
             for (program, text), lvl in zip(out, levels, strict=True):
                 self._logger.log(lvl, "%s: %s", program, _one_line(text))
             return
-        self._write(self._lines(events, out))
+        assert self._file is not None
+        self._file.add(self._lines(events, out).encode("utf-8", "backslashreplace"))
 
     def _lines(self, events: Sequence[Event], out: list[tuple[str, str]]) -> str:
         # One time stamp for the batch: the events of one outcome share their time, and a
@@ -215,15 +218,6 @@ class MailLog:
             text = "\n".join([f"{head}{program}{tail}{_one_line(line)}"
                               for program, line in out]) + "\n"
         return text
-
-    def _write(self, text: str) -> None:
-        data = text.encode("utf-8", "backslashreplace")
-        fd = self._fd
-        assert fd is not None
-        written = os.write(fd, data)
-        while written < len(data):  # only on a full disk or a signal: rare
-            data = data[written:]
-            written = os.write(fd, data)
 
     # -- the lines of each event -------------------------------------------------------
 
@@ -292,22 +286,22 @@ class MailLog:
 
     # -- files ---------------------------------------------------------------------------
 
-    def _open(self) -> int:
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Batch the file writes of each scheduler pass (``Appender.run``); returns at
+        once for the process log."""
+        if self._file is None:
+            task_status.started()
+            return
+        await self._file.run(task_status=task_status)
 
     def reopen(self) -> None:
         """Open the file afresh (SIGUSR1 after logrotate); the new descriptor is in place
         before the old one is closed. A failed open raises and keeps the old file. Nothing
         to do for the process log or a closed log."""
-        if self._fd is None:
-            return
-        fd = self._open()
-        old, self._fd = self._fd, fd
-        os.close(old)
+        if self._file is not None:
+            self._file.reopen()
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._file is not None:
+            self._file.close()
         self._logger = None

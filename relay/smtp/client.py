@@ -87,6 +87,7 @@ from dataclasses import dataclass, field
 
 from relay.model import Envelope, RecipientOutcome, ascii_int
 from relay.smtp.address import format_orcpt, xtext_encode
+from relay.smtp.lines import bare_line_breaks
 from relay.smtp.replies import Reply, ReplyParseError, parse_reply
 
 __all__ = [
@@ -166,10 +167,10 @@ def dot_stuff(data: bytes) -> bytes:
 
 
 def crlf_lines(data: bytes) -> bytes:
-    """``data`` with every line ending CRLF: a bare CR or bare LF becomes CRLF. Three
-    C-speed counts for the usual, already clean message; the copy only when needed."""
-    crlf = data.count(b"\r\n")
-    if data.count(b"\n") == crlf and data.count(b"\r") == crlf:
+    """``data`` with every line ending CRLF: a bare CR or bare LF becomes CRLF. One
+    C-speed check (``bare_line_breaks``) for the usual, already clean message; the copy
+    only when needed."""
+    if bare_line_breaks(data) == (False, False):
         return data
     return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 

@@ -102,6 +102,7 @@ from relay.smtp.events import (
     RecipientRequested,
     StartTLSRequested,
 )
+from relay.smtp.lines import bare_line_breaks
 from relay.smtp.replies import Reply
 
 __all__ = ["LocalProtocolError", "Phase", "ServerConnection", "ServerSettings"]
@@ -782,10 +783,10 @@ class ServerConnection:
     def _checked_content(self, content: bytearray) -> bytearray | Reply:
         """Bare CR/LF and line-length checks over a whole message, at C speed: the
         error reply, or the content (a normalised copy when bare LFs were normalised)."""
-        crlf = content.count(b"\r\n")
-        if content.count(b"\r") != crlf:
+        bare_cr, bare_lf = bare_line_breaks(content)
+        if bare_cr:
             return R.BARE_CR_LF_IN_DATA
-        if content.count(b"\n") != crlf:
+        if bare_lf:
             if not self._normalize:
                 return R.BARE_CR_LF_IN_DATA
             content = bytearray(content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))

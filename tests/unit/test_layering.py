@@ -42,7 +42,7 @@ def test_importing_the_protocol_core_loads_no_trio_and_no_lmdb() -> None:
     assert not {m for m in loaded if m.split(".")[0] in ("trio", "lmdb", "dns")}, loaded
     assert {m for m in loaded if m.startswith("relay")} <= {
         "relay", "relay.model", "relay.smtp", "relay.smtp.address", "relay.smtp.client",
-        "relay.smtp.events", "relay.smtp.replies", "relay.smtp.server"}
+        "relay.smtp.events", "relay.smtp.lines", "relay.smtp.replies", "relay.smtp.server"}
 
 
 def test_the_injection_payload_layer_is_pure() -> None:
