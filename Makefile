@@ -18,7 +18,7 @@ STAMP_TEST  := $(VENV)/.installed-test
 STAMP_BENCH := $(VENV)/.installed-bench
 CONFIG ?= conf/relay.toml
 
-.PHONY: setup setup-test setup-bench sysdeps run test lint bench fuzz clean
+.PHONY: setup setup-test setup-bench sysdeps haraka run test lint bench fuzz clean
 
 # A venv made by another interpreter than $(PYTHON) is rebuilt (--clear) on it, and
 # every layer above it with it.
@@ -49,24 +49,30 @@ $(STAMP_BENCH): $(STAMP)
 ## setup: the virtualenv with the relay and its runtime dependencies only
 setup: $(STAMP)
 setup-test: $(STAMP_TEST)
-setup-bench: $(STAMP_BENCH)
+setup-bench: $(STAMP_BENCH) haraka
 
 ## sysdeps: system packages the tests and benchmarks use (postfix, dnsmasq, swaks, ...)
 sysdeps:
 	@bash scripts/install-sysdeps
 
+## haraka: Haraka, the bench's second peer, into bench/haraka/node_modules (npm ci from
+## the committed package-lock.json; nothing to do when it is installed)
+haraka:
+	@bash scripts/install-haraka
+
 ## run: start the relay on the embedded default config (127.0.0.1:2525, spool in var/)
 run: setup
 	$(BIN)/relay serve --config $(CONFIG)
 
-## test: the test tools and system packages, lint, then the whole suite
-test: setup-test sysdeps lint
+## test: the test tools, system packages and Haraka, lint, then the whole suite
+test: setup-test sysdeps haraka lint
 	$(BIN)/pytest
 
 lint: setup-test
 	$(BIN)/ruff check relay bench tests
 
-## bench: the benchmark suite; PEERS=postfix runs Postfix side by side
+## bench: the benchmark suite; PEERS=postfix runs Postfix side by side (PEERS=postfix,haraka:
+## Haraka as well)
 bench: setup-bench sysdeps
 	$(BIN)/python -m bench $(if $(PEERS),--peers $(PEERS)) $(BENCH_ARGS)
 
@@ -77,4 +83,4 @@ fuzz: setup-test
 	$(BIN)/python -m tests.fuzz --merge --seconds $(FUZZ_SECONDS) $(if $(FUZZ_TARGETS),--target $(FUZZ_TARGETS))
 
 clean:
-	rm -rf $(VENV) var build *.egg-info
+	rm -rf $(VENV) var build *.egg-info bench/haraka/node_modules

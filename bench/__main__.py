@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="the server measured first (default relay)")
     ap.add_argument("--peers", default="",
                     help="comma list of servers to run side by side (postfix, "
-                         "postfix+opendkim, postfix+opendkim-unix)")
+                         "postfix+opendkim, postfix+opendkim-unix, haraka)")
     ap.add_argument("--duration", type=float, default=8.0,
                     help="seconds of load per scenario (default 8)")
     ap.add_argument("--sessions", type=int, default=20, help="concurrent SMTP sessions")

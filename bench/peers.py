@@ -47,7 +47,7 @@ BENCH_TENANT = "bench"
 
 
 #: Every peer name ``make_peer`` knows.
-PEERS = ("relay", "postfix", "postfix+opendkim", "postfix+opendkim-unix", "direct")
+PEERS = ("relay", "postfix", "postfix+opendkim", "postfix+opendkim-unix", "haraka", "direct")
 
 
 class PeerError(Exception):
@@ -616,7 +616,7 @@ def _alive(pid: int) -> bool:
 
 def make_peer(name: str, setup: PeerSetup) -> Peer:
     """``relay`` | ``postfix`` | ``postfix+opendkim`` | ``postfix+opendkim-unix`` |
-    ``direct`` (``PEERS``)."""
+    ``haraka`` (``bench.haraka``) | ``direct`` (``PEERS``)."""
     if name == "relay":
         return RelayPeer(setup)
     if name == "postfix":
@@ -625,6 +625,10 @@ def make_peer(name: str, setup: PeerSetup) -> Peer:
         return PostfixPeer(setup, milter="inet")
     if name == "postfix+opendkim-unix":
         return PostfixPeer(setup, milter="unix")
+    if name == "haraka":
+        from bench.haraka import HarakaPeer  # bench.haraka imports this module
+
+        return HarakaPeer(setup)
     if name == "direct":
         return DirectPeer(setup)
     raise ValueError(f"unknown peer {name!r} ({', '.join(PEERS)})")

@@ -342,7 +342,7 @@ def write_chart(doc: dict[str, Any], path: Path) -> Path | None:
     fig, axes = plt.subplots(len(scenarios), 1, figsize=(10, 3.2 * len(scenarios)),
                              squeeze=False)
     colours = {"relay": "tab:blue", "postfix": "tab:orange", "direct": "tab:green",
-               "postfix+opendkim": "tab:red"}
+               "postfix+opendkim": "tab:red", "haraka": "tab:purple"}
     for ax, scen in zip(axes[:, 0], scenarios, strict=True):
         if scen == "pushback":
             from bench.pushback import draw_panel
