@@ -30,7 +30,11 @@ Contract:
   whose trio errors (``BrokenResourceError``...) propagate unchanged.
 * ``aclose()`` closes the connection: at once on plain TCP, after at most
   ``_TLS_CLOSE_WAIT`` seconds of TLS close_notify otherwise (none with
-  ``graceful=False``, for a connection given up on). It never raises.
+  ``graceful=False``, for a connection given up on). It never raises. It tells trio the
+  socket is closing (``notify_closing``: an epoll unregistration) only when the socket
+  may be registered with trio: ``Wire(sock, fresh=True)`` says nobody waited on it
+  before, and the Wire knows when it waited itself or handed the socket to a stream.
+  Most inbound connections never wait, so this saves a failing system call each.
 """
 
 from __future__ import annotations
@@ -60,15 +64,18 @@ def tune_socket(sock: socket.socket) -> None:
 class Wire:
     """See the module docstring."""
 
-    __slots__ = ("_streak", "sock", "stream")
+    __slots__ = ("_registered", "_streak", "sock", "stream")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, fresh: bool = False) -> None:
         self.sock = sock
         self.stream: trio.abc.Stream | None = None
         self._streak = 0
+        #: may trio's epoll registry know this socket (see ``aclose``)
+        self._registered = not fresh
 
     def transport(self) -> trio.SocketStream:
         """A trio stream over the same socket, for ``trio.SSLStream`` to wrap."""
+        self._registered = True
         return trio.SocketStream(trio.socket.from_stdlib_socket(self.sock))
 
     def upgrade(self, stream: trio.abc.Stream) -> None:
@@ -85,6 +92,7 @@ class Wire:
             try:
                 data = sock.recv(n)
             except BlockingIOError:
+                self._registered = True
                 await trio.lowlevel.wait_readable(sock)
                 yielded = True
                 continue
@@ -101,6 +109,7 @@ class Wire:
             if sent == len(view):
                 return
             view = view[sent:]
+            self._registered = True
             await trio.lowlevel.wait_writable(self.sock)
 
     def try_send(self, data: bytes | memoryview) -> int:
@@ -121,5 +130,6 @@ class Wire:
                                          trio.ClosedResourceError, OSError, ssl.SSLError):
                     await self.stream.aclose()
         if self.sock.fileno() >= 0:
-            trio.lowlevel.notify_closing(self.sock)
+            if self._registered:
+                trio.lowlevel.notify_closing(self.sock)
             self.sock.close()

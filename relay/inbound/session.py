@@ -472,7 +472,7 @@ async def serve_session(
     """Handle one accepted connection (a non-blocking socket) to the end; never raises
     for client misbehaviour."""
     ctx = ctx_ref()
-    session = _Session(Wire(sock), ctx, peer)
+    session = _Session(Wire(sock, fresh=True), ctx, peer)
     ip = session.client_ip
     inbound = ctx.config.inbound
     try:

@@ -341,6 +341,44 @@ async def test_aclose_wakes_a_task_waiting_in_recv(pair: Pair) -> None:
     assert ours.fileno() == -1
 
 
+async def test_aclose_of_a_fresh_wire_tells_trio_only_once_it_waited(
+        pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh socket nobody waited on is closed without ``notify_closing`` (the epoll
+    unregistration would fail); once the Wire waited on it, trio is told. A fd number
+    reused after either close still works (no stale registration)."""
+    told: list[int] = []
+    real = trio.lowlevel.notify_closing
+    monkeypatch.setattr(trio.lowlevel, "notify_closing",
+                        lambda sock: (told.append(sock.fileno()), real(sock))[1])
+    ours, peer = pair
+    wire = Wire(ours, fresh=True)
+    with trio.fail_after(5):
+        peer.sendall(b"ready")
+        assert await wire.recv(16) == b"ready"  # there already: no wait
+        await wire.aclose()
+        assert told == [] and ours.fileno() == -1
+
+        ours2, peer2 = tcp_pair()
+        wire2 = Wire(ours2, fresh=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wire2.recv, 16)  # nothing there: it waits in epoll
+            await trio.testing.wait_all_tasks_blocked()
+            peer2.sendall(b"late")
+        fd = ours2.fileno()
+        await wire2.aclose()
+        assert told == [fd]
+
+        ours3, peer3 = tcp_pair()  # likely the same fd numbers again
+        wire3 = Wire(ours3, fresh=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wire3.recv, 16)
+            await trio.testing.wait_all_tasks_blocked()
+            peer3.sendall(b"again")
+        await wire3.aclose()
+    for sock in (peer2, peer3):
+        sock.close()
+
+
 # -- TLS (after STARTTLS) ---------------------------------------------------------------
 
 
