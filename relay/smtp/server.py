@@ -791,8 +791,12 @@ class ServerConnection:
                 return R.BARE_CR_LF_IN_DATA
             content = bytearray(content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
         # Without bare CRs, a line of more than max_line_length octets plus its CR is a
-        # run of more than max_line_length + 1 octets without LF.
-        if _has_long_run(content, self.settings.max_line_length + 1):
+        # run of more than max_line_length + 1 octets without LF; the last line of a BDAT
+        # body may have no line ending at all, so it has no CR to allow for.
+        limit = self.settings.max_line_length
+        if _has_long_run(content, limit + 1):
+            return R.LINE_TOO_LONG_IN_DATA
+        if not content.endswith(b"\n") and len(content) - content.rfind(b"\n") - 1 > limit:
             return R.LINE_TOO_LONG_IN_DATA
         return content
 

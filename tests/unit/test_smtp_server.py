@@ -685,6 +685,19 @@ def test_bdat_chunks_and_last() -> None:
     assert msg.data == b"hello\r\nworld\r\n" and msg.chunked
 
 
+@pytest.mark.parametrize(("last", "refused"), [(b"abcd", False), (b"abcde", True),
+                                                 (b"ab\r\nabcde", True), (b"abcd\r\n", False)])
+def test_bdat_last_line_without_line_ending_counts_against_the_limit(
+        last: bytes, refused: bool) -> None:
+    """A BDAT body may end without CRLF: its last line has no CR to allow for, so 5
+    octets are over a limit of 4 (found by the fuzzer: accepted before)."""
+    d = session(max_line_length=4)
+    text = d.feed(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n"
+                  b"BDAT %d LAST\r\n%s" % (len(last), last))
+    assert ("550 5.5.2 Message contains a line that is too long" in text) is refused, text
+    assert len(d.of_type(MessageReceived)) == (0 if refused else 1)
+
+
 def test_bdat_data_is_not_unstuffed_or_scanned_for_commands() -> None:
     d = session()
     payload = b"..x\r\n.\r\nQUIT\r\n"
