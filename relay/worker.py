@@ -109,9 +109,13 @@ class Worker:
             if owners:
                 waker.notify(owners)
 
+        def flush_logs() -> None:
+            for log_file in self.logs:
+                log_file.flush()
+
         writer = GroupCommitWriter(
             spool, cfg.spool.commit_window, cfg.spool.commit_max_messages, on_commit=wake_owners,
-            metrics=metrics,
+            metrics=metrics, flush_logs=flush_logs,
         )
         self.writer, self.events = writer, events
         self.ctx = self._context(cfg, server_ssl_context(cfg.inbound, self.config_path or "config"))

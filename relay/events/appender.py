@@ -14,9 +14,13 @@ Contract:
   ``add`` from another thread than ``run()``'s is written at once. A batch that cannot
   be written (a full disk) is logged and dropped, as the bus does with a subscriber that
   raises; ``add`` outside a batch raises ``OSError`` to its caller.
-* What a batch risks: lines added in the current pass are in memory until the pass ends
-  (microseconds to a few milliseconds), so a ``kill -9`` in that window loses them. The
-  file is never synced either way; the spool, not the log, is the durable record.
+* ``flush()`` writes the batch now. The worker's group-commit writer calls it right
+  before each commit and right after each commit's callbacks
+  (``relay.spool.writer``), so the order the events promise holds with batching: an
+  outcome's events are on file before the commit that records it, a message's Reception
+  before its 250. What is still only in memory when a ``kill -9`` comes is lines no
+  commit depends on yet, of the current pass. The file is never synced either way; the
+  spool, not the log, is the durable record.
 * ``reopen()`` (SIGUSR1 after logrotate) opens the path afresh with the new descriptor in
   place before the old one is closed; a failed open raises and keeps the old file.
 """

@@ -294,6 +294,11 @@ class MailLog:
             return
         await self._file.run(task_status=task_status)
 
+    def flush(self) -> None:
+        """Write the lines batched so far (``Appender.flush``)."""
+        if self._file is not None:
+            self._file.flush()
+
     def reopen(self) -> None:
         """Open the file afresh (SIGUSR1 after logrotate); the new descriptor is in place
         before the old one is closed. A failed open raises and keeps the old file. Nothing

@@ -38,15 +38,16 @@ class Intake:
         return NewMessage(envelope=msg.envelope, data=msg.final)
 
     async def admit(self, msg: Admission) -> NewMessage:
-        """Stages, then the durable commit, then ``Reception``. Raises ``Refused``, or
+        """Stages, then the durable commit, then ``Reception`` (emitted by the writer
+        right after the commit, see ``GroupCommitWriter.submit``). Raises ``Refused``, or
         the writer's errors (``SpoolError``, ``ValueError``): nothing was stored. A
         message the stages left without recipients (all suppressed) is not stored: it is
         returned with none, and its ``Suppressed`` events are all that is recorded."""
         stored = self.prepare(msg)
         if stored.envelope.recipients:
             started = trio.current_time()
-            await self.writer.submit(stored)
-            self.events.emit(_reception(msg, stored, trio.current_time() - started))
+            await self.writer.submit(stored, on_stored=lambda: self.events.emit(
+                _reception(msg, stored, trio.current_time() - started)))
         if msg.dropped:
             self.events.emit_many(_suppressed(msg))
         return stored
@@ -73,14 +74,16 @@ class Intake:
         stored = [(m, a) for m, a in zip(msgs, answers, strict=True)
                   if isinstance(a, NewMessage) and a.envelope.recipients]
         started = trio.current_time()
-        existing = await self.writer.submit_many([a for _, a in stored], guard)
-        if existing is None:
+
+        def received() -> None:  # in the writer's task, right after the commit
             seconds = trio.current_time() - started
             events: list[Event] = [_reception(m, a, seconds) for m, a in stored]
             for m in msgs:
                 events += _suppressed(m)
             self.events.emit_many(events)
-        return existing
+
+        return await self.writer.submit_many([a for _, a in stored], guard,
+                                             on_stored=received)
 
 
 def _suppressed(msg: Admission) -> list[Suppressed]:

@@ -24,6 +24,13 @@ fsync per completion would cap the whole machine at ~1/fsync-latency deliveries/
 A completion does not make its submitter wait: ``on_done`` is called from the commit
 instead, so a delivery connection goes on with its next message meanwhile.
 
+Logs (``flush_logs``, the worker's event and mail logs, which batch their writes per
+scheduler pass): flushed right before each commit, so the events of the outcomes a
+commit records are on file first (a kill -9 between the two leaves an event for an
+outcome that is retried, never a recorded outcome without one), and right after the
+``on_stored``/``on_done`` callbacks, so the Reception lines of a batch are on file in
+one write before any of its sessions answers 250.
+
 Shutdown: ``await writer.aclose()`` refuses new submissions (``SpoolClosed``), commits
 everything already submitted, and makes ``run`` return; then cancel the nursery as
 usual. If ``run`` is cancelled instead, a commit already in its thread still finishes
@@ -125,6 +132,7 @@ class GroupCommitWriter:
         on_commit: Callable[[Sequence[NewMessage]], object] | None = None,
         claimant: Claimant | None = None,
         metrics: Metrics | None = None,
+        flush_logs: Callable[[], object] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -140,12 +148,16 @@ class GroupCommitWriter:
         self._closing = False
         self._stopped = trio.Event()
         self.metrics = metrics if metrics is not None else Metrics()
+        self.flush_logs = flush_logs
         # Our own thread slot: outbound threads blocked on LMDB's writer lock must never
         # keep the commit from getting a thread.
         self._limiter = trio.CapacityLimiter(1)
 
-    async def submit(self, msg: NewMessage) -> None:
-        """Return once ``msg`` is in a synced, committed transaction.
+    async def submit(self, msg: NewMessage,
+                     on_stored: Callable[[], object] | None = None) -> None:
+        """Return once ``msg`` is in a synced, committed transaction. ``on_stored()``
+        runs in the writer's task right after that commit (not if it failed), before
+        any waiter of the batch runs: the place for the Reception event.
 
         Raises ValueError for a message the spool refuses (no recipients, bad queue id),
         SpoolClosed during shutdown, SpoolError if the commit failed (disk full, map
@@ -159,10 +171,13 @@ class GroupCommitWriter:
         batch = self._enqueue()
         batch.prepared.append(prepared)
         batch.remember(msg, prepared)
+        if on_stored is not None:
+            batch.on_done.append(lambda error: error is None and on_stored())
         await self._wait(batch)
 
     async def submit_many(self, msgs: Sequence[NewMessage],
-                          guard: tuple[bytes, bytes, float] | None = None) -> bytes | None:
+                          guard: tuple[bytes, bytes, float] | None = None,
+                          on_stored: Callable[[], object] | None = None) -> bytes | None:
         """``submit`` for several messages that must share one commit (an HTTP request's
         recipients: one fsync for the request, and its answer covers all of them). They
         all go into the open batch, even past ``max_batch``. Every message is encoded
@@ -172,10 +187,13 @@ class GroupCommitWriter:
         the key has no record since ``fresh_after``, together with ``record``; when it
         has one, nothing is stored and that record is returned (``Spool.write_prepared``).
         The check is inside the commit, so two workers racing with the same key store
-        the messages once."""
+        the messages once. ``on_stored()`` as for ``submit`` (at once when there is
+        nothing to store; not when the guard's key was used)."""
         if self._closing:
             raise SpoolClosed("spool writer is shutting down")
         if not msgs and guard is None:
+            if on_stored is not None:
+                on_stored()
             return None
         prepared = [prepare(msg, claimant=self.claimant) for msg in msgs]
         batch = self._enqueue(max(len(msgs), 1))
@@ -183,10 +201,15 @@ class GroupCommitWriter:
             batch.prepared.extend(prepared)
             for msg, p in zip(msgs, prepared, strict=True):
                 batch.remember(msg, p)
+            if on_stored is not None:
+                batch.on_done.append(lambda error: error is None and on_stored())
             await self._wait(batch)
             return None
         guarded = Guarded(guard[0], guard[1], prepared, guard[2])
         batch.guarded.append((guarded, msgs))
+        if on_stored is not None:
+            batch.on_done.append(
+                lambda error: error is None and guarded.existing is None and on_stored())
         await self._wait(batch)
         return guarded.existing
 
@@ -275,6 +298,7 @@ class GroupCommitWriter:
 
     async def _commit(self, batch: _Batch) -> None:
         started = trio.current_time()
+        self._flush_logs()  # the events of these outcomes are written before their commit
         try:
             await trio.to_thread.run_sync(
                 self.spool.write_prepared, batch.prepared, batch.completions,
@@ -287,6 +311,7 @@ class GroupCommitWriter:
             self.metrics.inc("spool_commits_failed")
             batch.done.set()
             self._call_on_done(batch)
+            self._flush_logs()
             if isinstance(e, Exception):
                 log.error("spool commit of %d items failed: %r", batch.size, e)
                 return
@@ -300,6 +325,7 @@ class GroupCommitWriter:
         self.metrics.inc("spool_completions_committed", len(batch.completions))
         batch.done.set()
         self._call_on_done(batch)
+        self._flush_logs()  # the Reception lines of the batch, before any 250 goes out
         if self.claimant is not None and batch.claimed:
             try:
                 self.claimant.adopt(batch.claimed)
@@ -311,6 +337,13 @@ class GroupCommitWriter:
                 self.on_commit(batch.messages)
             except Exception:
                 log.exception("spool on_commit callback failed")
+
+    def _flush_logs(self) -> None:
+        if self.flush_logs is not None:
+            try:
+                self.flush_logs()
+            except Exception:
+                log.exception("writing the event logs failed")
 
     @staticmethod
     def _call_on_done(batch: _Batch) -> None:

@@ -73,9 +73,12 @@ smart_host = "127.0.0.1:{sink.port}"
             assert HIDDEN.split(b"\r\n")[0] in raw  # kept, as content
         assert not [c for c in commands if b"smuggled@evil.test" in c], commands
         assert sum(c.startswith(b"MAIL FROM:<a@sender.test>") for c in commands) == expected
-        outcomes = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text()
+
+        def outcomes() -> list[dict]:  # the relay logs each after the sink's reply
+            return [json.loads(line) for line in (tmp_path / "events.jsonl").read_text()
                     .splitlines() if '"Delivery"' in line]
-        assert len(outcomes) == expected
+        wait_for(lambda: len(outcomes()) >= expected, 20, "every delivery in the event log")
+        assert len(outcomes()) == expected
     finally:
         relay.stop()
         sink.close()

@@ -124,6 +124,68 @@ async def test_commit_failure_raises_in_every_waiter(spool, monkeypatch):
     assert spool.stats().messages == 0
 
 
+async def test_logs_are_flushed_before_each_commit_and_on_stored_runs_before_the_waiters(
+        spool, monkeypatch):
+    """The order the event log promises: what was logged before a submission is flushed
+    before its commit starts, and every ``on_stored`` of a batch runs (and is flushed)
+    after the commit and before any of its submitters goes on (sends its 250)."""
+    order: list[str] = []
+    real = spool.write_prepared
+
+    def write_prepared(*args, **kwargs):  # type: ignore[no-untyped-def]
+        order.append("commit")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(spool, "write_prepared", write_prepared)
+    writer = GroupCommitWriter(spool, commit_window=0.01, max_batch=16,
+                               flush_logs=lambda: order.append("flush"))
+    msgs = [make_msg() for _ in range(3)]
+
+    async def one(i: int, m: NewMessage) -> None:
+        await writer.submit(m, on_stored=lambda: order.append(f"stored {i}"))
+        order.append(f"returned {i}")
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            async with trio.open_nursery() as sessions:
+                for i, m in enumerate(msgs):
+                    sessions.start_soon(one, i, m)
+            await writer.aclose()
+    assert order[:2] == ["flush", "commit"]
+    stored = [x for x in order if x.startswith("stored")]
+    returned = [x for x in order if x.startswith("returned")]
+    assert len(stored) == len(returned) == 3
+    # all stored callbacks, then a flush, then the first submitter runs
+    first_return = order.index(returned[0])
+    assert max(order.index(x) for x in stored) < order.index("flush", 2) < first_return
+
+
+async def test_on_stored_is_not_called_for_a_failed_commit_or_a_used_guard(
+        spool, monkeypatch):
+    writer = GroupCommitWriter(spool, commit_window=0.0, max_batch=16)
+    called: list[str] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            guard = (b"key-1", b"record", 0.0)
+            assert await writer.submit_many([make_msg()], guard,
+                                            on_stored=lambda: called.append("first")) is None
+            assert await writer.submit_many([make_msg()], guard,
+                                            on_stored=lambda: called.append("again")) == b"record"
+            assert await writer.submit_many([], None,
+                                            on_stored=lambda: called.append("nothing")) is None
+
+            def boom(*args):  # type: ignore[no-untyped-def]
+                raise OSError(28, "No space left on device")
+
+            monkeypatch.setattr(spool, "write_prepared", boom)
+            with pytest.raises(SpoolError):
+                await writer.submit(make_msg(), on_stored=lambda: called.append("failed"))
+            await writer.aclose()
+    assert called == ["first", "nothing"]
+
+
 async def test_aclose_flushes_pending_then_refuses(spool):
     writer = GroupCommitWriter(spool, commit_window=5.0, max_batch=1000)  # long window
     msgs = [make_msg() for _ in range(20)]
