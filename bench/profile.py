@@ -16,7 +16,8 @@ matches walking from the innermost frame outwards (``LAYERS``); so "system calls
 time in ``send``/``recv``/``accept``/``close`` including the kernel's work for loopback
 TCP, and "trio" what runs under no relay frame but the worker's root (the scheduler,
 epoll, thread hand-offs). Worker-thread samples (the LMDB commit, mostly waiting in
-``fdatasync``) are counted apart and left out of the shares. ``ms/msg`` is a layer's
+``fdatasync``) and the main thread's samples inside ``epoll_wait`` (asleep, though
+py-spy does not always see it) are counted apart and left out of the shares. ``ms/msg`` is a layer's
 share times the measured CPU per message: an estimate, as sampling is.
 
     python -m bench.profile                       # connection per message, 2 KB
@@ -97,7 +98,9 @@ def _layer(frames: list[tuple[str, str]]) -> str:
 
 
 def layer_shares(lines: Iterable[str]) -> tuple[Counter[str], int]:
-    """Main-thread samples per layer of py-spy raw lines, and the worker-thread samples."""
+    """Main-thread samples per layer of py-spy raw lines, and the samples left out:
+    worker threads, and the main thread inside ``epoll_wait`` (py-spy does not always
+    see that it sleeps there)."""
     shares: Counter[str] = Counter()
     threads = 0
     for line in lines:
@@ -105,7 +108,8 @@ def layer_shares(lines: Iterable[str]) -> tuple[Counter[str], int]:
         if not stack:
             continue
         frames = [_frame(f) for f in stack.split(";")]
-        if any(name == "Thread._bootstrap" for name, _ in frames):
+        if (any(name == "Thread._bootstrap" for name, _ in frames)
+                or frames[-1][0] == "EpollIOManager.get_events"):
             threads += int(count)
         else:
             shares[_layer(frames)] += int(count)
@@ -115,7 +119,7 @@ def layer_shares(lines: Iterable[str]) -> tuple[Counter[str], int]:
 def format_layers(shares: Counter[str], threads: int, cpu_ms: float | None) -> str:
     total = sum(shares.values()) or 1
     out = [f"{'share':>6}  {'ms/msg':>7}  layer (main thread: {total} samples; "
-           f"worker threads: {threads}, left out)"]
+           f"left out: {threads} of worker threads and epoll_wait)"]
     for layer, n in shares.most_common():
         ms = f"{cpu_ms * n / total:7.3f}" if cpu_ms is not None else "      -"
         out.append(f"{100 * n / total:5.1f}%  {ms}  {layer}")

@@ -19,6 +19,8 @@ Scenarios:
 ``smtp-source``  Postfix's C client ``smtp-source``, 2 KB messages, 20 sessions, with
             and without ``-d`` (two rows), the peer relaying to Postfix's ``smtp-sink``
             (``bench/smtp_source.py``).
+``smtp-source-100k``  the same with 100 KB messages (rows ``smtp-source 100KB`` and
+            ``smtp-source -d 100KB``).
 ``http-inject``  the HTTP injection API (SparkPost's transmissions): requests of 1, 100
             and 1000 recipients with per-recipient substitution, ~2 KB rendered messages,
             end to end to the sink, next to SMTP injection of 2 KB single-recipient
@@ -105,8 +107,8 @@ class Scenario:
     cluster_seconds: float = 60.0
 
 
-SCENARIOS = ("inject", "e2e", "fanout", "large", "defer", "smtp-source", "http-inject",
-             "dkim", "pushback", "webhooks", "observability", "cluster")
+SCENARIOS = ("inject", "e2e", "fanout", "large", "defer", "smtp-source", "smtp-source-100k",
+             "http-inject", "dkim", "pushback", "webhooks", "observability", "cluster")
 #: What ``python -m bench`` runs without ``--scenarios``: pushback takes minutes per peer,
 #: cluster about two minutes (and a redis-server).
 DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s not in ("pushback", "cluster"))
@@ -172,6 +174,11 @@ def build_scenarios(duration: float = 8.0, quick: bool = False, sessions: int = 
         "smtp-source", "smtp-source -s 20 -l 2048, with and without -d, relaying to smtp-sink",
         LoadSpec(duration=duration, messages=200 if quick else 0, sessions=sessions,
                  sizes=[(2048, 1.0)]), e2e=False, driver="smtp-source")
+    out["smtp-source-100k"] = Scenario(
+        "smtp-source-100k",
+        "smtp-source -s 20 -l 102400, with and without -d, relaying to smtp-sink",
+        LoadSpec(duration=duration, messages=100 if quick else 0, sessions=sessions,
+                 sizes=[(100 * 1024, 1.0)]), e2e=False, driver="smtp-source")
     # http-inject: ``load`` is the SMTP comparison (2 KB, 1 recipient); the HTTP rows take
     # their size, domains, duration and (quick) recipient count from it too.
     out["http-inject"] = Scenario(

@@ -147,8 +147,9 @@ async def run_smtp_source(scenario: Scenario, peer_name: str, show_progress: boo
     """Both variants against ``peer_name``: see the module docstring."""
     spec = scenario.load
     size = spec.sizes[0][0]
+    suffix = "" if size == 2048 else f" {size // 1024}KB"  # smtp-source-100k's rows
     rows: list[dict[str, Any]] = [
-        {"scenario": name, "peer": peer_name, "description": scenario.description}
+        {"scenario": name + suffix, "peer": peer_name, "description": scenario.description}
         for name, _ in VARIANTS]
     if not (Path(SMTP_SOURCE).exists() and Path(SMTP_SINK).exists()):
         for row in rows:
