@@ -89,6 +89,7 @@ from pathlib import Path
 
 import trio
 
+from bench.metrics import children
 from bench.peers import PeerError, PeerSetup, free_port, wait_for_220
 
 __all__ = ["HARAKA_BIN", "HARAKA_HOME", "HarakaPeer"]
@@ -110,21 +111,6 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
     except (OSError, IndexError):
         return False
-
-
-def _children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc, like ``bench.metrics.sample_tree``)."""
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            data = Path(f"/proc/{name}/stat").read_bytes()
-        except OSError:
-            continue
-        if int(data[data.rfind(b")") + 2:].split()[1]) == pid:
-            out.append(int(name))
-    return out
 
 
 class HarakaPeer:
@@ -252,7 +238,7 @@ class HarakaPeer:
     async def __aexit__(self, *exc: object) -> None:
         proc = self.proc
         if proc is not None:
-            workers = _children(proc.pid) if proc.poll() is None else []
+            workers = children(proc.pid) if proc.poll() is None else []
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
 

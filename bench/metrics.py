@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TreeSample", "dir_bytes", "percentile", "sample_tree"]
+__all__ = ["TreeSample", "children", "dir_bytes", "percentile", "sample_tree"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -47,6 +47,17 @@ def _read_stat(pid: int) -> tuple[int, float, int] | None:
     ticks = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
     rss = int(fields[21]) * _PAGE
     return ppid, ticks / _TICK, rss
+
+
+def children(pid: int) -> list[int]:
+    """The live direct children of ``pid`` (from the ppid links in /proc)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _read_stat(int(name))
+            if st is not None and st[0] == pid:
+                found.append(int(name))
+    return found
 
 
 def _pss(pid: int) -> int:

@@ -29,7 +29,6 @@ share times the measured CPU per message: an estimate, as sampling is.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
@@ -42,7 +41,7 @@ from pathlib import Path
 
 import trio
 
-from bench.metrics import sample_tree
+from bench.metrics import children, sample_tree
 from bench.peers import PeerSetup, RelayPeer
 from bench.smtp_source import SMTP_SOURCE, _SmtpSink, source_command
 
@@ -126,20 +125,6 @@ def format_layers(shares: Counter[str], threads: int, cpu_ms: float | None) -> s
     return "\n".join(out)
 
 
-def _workers(root: int) -> list[int]:
-    """The supervisor's children (the workers), from the ppid links in /proc."""
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                data = Path(f"/proc/{name}/stat").read_bytes()
-            except OSError:
-                continue
-            if int(data[data.rfind(b")") + 2:].split()[1]) == root:
-                found.append(int(name))
-    return found
-
-
 async def _source(port: int, n: int, args: argparse.Namespace) -> None:
     flags = ("-d",) if args.reuse else ()
     await trio.run_process(source_command(port, n, args.sessions, args.size, flags),
@@ -175,7 +160,7 @@ async def profile(args: argparse.Namespace) -> tuple[float, list[Path]]:
             nursery.start_soon(_source, peer.port, 10_000_000, args)
             await trio.sleep(1)  # the load is up
             procs = []
-            for pid in _workers(peer.root_pids()[0]):
+            for pid in children(peer.root_pids()[0]):  # the workers
                 path = args.out / f"{args.label}-worker{pid}.txt"
                 files.append(path)
                 procs.append(await trio.lowlevel.open_process(

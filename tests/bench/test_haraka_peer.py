@@ -15,6 +15,7 @@ import trio
 
 from bench import haraka
 from bench.haraka import HARAKA_BIN, HarakaPeer
+from bench.metrics import children
 from bench.peers import PEERS, PeerError, PeerSetup, make_peer
 from bench.sink import Behaviour, Sink
 
@@ -67,7 +68,7 @@ async def test_relays_every_recipient_and_honours_routes() -> None:
                 assert peer.name == "haraka" and peer.http_port is None
                 assert peer.spool_dir is not None and peer.spool_dir.is_dir()
                 (master,) = peer.root_pids()
-                workers = haraka._children(master)
+                workers = children(master)
                 assert len(workers) == peer.workers  # nodes=cpus: one per core
                 messages = [[f"a{i}@one.test", f"b{i}@two.test"] for i in range(4)]
                 messages += [[f"c{i}@routed.test", f"d{i}@one.test"] for i in range(3)]
