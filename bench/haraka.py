@@ -89,7 +89,7 @@ from pathlib import Path
 
 import trio
 
-from bench.metrics import children
+from bench.metrics import children, process_alive
 from bench.peers import PeerError, PeerSetup, free_port, wait_for_220
 
 __all__ = ["HARAKA_BIN", "HARAKA_HOME", "HarakaPeer"]
@@ -103,14 +103,6 @@ HARAKA_BIN = HARAKA_HOME / "node_modules" / "Haraka" / "bin" / "haraka"
 HARAKA_DEFAULT_CONFIG = HARAKA_HOME / "node_modules" / "Haraka" / "config"
 #: The bench's get_mx / retry / throttle plugin (copied into the instance's plugins/).
 PLUGIN_SRC = HARAKA_HOME / "bench_sink.js"
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 class HarakaPeer:
@@ -243,7 +235,7 @@ class HarakaPeer:
                 proc.send_signal(signal.SIGTERM)
 
             def running() -> bool:
-                return proc.poll() is None or any(_alive(p) for p in workers)
+                return proc.poll() is None or any(process_alive(p) for p in workers)
 
             with trio.move_on_after(10):
                 while running():
@@ -253,7 +245,7 @@ class HarakaPeer:
                     with contextlib.suppress(ProcessLookupError):
                         if pid == proc.pid:
                             os.killpg(pid, signal.SIGKILL)
-                        elif _alive(pid):
+                        elif process_alive(pid):
                             os.kill(pid, signal.SIGKILL)
                 proc.wait()
         if self._log is not None:

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TreeSample", "children", "dir_bytes", "percentile", "sample_tree"]
+__all__ = ["TreeSample", "children", "dir_bytes", "percentile", "process_alive", "sample_tree"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -58,6 +58,18 @@ def children(pid: int) -> list[int]:
             if st is not None and st[0] == pid:
                 found.append(int(name))
     return found
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (a zombie is dead for our purposes)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _pss(pid: int) -> int:

@@ -36,6 +36,8 @@ from typing import Literal, Protocol, TextIO
 
 import trio
 
+from bench.metrics import process_alive
+
 __all__ = ["BENCH_API_KEY", "BENCH_TENANT", "PEERS", "DirectPeer", "DkimKey", "Peer",
            "PeerError", "PeerSetup", "PostfixPeer", "RelayPeer", "free_port", "make_peer",
            "wait_for_220"]
@@ -593,25 +595,13 @@ class PostfixPeer:
         pid = self.master_pid
         if pid:
             with trio.move_on_after(15):
-                while _alive(pid):
+                while process_alive(pid):
                     await trio.sleep(0.05)
-            if _alive(pid):
+            if process_alive(pid):
                 os.kill(pid, signal.SIGKILL)
         await trio.to_thread.run_sync(self._stop_opendkim)
         if not (os.environ.get("BENCH_KEEP_TMP") or self.keep):
             shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is dead for our purposes
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def make_peer(name: str, setup: PeerSetup) -> Peer:
