@@ -796,7 +796,7 @@ class ServerConnection:
         limit = self.settings.max_line_length
         if _has_long_run(content, limit + 1):
             return R.LINE_TOO_LONG_IN_DATA
-        if not content.endswith(b"\n") and len(content) - content.rfind(b"\n") - 1 > limit:
+        if len(content) - content.rfind(b"\n") - 1 > limit:  # the octets after the last LF
             return R.LINE_TOO_LONG_IN_DATA
         return content
 
