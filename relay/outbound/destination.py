@@ -600,7 +600,9 @@ class Destination:
         self.done += 1
 
     async def _next_job(self) -> DeliveryJob | None:
-        """The next job we may take, waiting up to idle_timeout for one (None: go idle)."""
+        """The next job we may take, waiting up to idle_timeout for one (None: go idle, or
+        the destination was backed off or paused meanwhile: every idle connection is woken
+        then, and ends)."""
         job = self._take()
         if job is not None:
             return job
@@ -609,8 +611,8 @@ class Destination:
             deadline = trio.current_time() + self.throttle.idle_timeout
             with trio.CancelScope(deadline=deadline):
                 while job is None:
-                    if self.backed_off:
-                        return None
+                    if self.backed_off or self._paused_until() > trio.current_time():
+                        return None  # a pause (pushback) ends idle connections too
                     woken = trio.Event()
                     self._idlers.append(woken)
                     try:

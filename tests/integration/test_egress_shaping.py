@@ -196,6 +196,36 @@ async def test_pushback_cuts_the_rate_and_probes_with_one_connection(spool, even
     assert learned and learned[0].learned is not None and learned[0].learned.cut
 
 
+async def test_a_connection_idle_when_the_pause_begins_sends_nothing_until_it_ends(
+        spool, events):
+    """Pushback pauses the whole path: a job that comes during the pause waits for its
+    end even when a connection of the path sits idle, ready to take it."""
+    pause = 1.5
+    shaping = ShapingConfig(default_rules=False, pause=pause, max_pause=pause,
+                            initial_connections=4)
+    async with trio.open_nursery() as n:
+        # 4 messages a second per address, then 421 4.7.28
+        sink = Sink(pushback_rate=4, pushback_window=1.0, record_arrivals=True)
+        port = await n.start(sink.serve, "127.0.0.2", 0)
+        spool.store_batch([message([f"u{i}@push.test"]) for i in range(5)])
+        cfg = pooled(port, {"a": EgressSource(source_address=A)}, {"a": 1}, shaping=shaping,
+                     default=msgspec.structs.replace(FAST, max_connections=4,
+                                                     idle_timeout=30.0))
+        async with running(make_engine(cfg, spool, events)) as engine:
+            await sink.wait_for(lambda s: s.total_messages == 4 and s.pushback_refusals, 10)
+            with trio.fail_after(10):
+                while not events.counts["ShapingChange"]:
+                    await trio.sleep(0.01)
+            spool.store_batch([message(["late@push.test"])])
+            engine.poke()
+            await sink.wait_for(lambda s: s.total_messages == 5, timeout=10)
+        n.cancel_scope.cancel()
+    stats = sink.sources[A]
+    refused = stats.refusal_times[0]
+    # The pause began after the refusal reached the relay, so no sooner than this:
+    assert stats.message_times[-1] >= refused + pause, (refused, stats.message_times)
+
+
 async def test_the_pool_header_picks_the_pool_and_never_leaves_the_relay(tmp_path):
     from relay.intake import Admission
     from relay.intake.admission import Refused
