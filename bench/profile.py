@@ -49,7 +49,7 @@ __all__ = ["LAYERS", "layer_shares", "main"]
 
 #: Frames whose samples are system calls on a socket (the kernel's work included).
 _SYSCALL_FRAMES = frozenset({
-    "Wire.try_send", "Wire.recv", "Wire.send", "Wire.aclose", "socket.accept",
+    "Wire.try_send", "Wire.recv", "Wire.send", "Wire.aclose", "_wait_ready", "socket.accept",
     "socket.close", "socket._real_close", "socket.__init__", "_peek_pregreet",
     "tune_socket", "_connect"})
 #: Frames that only start things: what runs under them alone is the scheduler's.

@@ -20,6 +20,10 @@ Contract:
   without yielding, but still yields at least every ``_MAX_STREAK`` reads, so a client
   that keeps the socket full cannot starve the other tasks.
 * ``send(data)`` writes everything, waiting only while the socket buffer is full.
+* Both take an optional ``deadline`` (trio time): a wait that would outlast it raises
+  ``trio.TooSlowError``. The cancel scope that costs is opened only around a wait that
+  really happens, so a caller that bounds every wait pays for its timeouts only when
+  the peer is slow, not on the many round trips whose answer is already there.
 * ``try_send(data)`` writes what the socket takes at once and returns how many bytes
   that was (0 over TLS: only ``send`` writes there). It never waits, so a caller whose
   write nearly always fits needs no timeout around it.
@@ -40,8 +44,10 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+import math
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -59,6 +65,19 @@ def tune_socket(sock: socket.socket) -> None:
     sock.setblocking(False)
     with contextlib.suppress(OSError):  # not TCP (a Unix socket): nothing to tune
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def _wait_ready(wait: Callable[[socket.socket], Awaitable[None]], sock: socket.socket,
+                deadline: float) -> None:
+    """``await wait(sock)``; ``trio.TooSlowError`` past ``deadline`` (a bare cancel scope,
+    not ``trio.fail_at``, whose generator context manager costs twice as much)."""
+    if deadline == math.inf:
+        await wait(sock)
+        return
+    with trio.CancelScope(deadline=deadline) as scope:
+        await wait(sock)
+    if scope.cancelled_caught:
+        raise trio.TooSlowError
 
 
 class Wire:
@@ -81,9 +100,11 @@ class Wire:
     def upgrade(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
 
-    async def recv(self, n: int, try_first: bool = False) -> bytes:
-        if self.stream is not None:
-            return await self.stream.receive_some(n)
+    async def recv(self, n: int, try_first: bool = False, *, deadline: float = math.inf,
+                   ) -> bytes:
+        if self.stream is not None:  # TLS: not the hot path
+            with trio.fail_at(deadline):
+                return await self.stream.receive_some(n)
         sock = self.sock
         yielded = not try_first or self._streak >= _MAX_STREAK
         if yielded:
@@ -93,15 +114,16 @@ class Wire:
                 data = sock.recv(n)
             except BlockingIOError:
                 self._registered = True
-                await trio.lowlevel.wait_readable(sock)
+                await _wait_ready(trio.lowlevel.wait_readable, sock, deadline)
                 yielded = True
                 continue
             self._streak = 0 if yielded else self._streak + 1
             return data
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes, *, deadline: float = math.inf) -> None:
         if self.stream is not None:
-            await self.stream.send_all(data)
+            with trio.fail_at(deadline):
+                await self.stream.send_all(data)
             return
         view = memoryview(data)
         while True:
@@ -110,7 +132,7 @@ class Wire:
                 return
             view = view[sent:]
             self._registered = True
-            await trio.lowlevel.wait_writable(self.sock)
+            await _wait_ready(trio.lowlevel.wait_writable, self.sock, deadline)
 
     def try_send(self, data: bytes | memoryview) -> int:
         if self.stream is not None:

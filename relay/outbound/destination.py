@@ -155,6 +155,16 @@ class _Run:
         return [i for i in self.job.recipients if i not in settled]
 
 
+class _Idler:
+    """A connection waiting for a job (``Destination._next_job``) until ``deadline``."""
+
+    __slots__ = ("deadline", "event")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.event = trio.Event()
+
+
 class _Member:
     """A domain delivered as part of a provider (or of nothing else: then no caps)."""
 
@@ -219,8 +229,11 @@ class Destination:
         #: take). So under a steady flow the same few connections stay busy, and take
         #: jobs behind each other's end of data, while the rest reach idle_timeout and
         #: QUIT; waking them in turn cost every connection a wake-up per message.
+        #: Their idle_timeout is enforced by the manager, which wakes a few times per
+        #: idle_timeout while connections are open (``_expire_idlers``), not by a
+        #: cancel scope per wait: a connection waits for its next job once per message.
         self._lot = trio.lowlevel.ParkingLot()
-        self._idlers: list[trio.Event] = []
+        self._idlers: list[_Idler] = []
         #: Per member domain of a provider: its own caps and the jobs it has taken.
         self._members: dict[str, _Member] = {}
         #: Several domains share this destination (a provider): their caps apply.
@@ -233,7 +246,7 @@ class Destination:
         assert not self.closed
         self.queue.append(job)
         if self._idlers:
-            self._idlers.pop().set()
+            self._idlers.pop().event.set()
         if len(self.queue) > self.idle:
             self._lot.unpark_all()
 
@@ -331,8 +344,8 @@ class Destination:
         re-checks."""
         self._lot.unpark_all()
         idlers, self._idlers = self._idlers, []
-        for event in idlers:
-            event.set()
+        for idler in idlers:
+            idler.event.set()
 
     def drain_seconds(self) -> float:
         """Rough time to work off the jobs held now: from the configured message rate
@@ -414,7 +427,18 @@ class Destination:
                     self.closed = True
                     return
                 continue
-            await self._lot.park()
+            with trio.move_on_after(min(1.0, t.idle_timeout / 4)):
+                await self._lot.park()
+            self._expire_idlers()
+
+    def _expire_idlers(self) -> None:
+        """Wake the idle connections whose idle_timeout has passed: they end."""
+        now = trio.current_time()
+        if any(idler.deadline <= now for idler in self._idlers):
+            for idler in self._idlers:
+                if idler.deadline <= now:
+                    idler.event.set()
+            self._idlers = [idler for idler in self._idlers if idler.deadline > now]
 
     # ------------------------------------------------------------------ connections
 
@@ -609,18 +633,18 @@ class Destination:
         self.idle += 1
         try:
             deadline = trio.current_time() + self.throttle.idle_timeout
-            with trio.CancelScope(deadline=deadline):
-                while job is None:
-                    if self.backed_off or self._paused_until() > trio.current_time():
-                        return None  # a pause (pushback) ends idle connections too
-                    woken = trio.Event()
-                    self._idlers.append(woken)
-                    try:
-                        await woken.wait()
-                    finally:
-                        if not woken.is_set():  # idle_timeout or cancelled
-                            self._idlers.remove(woken)
-                    job = self._take()
+            while job is None:
+                now = trio.current_time()
+                if self.backed_off or self._paused_until() > now or now >= deadline:
+                    return None  # a pause (pushback) ends idle connections too
+                idler = _Idler(deadline)
+                self._idlers.append(idler)
+                try:
+                    await idler.event.wait()
+                finally:
+                    if not idler.event.is_set():  # cancelled
+                        self._idlers.remove(idler)
+                job = self._take()
         finally:
             self.idle -= 1
         return job

@@ -56,6 +56,7 @@ Postfix-like choices (documented because they are policy):
 from __future__ import annotations
 
 import errno
+import math
 import os
 import socket
 import ssl
@@ -91,8 +92,6 @@ __all__ = [
 _RECEIVE_SIZE = 65536
 #: QUIT waits at most this long for the 221 (bounded further by command_timeout).
 _QUIT_WAIT = 5.0
-#: How late a command/data timeout may fire, as a fraction of it (see ``_converse``).
-_TIMEOUT_SLACK = 0.01
 
 
 class SessionPolicy(msgspec.Struct, kw_only=True):
@@ -230,6 +229,8 @@ class ClientSession:
         self._closed = False
         #: Bytes the client owes the server, held back to share a write (``begin``).
         self._unsent: list[bytes] = []
+        #: trio time by which the reply being read must be complete (see ``_converse``)
+        self._reply_deadline = math.inf
 
     # -- what the engine may look at
 
@@ -298,15 +299,12 @@ class ClientSession:
         timed-out connection closes the client (every open recipient transient).
 
         Every send and every reply has its own timeout (``data_timeout`` for the body
-        and its reply, ``command_timeout`` otherwise), as the deadline of ONE cancel
-        scope. A whole reply must arrive within it: while part of a reply is in
-        (``reply_in_progress``) the deadline stays where it was, so a server that
-        trickles its greeting or a reply byte by byte is cut off at the timeout.
-        Moving a deadline costs about as much as the I/O it guards, so before each wait
-        the deadline moves only when it is outside ``[timeout, timeout * (1 +
-        _TIMEOUT_SLACK)]`` from now, and then to the end of that range: a wait never
-        times out early, at most 1% late, and a message's several waits move it twice
-        (command, then data timeout) instead of five times.
+        and its reply, ``command_timeout`` otherwise), handed to the Wire as a deadline
+        (``relay.wire``: a cancel scope only around a wait that really happens, not on
+        each of a message's round trips). A whole reply must arrive within it: while part
+        of a reply is in (``reply_in_progress``) its deadline stays where it was, so a
+        server that trickles its greeting or a reply byte by byte is cut off at the
+        timeout.
         """
         client = self._client
         command_timeout = self.policy.command_timeout
@@ -317,38 +315,29 @@ class ClientSession:
             out = b"".join(self._unsent)
             self._unsent.clear()
         try:
-            with trio.CancelScope() as scope:
-
-                def guard(timeout: float) -> None:
-                    earliest = trio.current_time() + timeout
-                    latest = earliest + timeout * _TIMEOUT_SLACK
-                    if not earliest <= scope.deadline <= latest:
-                        scope.deadline = latest
-
-                try:
-                    while True:
-                        if until_behind and client.can_begin_behind:
-                            if out:
-                                self._unsent.append(out)
-                            return
-                        if out:
-                            # The body is the only large write: data timeout.
-                            guard(data_timeout if len(out) > 4096 or client.awaiting_end_of_data
-                                  else command_timeout)
-                            await wire.send(out)
-                        if send_only or client.transaction_done or not client.awaiting_reply:
-                            return
-                        if not client.reply_in_progress:
-                            guard(data_timeout if client.awaiting_end_of_data
-                                  else command_timeout)
-                        data = await wire.recv(_RECEIVE_SIZE)
-                        if not data:
-                            raise self._broken(None)
-                        out = client.receive_data(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-                    raise self._broken(e) from None
-            if scope.cancelled_caught:
-                raise self._timed_out()
+            while True:
+                if until_behind and client.can_begin_behind:
+                    if out:
+                        self._unsent.append(out)
+                    return
+                if out:
+                    # The body is the only large write: data timeout.
+                    timeout = (data_timeout if len(out) > 4096 or client.awaiting_end_of_data
+                               else command_timeout)
+                    await wire.send(out, deadline=trio.current_time() + timeout)
+                if send_only or client.transaction_done or not client.awaiting_reply:
+                    return
+                if not client.reply_in_progress:
+                    self._reply_deadline = trio.current_time() + (
+                        data_timeout if client.awaiting_end_of_data else command_timeout)
+                data = await wire.recv(_RECEIVE_SIZE, deadline=self._reply_deadline)
+                if not data:
+                    raise self._broken(None)
+                out = client.receive_data(data)
+        except trio.TooSlowError:
+            await self._lose(self._timed_out().text)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            await self._lose(self._broken(e).text)
         except _Lost as e:
             await self._lose(e.text)
 

@@ -10,7 +10,7 @@ import email.policy
 import functools
 import itertools
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -232,6 +232,40 @@ async def test_a_new_job_wakes_the_most_recently_idle_connection():
                 await trio.testing.wait_all_tasks_blocked()
             n.cancel_scope.cancel()
     assert taken == [("third", "Q0"), ("third", "Q1"), ("third", "Q2")]
+
+
+async def test_an_idle_connection_ends_once_its_idle_timeout_has_passed(autojump_clock):
+    """The manager's tick (``_expire_idlers``) ends the connections idle for longer than
+    idle_timeout, and only those; one woken by a job before then takes it."""
+    from relay.outbound.destination import Destination
+    from relay.spool import DeliveryJob
+
+    owner: Any = type("Owner", (), {"metrics": Metrics()})()
+    limits = msgspec.structs.replace(Config().outbound.throttle_for("a.test"), idle_timeout=5.0)
+    dest = Destination(owner, "a.test", limits)
+    ended: dict[str, float] = {}
+
+    async def connection(name: str) -> None:
+        while await dest._next_job() is not None:
+            pass
+        ended[name] = trio.current_time()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            start = trio.current_time()
+            n.start_soon(connection, "old")
+            await trio.sleep(3.0)
+            n.start_soon(connection, "new")
+            await trio.sleep(2.5)  # "old" idle 5.5 s, "new" 2.5 s
+            dest._expire_idlers()
+            await trio.testing.wait_all_tasks_blocked()
+            assert ended == {"old": start + 5.5}
+            dest.enqueue(DeliveryJob(queue_id="Q", domain="a.test", recipients=[0], due=0.0))
+            await trio.testing.wait_all_tasks_blocked()
+            assert dest.queue == deque() and dest.idle == 1  # "new" took it, waits again
+            await trio.sleep(5.0)
+            dest._expire_idlers()
+    assert ended["new"] == start + 10.5
 
 
 # --------------------------------------------------------------------------- throttles

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import select
 import socket
 import ssl
 import struct
@@ -72,6 +73,10 @@ def small_buffers(ours: socket.socket, peer: socket.socket) -> None:
     """Fixed (not autotuned) buffers, so "much larger than the buffers" is certain."""
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
+
+
+def select_readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 def fill(sock: socket.socket) -> int:
@@ -228,6 +233,39 @@ async def test_recv_on_a_silent_peer_is_cancellable(pair: Pair) -> None:
     peer.sendall(b"still here")
     with trio.fail_after(5):
         assert await wire.recv(1024) == b"still here"
+
+
+async def test_a_deadline_bounds_only_a_wait_that_happens(pair: Pair) -> None:
+    """Data already there is returned (and a small send written) with no deadline
+    checked at all, even a passed one; a wait past the deadline raises TooSlowError,
+    consuming nothing."""
+    ours, peer = pair
+    wire = Wire(ours)
+    peer.sendall(b"250 ok\r\n")
+    with trio.fail_after(5):
+        while not select_readable(ours):
+            await trio.sleep(0.01)
+        past = trio.current_time() - 1
+        assert await wire.recv(1024, deadline=past) == b"250 ok\r\n"
+        await wire.send(b"MAIL FROM:<>\r\n", deadline=past)
+        peer.settimeout(5)
+        assert peer.recv(100) == b"MAIL FROM:<>\r\n"
+        start = trio.current_time()
+        with pytest.raises(trio.TooSlowError):
+            await wire.recv(1024, deadline=start + 0.2)
+        assert 0.2 <= trio.current_time() - start < 2.0
+        peer.sendall(b"still here")
+        assert await wire.recv(1024, deadline=trio.current_time() + 5) == b"still here"
+
+
+async def test_a_deadline_bounds_a_send_blocked_on_a_full_buffer(pair: Pair) -> None:
+    ours, peer = pair
+    small_buffers(ours, peer)
+    wire = Wire(ours)
+    start = trio.current_time()
+    with trio.fail_after(5), pytest.raises(trio.TooSlowError):
+        await wire.send(b"z" * (4 * 1024 * 1024), deadline=start + 0.2)
+    assert 0.2 <= trio.current_time() - start < 2.0
 
 
 async def test_recv_after_a_reset_raises_connection_error(tcp: Pair) -> None:
@@ -446,6 +484,22 @@ async def test_tls_round_trip_through_the_wire(
         assert await wire.recv(1024) == b""
         await wire.aclose()
     assert ours.fileno() == -1
+
+
+async def test_a_deadline_bounds_a_wait_over_tls(
+    tcp: Pair, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+) -> None:
+    ours, peer = tcp
+    wire = Wire(ours)
+    with trio.fail_after(10):
+        client = await start_tls(wire, peer, server_ctx, client_ctx)
+        start = trio.current_time()
+        with pytest.raises(trio.TooSlowError):
+            await wire.recv(1024, deadline=start + 0.2)
+        assert trio.current_time() - start >= 0.2
+        await client.send_all(b"QUIT\r\n")
+        assert await wire.recv(1024, deadline=trio.current_time() + 5) == b"QUIT\r\n"
+        await wire.aclose()
 
 
 async def test_tls_aclose_does_not_hang_when_the_peer_is_gone(
