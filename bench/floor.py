@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import trio
 
 from bench.metrics import sample_tree
 from bench.peers import free_port, wait_for_220
-from bench.smtp_source import SMTP_SOURCE, _SmtpSink, source_command
+from bench.smtp_source import SMTP_SOURCE, _SmtpSink, add_load_arguments, load
 from relay.inbound.listener import bind_listeners, serve_listeners
 from relay.wire import Wire
 
@@ -95,15 +94,9 @@ async def serve(port: int) -> None:
 
 async def _cpu_per_message(pid: int, port: int, args: argparse.Namespace) -> float:
     """CPU ms per message of process ``pid`` over ``args.messages`` (after a warm-up)."""
-    flags = ("-d",) if args.reuse else ()
-
-    async def load(n: int) -> None:
-        await trio.run_process(source_command(port, n, args.sessions, args.size, flags),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    await load(min(2000, args.messages))
+    await load(port, min(2000, args.messages), args)
     before = sample_tree([pid])
-    await load(args.messages)
+    await load(port, args.messages, args)
     return (sample_tree([pid]).cpu_seconds - before.cpu_seconds) * 1000 / args.messages
 
 
@@ -129,10 +122,7 @@ async def measure(args: argparse.Namespace) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reuse", action="store_true", help="smtp-source -d (connection reuse)")
-    ap.add_argument("--size", type=int, default=2048, help="message body bytes (2048)")
-    ap.add_argument("--sessions", type=int, default=20, help="smtp-source sessions (20)")
-    ap.add_argument("--messages", type=int, default=20000, help="messages measured (20000)")
+    add_load_arguments(ap)
     ap.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve is not None:

@@ -43,7 +43,7 @@ import trio
 
 from bench.metrics import children, sample_tree
 from bench.peers import PeerSetup, RelayPeer
-from bench.smtp_source import SMTP_SOURCE, _SmtpSink, source_command
+from bench.smtp_source import SMTP_SOURCE, _SmtpSink, add_load_arguments, load
 
 __all__ = ["LAYERS", "layer_shares", "main"]
 
@@ -125,12 +125,6 @@ def format_layers(shares: Counter[str], threads: int, cpu_ms: float | None) -> s
     return "\n".join(out)
 
 
-async def _source(port: int, n: int, args: argparse.Namespace) -> None:
-    flags = ("-d",) if args.reuse else ()
-    await trio.run_process(source_command(port, n, args.sessions, args.size, flags),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
 async def _until_sink_has(sink: _SmtpSink, count: int, timeout: float) -> None:
     with trio.fail_after(timeout):
         while sink.messages() < count:
@@ -146,10 +140,10 @@ async def profile(args: argparse.Namespace) -> tuple[float, list[Path]]:
     args.out.mkdir(parents=True, exist_ok=True)
     async with _SmtpSink() as sink, RelayPeer(
             PeerSetup(sink_port=sink.port, workers=args.workers)) as peer:
-        await _source(peer.port, 2000, args)  # warm up: connections, caches, LMDB pages
+        await load(peer.port, 2000, args)  # warm up: connections, caches, LMDB pages
         await _until_sink_has(sink, 2000, 60)
         before, t0 = sample_tree(peer.root_pids()), time.monotonic()
-        await _source(peer.port, args.messages, args)
+        await load(peer.port, args.messages, args)
         await _until_sink_has(sink, 2000 + args.messages, 120)
         after, t1 = sample_tree(peer.root_pids()), time.monotonic()
         cpu_ms = (after.cpu_seconds - before.cpu_seconds) * 1000 / args.messages
@@ -157,7 +151,7 @@ async def profile(args: argparse.Namespace) -> tuple[float, list[Path]]:
               f" msg/s), relay CPU {cpu_ms:.3f} ms per message", flush=True)
         files = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_source, peer.port, 10_000_000, args)
+            nursery.start_soon(load, peer.port, 10_000_000, args)
             await trio.sleep(1)  # the load is up
             procs = []
             for pid in children(peer.root_pids()[0]):  # the workers
@@ -176,10 +170,7 @@ async def profile(args: argparse.Namespace) -> tuple[float, list[Path]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reuse", action="store_true", help="smtp-source -d (connection reuse)")
-    ap.add_argument("--size", type=int, default=2048, help="message body bytes (2048)")
-    ap.add_argument("--sessions", type=int, default=20, help="smtp-source sessions (20)")
-    ap.add_argument("--messages", type=int, default=20000, help="messages of the CPU run")
+    add_load_arguments(ap)
     ap.add_argument("--workers", type=int, default=1, help="relay workers (1)")
     ap.add_argument("--seconds", type=int, default=12, help="profile length (12)")
     ap.add_argument("--rate", type=int, default=250, help="samples per second (250)")

@@ -26,6 +26,7 @@ refused command, which makes the row ``complete: false``.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import signal
@@ -43,7 +44,8 @@ from bench.peers import PeerError, PeerSetup, free_port, make_peer, wait_for_220
 if TYPE_CHECKING:
     from bench.scenarios import Scenario
 
-__all__ = ["SMTP_SINK", "SMTP_SOURCE", "VARIANTS", "run_smtp_source", "source_command"]
+__all__ = ["SMTP_SINK", "SMTP_SOURCE", "VARIANTS", "add_load_arguments", "load",
+           "run_smtp_source", "source_command"]
 
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -59,6 +61,21 @@ def source_command(port: int, messages: int, sessions: int, size: int,
     return [SMTP_SOURCE, "-c", *flags, "-s", str(sessions), "-m", str(messages),
             "-l", str(size), "-f", "bench@sender.test", "-t", "rcpt@d00.bench.test",
             f"127.0.0.1:{port}"]
+
+
+def add_load_arguments(ap: argparse.ArgumentParser) -> None:
+    """The smtp-source load of the CPU tools (``bench.profile``, ``bench.floor``)."""
+    ap.add_argument("--reuse", action="store_true", help="smtp-source -d (connection reuse)")
+    ap.add_argument("--size", type=int, default=2048, help="message body bytes (2048)")
+    ap.add_argument("--sessions", type=int, default=20, help="smtp-source sessions (20)")
+    ap.add_argument("--messages", type=int, default=20000, help="messages measured (20000)")
+
+
+async def load(port: int, messages: int, args: argparse.Namespace) -> None:
+    """Run smtp-source to the end: ``messages`` to 127.0.0.1:``port`` as ``args`` say."""
+    flags = ("-d",) if args.reuse else ()
+    await trio.run_process(source_command(port, messages, args.sessions, args.size, flags),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 class _SmtpSink:

@@ -67,8 +67,8 @@ def tune_socket(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def _wait_ready(wait: Callable[[socket.socket], Awaitable[None]], sock: socket.socket,
-                deadline: float) -> None:
+async def _wait_ready(wait: Callable[[socket.socket], Awaitable[None]],
+                      sock: socket.socket, deadline: float) -> None:
     """``await wait(sock)``; ``trio.TooSlowError`` past ``deadline`` (a bare cancel scope,
     not ``trio.fail_at``, whose generator context manager costs twice as much)."""
     if deadline == math.inf:
