@@ -434,11 +434,13 @@ class Destination:
     def _expire_idlers(self) -> None:
         """Wake the idle connections whose idle_timeout has passed: they end."""
         now = trio.current_time()
-        if any(idler.deadline <= now for idler in self._idlers):
-            for idler in self._idlers:
-                if idler.deadline <= now:
-                    idler.event.set()
-            self._idlers = [idler for idler in self._idlers if idler.deadline > now]
+        waiting = []
+        for idler in self._idlers:
+            if idler.deadline <= now:
+                idler.event.set()
+            else:
+                waiting.append(idler)
+        self._idlers = waiting
 
     # ------------------------------------------------------------------ connections
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import select
 import socket
 import ssl
 import struct
@@ -73,10 +72,6 @@ def small_buffers(ours: socket.socket, peer: socket.socket) -> None:
     """Fixed (not autotuned) buffers, so "much larger than the buffers" is certain."""
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
-
-
-def select_readable(sock: socket.socket) -> bool:
-    return bool(select.select([sock], [], [], 0)[0])
 
 
 def fill(sock: socket.socket) -> int:
@@ -243,8 +238,7 @@ async def test_a_deadline_bounds_only_a_wait_that_happens(pair: Pair) -> None:
     wire = Wire(ours)
     peer.sendall(b"250 ok\r\n")
     with trio.fail_after(5):
-        while not select_readable(ours):
-            await trio.sleep(0.01)
+        await trio.lowlevel.wait_readable(ours)  # the reply is there before recv
         past = trio.current_time() - 1
         assert await wire.recv(1024, deadline=past) == b"250 ok\r\n"
         await wire.send(b"MAIL FROM:<>\r\n", deadline=past)
